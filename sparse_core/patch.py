@@ -1,0 +1,113 @@
+"""Patching a model once, then reading each call's spec from a context variable.
+
+The model is shared between threads (browser sessions), so nothing about sparsity is stored on it. A call sets
+`sparsity(spec, observers)` around its forward pass; every patched linear reads that context. Context variables
+are per thread, so two threads with different specs never see each other's setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from . import ops
+from .spec import SparsitySpec
+
+
+class Observer(Protocol):
+    """Sees, for one (layer, group), the score compared with the threshold (|x|, or |act(gate)| for CATS)."""
+
+    def observe(self, layer: int, group: str, score: torch.Tensor, threshold: ops.Threshold) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+    spec: SparsitySpec | None
+    observers: tuple[Observer, ...] = ()
+
+    def threshold(self, layer: int, group: str, x: torch.Tensor) -> ops.Threshold:
+        spec = self.spec
+        if spec is None or spec.method == "dense":
+            return 0.0
+        if spec.method == "teal":
+            return spec.value(layer, group)
+        if spec.method == "topk":
+            return ops.topk_threshold(x, spec.value(layer, group))
+        return 0.0  # cats: only the gated MLP intermediate is thresholded, in SparseGatedMLP
+
+    def observe(self, layer: int, group: str, score: torch.Tensor, threshold: ops.Threshold) -> None:
+        for observer in self.observers:
+            observer.observe(layer, group, score, threshold)
+
+
+_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("sparse_core_call", default=None)
+
+
+@contextlib.contextmanager
+def sparsity(spec: SparsitySpec | None, observers: tuple[Observer, ...] | list[Observer] = ()) -> Iterator[None]:
+    """Run the forward passes inside this block with `spec` (None = dense) and these observers.
+
+    Keep the block around forward calls only, not across a generator's `yield`, so interleaved generators
+    (dense and sparse streamed side by side) never swap contexts.
+    """
+    token = _CALL.set(CallContext(spec, tuple(observers)))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+class SparseLinear(nn.Module):
+    """Wraps an nn.Linear (or GPT-2's transposed Conv1D) and routes it through `ops.sparse_linear`."""
+
+    def __init__(self, inner: nn.Module, layer: int, group: str, records: bool):
+        super().__init__()
+        self.inner, self.layer, self.group, self.records = inner, layer, group, records
+        self.transposed = not isinstance(inner, nn.Linear)  # Conv1D stores weight as (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out_features, in_features), a view: no copy of the weights."""
+        return self.inner.weight.t() if self.transposed else self.inner.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.inner.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = _CALL.get()
+        if call is None:
+            return self.inner(x)
+        threshold = call.threshold(self.layer, self.group, x)
+        if self.records and call.observers:
+            call.observe(self.layer, self.group, x.abs(), threshold)
+        if isinstance(threshold, float) and threshold == 0.0:
+            return self.inner(x)  # nothing to skip: exact zeros contribute nothing; stays bit-identical to HF
+        return ops.sparse_linear(x, self.weight, self.bias, threshold)
+
+
+class SparseGatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with the CATS path: threshold |act(gate(x))| and skip those neurons' up rows
+    and down columns. Other methods pass through the patched linears unchanged."""
+
+    def __init__(self, mlp: nn.Module, layer: int):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn, self.layer = mlp.act_fn, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = _CALL.get()
+        if call is None or call.spec is None or call.spec.method != "cats":
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        active = self.act_fn(self.gate_proj(x))
+        threshold = call.spec.value(self.layer, "mlp_mid")
+        score = active.abs()
+        call.observe(self.layer, "mlp_mid", score, threshold)
+        keep = ops.keep_mask(score, threshold)
+        up = ops.rows_linear(x, self.up_proj.weight, self.up_proj.bias, keep)
+        hidden = active * up  # zero wherever keep is False
+        return ops.sparse_linear(hidden, self.down_proj.weight, self.down_proj.bias, 0.0)
