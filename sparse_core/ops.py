@@ -72,3 +72,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Reference: the dense linear, then zero the unneeded outputs. A fast backend computes only the kept rows.
     """
     return F.linear(x, weight, bias) * keep
+
+
+def describe_backends() -> str:
+    """Names of the registered fast backends, most preferred first; 'reference' always closes the list."""
+    return ", ".join([name for name, _, _ in _BACKENDS] + ["reference"])

@@ -1,0 +1,125 @@
+"""Command line: python -m sparse_core info | generate | calibrate | eval | bench  (see --help of each)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import calibrate as calibration
+from . import generate as generation
+from . import metrics, models, ops
+from .spec import METHODS, SparsitySpec, SpecError
+
+
+def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="embedded default, a HF hub id or a local folder")
+    p.add_argument("--dtype", default="float32", choices=list(models.DTYPES))
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    if sparse:
+        p.add_argument("--method", default="teal", choices=METHODS)
+        p.add_argument("--sparsity", type=float, default=0.5, help="model-wide target, 0..1")
+        p.add_argument("--spec", type=Path, help="a spec JSON file (overrides --method/--sparsity)")
+        p.add_argument("--text", type=Path, help="your own calibration/evaluation text file")
+
+
+def _progress(label: str):
+    from tqdm import tqdm
+    bar = tqdm(desc=label, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
+
+
+def _spec(args, model: models.SparseModel) -> SparsitySpec:
+    if args.spec:
+        return SparsitySpec.from_json(args.spec.read_text(encoding="utf-8"))
+    text = args.text.read_text(encoding="utf-8") if getattr(args, "text", None) and args.command == "calibrate" else None
+    return calibration.calibrate(model, args.method, args.sparsity, text=text, progress=_progress("calibrating"))
+
+
+def cmd_info(args, model):
+    info = {"model": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype).replace("torch.", ""),
+            "layers": model.num_layers, "gated_mlp": model.gated, "group_widths": model.group_widths,
+            "sparsifiable_params": sum(sum(p.values()) for p in model.group_params),
+            "total_params": sum(p.numel() for p in model.model.parameters()),
+            "backend": ops.describe_backends()}
+    print(json.dumps(info, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+def cmd_generate(args, model):
+    spec = _spec(args, model)
+    prompt = generation.encode_prompt(model, args.prompt, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
+    tokens = []
+    for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, seed=args.seed):
+        tokens.append(token)
+        if not args.json:
+            print(token.text, end="", flush=True)
+    result = generation.Generation("".join(t.text for t in tokens), tokens)
+    if args.json:
+        print(json.dumps({"method": spec.method, "sparsity": args.sparsity, "text": result.text,
+                          "new_tokens": len(tokens), "tok_s": round(result.tokens_per_second, 2)}))
+    else:
+        print(f"\n[{len(tokens)} tokens, {result.tokens_per_second:.1f} tok/s, {spec.method}]", file=sys.stderr)
+
+
+def cmd_calibrate(args, model):
+    spec = _spec(args, model)
+    if args.out:
+        args.out.write_text(spec.to_json(), encoding="utf-8")
+    print(spec.to_json() if args.json or not args.out else f"wrote {args.out} ({spec.method}, {spec.num_layers} layers)")
+
+
+def cmd_eval(args, model):
+    spec = _spec(args, model)
+    text = args.text.read_text(encoding="utf-8") if args.text else None
+    result = metrics.evaluate(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"))
+    row = {"model": model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
+           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.as_dict().items()}}
+    row["per_layer_sparsity"] = [round(v, 3) for v in result.per_layer_sparsity]
+    print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparse_core", description="Training-free activation sparsity lab.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _model_args(sub.add_parser("info", help="describe the model and the active kernel backend"), sparse=False)
+    p = sub.add_parser("generate", help="generate text dense or sparse")
+    _model_args(p)
+    p.add_argument("--prompt", default="Write a haiku about the sea.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p = sub.add_parser("calibrate", help="turn a target sparsity into thresholds (a spec)")
+    _model_args(p)
+    p.add_argument("--out", type=Path, help="write the spec JSON here")
+    p = sub.add_parser("eval", help="perplexity, KL and agreement of a spec on held-out text")
+    _model_args(p)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    from . import bench
+    bench.add_arguments(sub.add_parser("bench", help="kernel and decode benchmarks"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from . import bench
+            return bench.run(args) or 0
+        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval}[args.command](args, model)
+    except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
