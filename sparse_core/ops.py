@@ -43,37 +43,51 @@ def topk_threshold(x: torch.Tensor, drop_fraction: float) -> torch.Tensor | floa
 
 
 # ---- backends ---------------------------------------------------------------------------------------
-# A backend is (name, accepts(x, weight) -> bool, fn). The first registered backend that accepts a call runs it.
-Backend = tuple[str, Callable[[torch.Tensor, torch.Tensor], bool], Callable[..., torch.Tensor]]
+# A backend is (name, accepts(x, weight) -> bool, fn, describe() -> str). The most recently registered backend
+# that accepts a call runs it; the reference runs whatever none accepts.
+Backend = tuple[str, Callable[[torch.Tensor, torch.Tensor], bool], Callable[..., torch.Tensor], Callable[[], str]]
 _BACKENDS: list[Backend] = []
 
 
-def register_backend(name: str, accepts: Callable[[torch.Tensor, torch.Tensor], bool], fn: Callable[..., torch.Tensor]) -> None:
-    _BACKENDS.insert(0, (name, accepts, fn))
+def register_backend(name: str, accepts: Callable[[torch.Tensor, torch.Tensor], bool], fn: Callable[..., torch.Tensor],
+                     describe: Callable[[], str] | None = None) -> None:
+    _BACKENDS.insert(0, (name, accepts, fn, describe or (lambda: name)))
 
 
 def backend_for(x: torch.Tensor, weight: torch.Tensor) -> str:
-    for name, accepts, _ in _BACKENDS:
+    for name, accepts, _, _ in _BACKENDS:
         if accepts(x, weight):
             return name
     return "reference"
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: Threshold) -> torch.Tensor:
-    for _, accepts, fn in _BACKENDS:
+    for _, accepts, fn, _ in _BACKENDS:
         if accepts(x, weight):
             return fn(x, weight, bias, threshold)
     return reference_sparse_linear(x, weight, bias, threshold)
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
-    """Output-sparse linear for CATS' up projection: only rows (neurons) where `keep` is True are needed.
-
-    Reference: the dense linear, then zero the unneeded outputs. A fast backend computes only the kept rows.
-    """
+def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias) * keep
 
 
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """Output-sparse linear for CATS' up projection: only rows (neurons) where `keep` is True are needed.
+
+    Reference: the dense linear, then zero the unneeded outputs. The kernels read only the kept rows.
+    """
+    y = kernels.rows_linear(x, weight, bias, keep)
+    return reference_rows_linear(x, weight, bias, keep) if y is None else y
+
+
 def describe_backends() -> str:
-    """Names of the registered fast backends, most preferred first; 'reference' always closes the list."""
-    return ", ".join([name for name, _, _ in _BACKENDS] + ["reference"])
+    """Which backend runs each device's calls, most preferred first; 'reference' runs everything else."""
+    return "; ".join([f"{name}: {describe()}" for name, _, _, describe in _BACKENDS] + ["otherwise: reference (masked F.linear)"])
+
+
+from . import kernels  # noqa: E402 - the kernels register behind the API above
+from .kernels import cpu_native  # noqa: E402
+
+register_backend(*kernels.triton_backend())
+register_backend(*cpu_native.backend())

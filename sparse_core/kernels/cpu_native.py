@@ -1,0 +1,79 @@
+"""CPU backend: the C++/OpenMP row-gather kernel (csrc/sparse_gemv.cpp), built once into the user's cache.
+
+Without a working compiler the same op runs a pure-torch row gather, `F.embedding_bag` over the active rows of the
+(in, out) weight, which also skips the inactive rows' reads, only with more overhead per call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import LIBRARY, inference_only, sparse_linear
+
+SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in the C++ kernel
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab" / "torch_extensions"
+
+
+@functools.cache
+def native() -> str | None:
+    """Build (first time) and load the kernel; None when it works, else why not (then the fallback is registered)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        reason = "no compiler"
+    else:
+        from torch.utils import cpp_extension
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            cpp_extension.load(name="sparse_lab_cpu", sources=[str(SOURCE)], build_directory=str(folder),
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+            return None
+        except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
+            reason = f"build failed: {type(err).__name__}"
+    warnings.warn(f"sparse_core: the native CPU kernel is unavailable ({reason}); using the embedding_bag fallback.")
+    LIBRARY.impl("sparse_linear", _embedding_bag_sparse_linear, "CPU")
+    return reason
+
+
+def _embedding_bag_sparse_linear(x, weight, weight_t, bias, threshold, scalar_threshold):
+    """Pure-torch row gather: one bag per token of its active rows of weight_t, weighted by their inputs."""
+    x2 = x.reshape(-1, x.shape[-1])
+    limit = threshold.reshape(-1, 1) if threshold is not None else torch.tensor(scalar_threshold, dtype=x.dtype)
+    keep = x2.abs() > limit
+    if x2.shape[0] > MAX_UNION_TOKENS:
+        return F.linear(x2 * keep, weight, bias).reshape(*x.shape[:-1], -1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    offsets = torch.searchsorted(rows, torch.arange(x2.shape[0]))
+    y = F.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=x2[rows, cols])
+    y = y if bias is None else y + bias
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES and inference_only(x, weight)
+
+
+def describe() -> str:
+    reason = native()
+    if reason is None:
+        return "native C++/OpenMP row gather (float32, bfloat16)"
+    return f"fallback ({reason}): pure-torch embedding_bag row gather"
+
+
+def backend():
+    """(name, accepts, fn, describe) for ops.register_backend; the build happens on the first CPU call."""
+    def fn(x, weight, bias, threshold):
+        native()
+        return sparse_linear(x, weight, bias, threshold)
+    return "CPU", accepts, fn, describe
