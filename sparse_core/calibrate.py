@@ -1,7 +1,7 @@
 """Calibration: turn a target sparsity into thresholds by taking quantiles of the scores on calibration text.
 
-One pass over the text fills an |x| histogram per (layer, group); any number of targets then costs no more model
-time (the histograms are cached per model, method and text). Top-k needs no calibration: its spec is the target.
+A pass over the text fills an |x| histogram per (layer, group); quantiles of it are the thresholds. Histograms
+are cached per model, method, text and the spec running during the pass. Top-k needs no calibration: its spec is the target.
 """
 from __future__ import annotations
 
@@ -40,42 +40,45 @@ def token_chunks(model: SparseModel, text: str, chunk_tokens: int, max_tokens: i
     return [ids[i:i + chunk_tokens].unsqueeze(0).to(model.device) for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
 
 
-_HISTOGRAMS: dict[tuple[str, str, str], AbsHistogram] = {}
+_HISTOGRAMS: dict[tuple, AbsHistogram] = {}
 
 
-def score_histograms(model: SparseModel, method: str, text: str | None = None, chunk_tokens: int = 512,
-                     progress: Progress | None = None) -> AbsHistogram:
-    """Histograms of the scores each method thresholds, gathered on the dense model over `text`.
+def score_histograms(model: SparseModel, method: str, text: str, running: SparsitySpec | None = None,
+                     chunk_tokens: int = 512, progress: Progress | None = None) -> AbsHistogram:
+    """Histograms of the scores a method thresholds, over `text`, with `running` applied (None = dense).
 
-    TEAL scores |x| of every projection input; CATS scores |act(gate(x))|, which a CATS spec with zero thresholds
-    exposes while computing exactly the dense output.
+    TEAL scores |x| of every projection input; CATS scores |act(gate(x))|, which a CATS spec exposes (with zero
+    thresholds it computes exactly the dense output). Cached per model, text and running spec.
     """
-    text = default_text("calibration") if text is None else text
-    key = (model.fingerprint, "cats" if method == "cats" else "teal", text_hash(text))
+    if running is None and method == "cats":
+        running = SparsitySpec.from_tables("cats", model.dense_spec().values, model.fingerprint)
+    key = (model.fingerprint, "cats" if method == "cats" else "teal", text_hash(text), running and running.values)
     if key in _HISTOGRAMS:
         return _HISTOGRAMS[key]
-    observing = SparsitySpec.from_tables("cats", model.dense_spec().values, model.fingerprint) if method == "cats" else None
     histogram = AbsHistogram(("mlp_mid",) if method == "cats" else GROUPS)
     chunks = token_chunks(model, text, chunk_tokens)
     with torch.inference_mode():
         for done, ids in enumerate(chunks, 1):
-            with sparsity(observing, [histogram]):
+            with sparsity(running, [histogram]):
                 model.model(ids, use_cache=False)
             if progress:
                 progress(done, len(chunks))
+    if len(_HISTOGRAMS) > 32:  # bounded: drop the oldest
+        _HISTOGRAMS.pop(next(iter(_HISTOGRAMS)))
     _HISTOGRAMS[key] = histogram
     return histogram
 
 
 def calibrate(model: SparseModel, method: str, target: float | Sequence[Sequence[float]], text: str | None = None,
-              progress: Progress | None = None) -> SparsitySpec:
+              progress: Progress | None = None, refine: int = 1) -> SparsitySpec:
     """A spec whose thresholds skip `target` of each (layer, group)'s inputs on the calibration text.
 
-    `target` is one model-wide number (uniform) or a [layer][group] table. For CATS only the mlp_mid column counts.
+    `target` is one model-wide number (uniform) or a [layer][group] table; for CATS only the mlp_mid column counts.
+    The first pass reads dense activations; sparsity upstream shrinks the activations a layer sees, so each of
+    `refine` further passes re-reads them with the previous thresholds applied (measured on SmolLM2 at 50 %:
+    dense-only calibration overshoots by 2-4 points on held-out text; one refinement pass removes most of it).
     """
     table = _target_table(model, target)
-    if method == "cats" and not model.gated:
-        model.check(SparsitySpec.from_tables("cats", table, model.fingerprint))
     text = default_text("calibration") if text is None else text
     provenance = dict(model=model.name, allocation="uniform" if isinstance(target, (int, float)) else "per-layer",
                       calibration_text=text_hash(text), created=datetime.date.today().isoformat())
@@ -86,11 +89,16 @@ def calibrate(model: SparseModel, method: str, target: float | Sequence[Sequence
     if method not in ("teal", "cats"):
         raise SpecError(f"Unknown sparsity method {method!r}; choose one of teal, cats, topk, dense.")
     if method == "cats":
+        model.check(SparsitySpec.from_tables("cats", table, model.fingerprint))
         table = [[0.0, 0.0, 0.0, row[GROUPS.index("mlp_mid")]] for row in table]
-    histogram = score_histograms(model, method, text, progress=progress)
-    values = [[histogram.quantile(layer, group, t) if group in histogram.groups else 0.0
-               for group, t in zip(GROUPS, row)] for layer, row in enumerate(table)]
-    return SparsitySpec.from_tables(method, values, model.fingerprint, targets=table, **provenance)
+    spec = None
+    for step in range(1 + refine):
+        report = (lambda done, total, step=step: progress(step * total + done, (1 + refine) * total)) if progress else None
+        histogram = score_histograms(model, method, text, spec, progress=report)
+        values = [[histogram.quantile(layer, group, t) if group in histogram.groups else 0.0
+                   for group, t in zip(GROUPS, row)] for layer, row in enumerate(table)]
+        spec = SparsitySpec.from_tables(method, values, model.fingerprint, targets=table, **provenance)
+    return spec
 
 
 def _target_table(model: SparseModel, target: float | Sequence[Sequence[float]]) -> list[list[float]]:

@@ -49,5 +49,6 @@ def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, ma
             count += len(targets)
             if progress:
                 progress(done, len(chunks))
+    weights = model.skippable_params(spec.method)
     return Evaluation(math.exp(nll_dense / count), math.exp(nll_sparse / count), kl / count, agree / count,
-                      counter.weighted(model.group_params), counter.per_layer(model.group_params), count)
+                      counter.weighted(weights), counter.per_layer(weights), count)

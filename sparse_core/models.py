@@ -72,6 +72,13 @@ class SparseModel:
         if spec.method == "cats" and not self.gated:
             raise SpecError("CATS thresholds the gate of a gated MLP (gate/up/down), and this model's MLP is not gated; use TEAL or top-k.")
 
+    def skippable_params(self, method: str) -> tuple[dict[str, int], ...]:
+        """Per layer, the weight elements whose reads each group's sparsity saves. Under CATS an inactive neuron
+        also skips its row of up, so half of the gated MLP input's weights count with the intermediate."""
+        if method != "cats" or not self.gated:
+            return self.group_params
+        return tuple(p | {"mlp_in": p["mlp_in"] // 2, "mlp_mid": p["mlp_mid"] + p["mlp_in"] // 2} for p in self.group_params)
+
     def dense_spec(self) -> SparsitySpec:
         return SparsitySpec.dense(self.num_layers, self.fingerprint)
 

@@ -72,7 +72,8 @@ class SparsitySpec:
     @classmethod
     def from_tables(cls, method: str, values: Sequence[Sequence[float]], model_fingerprint: str,
                     targets: Sequence[Sequence[float]] | None = None, **provenance: str) -> "SparsitySpec":
-        as_tuple = lambda t: tuple(tuple(float(v) for v in row) for row in t)
+        number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # else __post_init__ names it
+        as_tuple = lambda t: tuple(tuple(number(v) for v in row) for row in t)
         return cls(method, as_tuple(values), model_fingerprint,
                    targets=None if targets is None else as_tuple(targets),
                    provenance=tuple(sorted((k, str(v)) for k, v in provenance.items())))

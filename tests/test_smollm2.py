@@ -1,0 +1,111 @@
+"""The real embedded SmolLM2-135M-Instruct: identity at 0 %, calibration on held-out text, coherent generation,
+metrics, and two threads generating with different specs at once."""
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparse_core import calibrate, generate, metrics, models
+from sparse_core.spec import GROUPS, SpecError
+
+QUESTION = "What is the capital of France?"
+
+
+def test_zero_sparsity_matches_plain_hf_logits_and_tokens(smollm2):
+    plain = AutoModelForCausalLM.from_pretrained(models.default_model_dir(), dtype=torch.float32).eval()
+    zero = calibrate.calibrate(smollm2, "teal", 0.0)
+    prompt = generate.encode_prompt(smollm2, QUESTION)
+    ids = torch.tensor([prompt.ids])
+    from sparse_core.patch import sparsity
+    with torch.no_grad(), sparsity(zero):
+        ours = smollm2.model(ids).logits
+    with torch.no_grad():
+        theirs = plain(ids).logits
+        hf_tokens = plain.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert torch.equal(ours, theirs)
+    assert [t.id for t in generate.stream(smollm2, prompt, zero, max_new_tokens=12)] == hf_tokens
+
+
+@pytest.mark.parametrize("method, target", [("teal", 0.25), ("teal", 0.5), ("cats", 0.5), ("topk", 0.4)])
+def test_calibrated_target_holds_on_held_out_text(smollm2, method, target):
+    spec = calibrate.calibrate(smollm2, method, target)
+    result = metrics.evaluate(smollm2, spec, max_tokens=768)  # the evaluation text, never seen by calibration
+    if method == "cats":  # CATS skips MLP neurons only: check the intermediate's own sparsity
+        reached = sum(result.per_layer_sparsity) / len(result.per_layer_sparsity)
+        params = smollm2.skippable_params("cats")
+        mlp_share = sum(p["mlp_mid"] for p in params) / sum(sum(p.values()) for p in params)
+        assert reached == pytest.approx(target * mlp_share, abs=0.03)
+    else:
+        assert result.achieved_sparsity == pytest.approx(target, abs=0.03)
+    assert result.ppl_sparse > result.ppl_dense
+    assert 0 < result.kl and 0.3 < result.top1_agreement < 1
+
+
+def test_zero_sparsity_costs_nothing(smollm2):
+    result = metrics.evaluate(smollm2, calibrate.calibrate(smollm2, "teal", 0.0), max_tokens=256)
+    assert result.kl == 0 and result.top1_agreement == 1 and result.ppl_sparse == result.ppl_dense
+
+
+def test_generates_coherent_text_dense_and_at_25_percent(smollm2):
+    dense = generate.generate(smollm2, QUESTION, max_new_tokens=24)
+    sparse = generate.generate(smollm2, QUESTION, calibrate.calibrate(smollm2, "teal", 0.25), max_new_tokens=24)
+    assert "Paris" in dense.text and "Paris" in sparse.text
+    assert dense.tokens_per_second > 0
+
+
+def test_seeded_sampling_is_reproducible(smollm2):
+    run = lambda seed: [t.id for t in generate.generate(smollm2, "Tell me a story.", max_new_tokens=10, temperature=0.9, seed=seed).tokens]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_two_threads_with_different_specs_get_what_each_gets_alone(smollm2):
+    specs = [calibrate.calibrate(smollm2, "teal", 0.5), smollm2.topk_spec(0.3), None, smollm2.topk_spec(0.6)]
+    prompt = generate.encode_prompt(smollm2, "Translate into French: the cat sleeps on the warm mat.")
+    run = lambda spec: [t.id for t in generate.stream(smollm2, prompt, spec, max_new_tokens=10, stop_at_eos=False)]
+    alone = [run(spec) for spec in specs]
+    assert len({tuple(a) for a in alone}) > 1  # the specs really differ in what they produce
+    together, barrier = [None] * len(specs), threading.Barrier(len(specs))
+
+    def worker(i):
+        barrier.wait()
+        together[i] = run(specs[i])
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_wrong_model_spec_is_refused(smollm2):
+    spec = smollm2.topk_spec(0.3)
+    foreign = spec.from_tables("teal", spec.values, "another-model-000")
+    with pytest.raises(SpecError, match="made for model another-model-000"):
+        generate.generate(smollm2, QUESTION, foreign, max_new_tokens=2)
+
+
+def test_trace_reports_per_token_sparsity_and_activations(smollm2):
+    from sparse_core.trace import Trace
+    spec = calibrate.calibrate(smollm2, "teal", 0.5)
+    trace = Trace(activation_layer=3)
+    result = generate.generate(smollm2, QUESTION, spec, max_new_tokens=6, observers=(trace,), stop_at_eos=False)
+    frame = trace.skipped_frame()
+    prompt_len = len(generate.encode_prompt(smollm2, QUESTION).ids)
+    assert set(frame.group) == set(GROUPS) and frame.layer.nunique() == smollm2.num_layers
+    assert frame.groupby(["layer", "group"]).size().eq(prompt_len + len(result.tokens) - 1).all()
+    assert 0.4 < frame.skipped.mean() < 0.6
+    acts, thresholds = trace.activation_matrix()
+    assert acts.shape == (prompt_len + len(result.tokens) - 1, 1536)
+    assert torch.all(thresholds == spec.value(3, "mlp_mid"))
+
+
+def test_unknown_model_is_one_clear_sentence(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="no such folder") as missing:
+        models.load(str(tmp_path / "nope"))
+    with pytest.raises(models.ModelLoadError, match="not a Hugging Face model folder"):
+        models.load(str(tmp_path))
+    with pytest.raises(models.ModelLoadError, match="Could not find model 'no-such-org/no-such-model'"):
+        models.load("no-such-org/no-such-model")
+    assert "\n" not in str(missing.value)
