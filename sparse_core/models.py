@@ -150,7 +150,9 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
          trust_remote_code: bool = False) -> SparseModel:
     """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise in a CLI and a server log
     if dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     source = str(default_model_dir()) if name in (DEFAULT_MODEL, "default") else _resolve(name)
@@ -221,6 +223,7 @@ def _convert_gguf(folder: Path, target: Path) -> None:
         (staging / "complete.json").write_text(json.dumps({"source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}"}))
         if target.exists():
             shutil.rmtree(target)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
