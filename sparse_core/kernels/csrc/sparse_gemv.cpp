@@ -57,21 +57,31 @@ void accumulate_rows(const W* wt, int64_t out, const int64_t* idx, const float* 
   }
 }
 
+// The union of the tokens' masks as row indices, and each token's masked values compacted onto them. When the rows
+// are too many to be worth gathering, returns the dense matmul on the masked input instead (defined `dense`).
 template <typename W>
-at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
-                       const float* thr, bool per_token) {
+at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& wt,
+                       const std::optional<at::Tensor>& bias, const float* thr, bool per_token) {
   const int64_t tokens = x2.size(0), in = x2.size(1), out = wt.size(1);
   const W* x = x2.data_ptr<W>();
-  // Union of the tokens' masks, and each token's masked values compacted onto it.
   std::vector<int64_t> idx;
   idx.reserve(in);
+  int64_t kept = 0;
   for (int64_t i = 0; i < in; ++i) {
-    bool any = false;
-    for (int64_t t = 0; t < tokens; ++t) any |= std::fabs(widen(x[t * in + i])) > thr[per_token ? t : 0];
-    if (any) idx.push_back(i);
+    int64_t live = 0;
+    for (int64_t t = 0; t < tokens; ++t) live += std::fabs(widen(x[t * in + i])) > thr[per_token ? t : 0];
+    kept += live;
+    if (live) idx.push_back(i);
   }
   const int64_t n = static_cast<int64_t>(idx.size());
-  if (n > static_cast<int64_t>(kMaxActiveFraction[tokens] * in)) return at::Tensor();  // dense is cheaper
+  if (n > static_cast<int64_t>(kMaxActiveFraction[tokens] * in)) {  // dense is cheaper
+    if (kept == tokens * in) return at::linear(x2, weight, bias);  // nothing masked: skip building a copy
+    at::Tensor xm = at::empty_like(x2);
+    W* m = xm.data_ptr<W>();
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < in; ++i) m[t * in + i] = std::fabs(widen(x[t * in + i])) > thr[per_token ? t : 0] ? x[t * in + i] : W(0.0f);
+    return at::linear(xm, weight, bias);
+  }
   std::vector<float> xs(tokens * n);
   for (int64_t t = 0; t < tokens; ++t) {
     const float limit = thr[per_token ? t : 0];
@@ -128,10 +138,9 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
   }
   at::Tensor y;
   if (tokens <= kMaxUnionTokens) {
-    y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, wt, bias, thr.data(), per_token)
-                                         : gather_rows<float>(x2, wt, bias, thr.data(), per_token);
-  }
-  if (!y.defined()) {
+    y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, weight, wt, bias, thr.data(), per_token)
+                                         : gather_rows<float>(x2, weight, wt, bias, thr.data(), per_token);
+  } else {
     const at::Tensor limit = per_token ? threshold->reshape({tokens, 1}) : at::scalar_tensor(scalar_threshold, x.options());
     y = at::linear(x2 * (x2.abs() > limit), weight, bias);
   }

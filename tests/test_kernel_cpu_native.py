@@ -1,0 +1,117 @@
+"""The native CPU kernel (and its embedding_bag fallback) against a float64 masked reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_core import ops
+from sparse_core.kernels import cpu_native, transposed
+
+SHAPES = [(1, 37, 53), (3, 150, 70), (1, 576, 1536), (12, 96, 33)]  # (tokens, in, out): ragged, batch 1/3, prefill
+DTYPES = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def reference(x, weight, bias, threshold):
+    """float64 F.linear on the masked input; the mask is taken in x's own dtype, as the operator defines."""
+    keep = x.abs() > threshold
+    return F.linear((x * keep).double(), weight.double(), None if bias is None else bias.double())
+
+
+def check(y, expected, dtype):
+    scale = expected.abs().max().item() + 1.0
+    assert not y.isnan().any()
+    assert (y.double() - expected).abs().max().item() <= DTYPES[dtype] * scale
+
+
+def inputs(tokens, width, out, dtype, bias=True):
+    x = torch.randn(tokens, width, dtype=dtype)
+    weight = torch.randn(out, width, dtype=dtype) / width ** 0.5
+    return x, weight, torch.randn(out, dtype=dtype) if bias else None
+
+
+def threshold_for(x, sparsity):
+    """A scalar threshold skipping about `sparsity` of x (s=1 skips everything, s=0 nothing)."""
+    if sparsity >= 1.0:
+        return float("inf")
+    return 0.0 if sparsity == 0.0 else float(x.abs().float().quantile(sparsity))
+
+
+def poisoned_op(impl, shape, dtype):
+    """Run the op after freeing NaN-filled blocks of its output's size, which malloc hands out again: an output
+    element the kernel forgets to write then shows up as NaN (best effort: the allocator decides reuse)."""
+    for _ in range(4):
+        torch.full(shape, float("nan"), dtype=dtype)
+    return impl()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens, width, out", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_native_sparse_linear_matches_masked_reference(tokens, width, out, dtype, sparsity):
+    assert cpu_native.native() is None, "the native kernel should build on this machine"
+    x, weight, bias = inputs(tokens, width, out, dtype)
+    threshold = threshold_for(x, sparsity)
+    with torch.inference_mode():
+        y = poisoned_op(lambda: ops.sparse_linear(x, weight, bias, threshold), (tokens, out), dtype)
+    assert ops.backend_for(x, weight) == "CPU" and y.dtype == dtype and y.shape == (tokens, out)
+    check(y, reference(x, weight, bias, threshold), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_per_token_topk_threshold(tokens, dtype):
+    x, weight, bias = inputs(tokens, 200, 90, dtype, bias=False)
+    threshold = ops.topk_threshold(x, 0.6)
+    with torch.inference_mode():
+        y = ops.sparse_linear(x.unsqueeze(0), weight, bias, threshold.unsqueeze(0))  # (batch, T, in) layout
+    assert y.shape == (1, tokens, 90)
+    check(y[0], reference(x, weight, bias, threshold), dtype)
+
+
+def test_transposed_copy_is_cached_and_refreshed():
+    weight = torch.randn(40, 30)
+    first = transposed(weight)
+    assert first.is_contiguous() and torch.equal(first, weight.t()) and transposed(weight) is first
+    weight.mul_(2)  # an in-place change must not leave a stale copy
+    assert torch.equal(transposed(weight), weight.t())
+    conv1d_storage = torch.randn(30, 40)  # GPT-2 Conv1D keeps (in, out): a view, no copy
+    assert transposed(conv1d_storage.t()).data_ptr() == conv1d_storage.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_native_rows_linear_matches_reference(tokens, dtype):
+    x, weight, bias = inputs(tokens, 130, 77, dtype)
+    keep = torch.rand(tokens, 77) > 0.6
+    with torch.inference_mode():
+        y = poisoned_op(lambda: ops.rows_linear(x, weight, bias, keep), (tokens, 77), dtype)
+    check(y, F.linear(x.double(), weight.double(), bias.double()) * keep, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens, sparsity", [(1, 0.5), (3, 0.9), (12, 0.5), (1, 1.0)])
+def test_embedding_bag_fallback_matches_reference(tokens, sparsity, dtype):
+    x, weight, bias = inputs(tokens, 150, 70, dtype)
+    threshold = threshold_for(x, sparsity)
+    y = cpu_native._embedding_bag_sparse_linear(x, weight, transposed(weight), bias, None, threshold)
+    check(y, reference(x, weight, bias, threshold), dtype)
+
+
+def test_gradients_stay_on_the_reference_path():
+    x = torch.randn(2, 16, requires_grad=True)
+    weight = torch.randn(8, 16)
+    assert ops.backend_for(x, weight) == "reference"
+    ops.sparse_linear(x, weight, None, 0.3).sum().backward()
+    assert x.grad is not None
+
+
+def test_fake_tensor_shapes_compose_with_torch():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, weight = torch.randn(2, 5, 16), torch.randn(8, 16)
+        y = torch.ops.sparse_lab.sparse_linear(x, weight, weight.t().contiguous(), None, None, 0.5)
+    assert y.shape == (2, 5, 8)
+
+
+def test_describe_backends_names_the_cpu_kernel():
+    text = ops.describe_backends()
+    assert "CPU: native C++/OpenMP" in text and "GPU: Triton" in text
