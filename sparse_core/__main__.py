@@ -52,8 +52,8 @@ def cmd_info(args, model):
 
 
 def cmd_generate(args, model):
-    spec = _spec(args, model)
     prompt = generation.encode_prompt(model, args.prompt, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
+    spec = _spec(args, model)
     tokens = []
     for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, seed=args.seed):

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .models import SparseModel, cache_dir
+from .models import SparseModel, cache_dir, write_atomically
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
 from .trace import AbsHistogram
@@ -91,14 +91,29 @@ def calibrate(model: SparseModel, method: str, target: float | Sequence[Sequence
     if method == "cats":
         model.check(SparsitySpec.from_tables("cats", table, model.fingerprint))
         table = [[0.0, 0.0, 0.0, row[GROUPS.index("mlp_mid")]] for row in table]
-    spec = None
+    cached = calibration_cache_path(model, method, table, text, refine)
+    try:  # a corrupt or foreign cache file is ignored and rebuilt, never trusted
+        spec = SparsitySpec.from_json(cached.read_text(encoding="utf-8"))
+        model.check(spec)
+        return spec
+    except (OSError, SpecError):
+        spec = None
     for step in range(1 + refine):
         report = (lambda done, total, step=step: progress(step * total + done, (1 + refine) * total)) if progress else None
         histogram = score_histograms(model, method, text, spec, progress=report)
         values = [[histogram.quantile(layer, group, t) if group in histogram.groups else 0.0
                    for group, t in zip(GROUPS, row)] for layer, row in enumerate(table)]
         spec = SparsitySpec.from_tables(method, values, model.fingerprint, targets=table, **provenance)
+    write_atomically(cached, spec.to_json())
     return spec
+
+
+CALIBRATION_VERSION = 2  # bump when the calibration procedure changes, so cached specs are rebuilt
+
+
+def calibration_cache_path(model: SparseModel, method: str, table: list[list[float]], text: str, refine: int) -> Path:
+    key = repr((CALIBRATION_VERSION, model.fingerprint, method, table, text_hash(text), refine))
+    return cache_dir() / "calibrations" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
 def _target_table(model: SparseModel, target: float | Sequence[Sequence[float]]) -> list[list[float]]:

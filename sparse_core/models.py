@@ -41,6 +41,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab"
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
 # ---- the patched model -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SparseModel:

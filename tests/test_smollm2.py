@@ -109,3 +109,12 @@ def test_unknown_model_is_one_clear_sentence(tmp_path):
     with pytest.raises(models.ModelLoadError, match="Could not find model 'no-such-org/no-such-model'"):
         models.load("no-such-org/no-such-model")
     assert "\n" not in str(missing.value)
+
+
+def test_corrupt_calibration_cache_is_rebuilt_not_loaded(smollm2):
+    good = calibrate.calibrate(smollm2, "teal", 0.25)
+    table = [[0.25] * len(GROUPS)] * smollm2.num_layers
+    path = calibrate.calibration_cache_path(smollm2, "teal", table, calibrate.default_text("calibration"), 1)
+    path.write_text('{"version": 1, "method": "teal", "values": [[0.1')  # a half-written file
+    assert calibrate.calibrate(smollm2, "teal", 0.25).values == good.values
+    assert calibrate.SparsitySpec.from_json(path.read_text()).values == good.values

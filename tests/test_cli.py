@@ -1,0 +1,37 @@
+"""The CLI end to end on the embedded model: JSON that scripts can rely on, one-line errors."""
+import json
+
+from sparse_core.__main__ import main
+
+
+def test_eval_json_has_the_promised_fields(capsys):
+    assert main(["eval", "--json", "--method", "teal", "--sparsity", "0.25", "--max-tokens", "128"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert {"ppl_dense", "ppl_sparse", "kl", "top1_agreement", "achieved_sparsity"} <= row.keys()
+    assert abs(row["achieved_sparsity"] - 0.25) < 0.05 and row["ppl_sparse"] >= row["ppl_dense"] * 0.98
+
+
+def test_calibrate_writes_a_spec_that_eval_reads_back(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    assert main(["calibrate", "--method", "topk", "--sparsity", "0.3", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    assert spec["method"] == "topk" and len(spec["values"]) == 30
+    capsys.readouterr()
+    assert main(["generate", "--spec", str(out), "--json", "--max-new-tokens", "4", "--prompt", "Hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["eval", "--spec", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: The spec is not valid JSON") and "\n" not in err
+    assert main(["generate", "--prompt", "   "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_bfloat16_loads_and_generates(capsys):
+    assert main(["generate", "--dtype", "bfloat16", "--method", "dense", "--json",
+                 "--max-new-tokens", "8", "--prompt", "What is the capital of France?"]) == 0
+    assert "Paris" in json.loads(capsys.readouterr().out)["text"]
