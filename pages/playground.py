@@ -1,0 +1,146 @@
+"""Playground: the same prompt through the dense and the sparse model, side by side, streamed token by token."""
+from __future__ import annotations
+
+import dataclasses
+
+import plotly.express as px
+import streamlit as st
+
+from pages import common
+from sparse_core import generate, models, ops, report
+from sparse_core.spec import SparsitySpec
+from sparse_core.trace import SparsityCounter
+
+PRESETS = {
+    "Chat question": "What is the capital of France, and what is it famous for?",
+    "Translation": "Translate into French: The weather is lovely today, so we are going to the beach.",
+    "Sentiment": "Is the sentiment of this review positive or negative? \"The battery died after two days and support never answered.\"",
+    "Summarisation": ("Summarise in one sentence: The city council met on Tuesday to discuss the new bike lanes. "
+                      "Residents praised the safer routes to school, while shop owners worried about losing parking spaces. "
+                      "The council agreed to a six-month trial on two streets."),
+    "A story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+RUNS = ("dense", "sparse")
+
+
+@dataclasses.dataclass
+class Result:
+    """One Generate click: both runs' tokens and what the sparse run skipped. Kept in session state for the
+    Heatmaps page and so the panes survive reruns."""
+    model: models.SparseModel
+    prompt: generate.Prompt
+    tokens: dict[str, list[generate.Token]]
+    spec: SparsitySpec
+    method: str
+    achieved: float
+    per_layer: object  # pandas DataFrame from report.per_layer_frame
+
+    def text(self, run: str) -> str:
+        return "".join(t.text for t in self.tokens[run])
+
+    def tokens_per_second(self, run: str) -> float:
+        return generate.Generation(self.text(run), self.tokens[run]).tokens_per_second
+
+    @property
+    def divergence(self) -> int | None:
+        return generate.first_divergence(self.tokens["dense"], self.tokens["sparse"])
+
+
+def _use_preset() -> None:
+    st.session_state.prompt = PRESETS[st.session_state.preset]
+
+
+def _generate(current: common.Settings, prompt_text: str, panes: dict) -> Result | None:
+    """Interleave the dense and the sparse stream one token at a time, each pane updating live. Both runs carry a
+    SparsityCounter, so observer overhead is the same on both sides of the speed comparison."""
+    model = current.model
+    try:
+        prompt = generate.encode_prompt(model, prompt_text, max_new_tokens=current.max_new_tokens)
+    except generate.GenerationError as err:
+        st.error(str(err))
+        return None
+    counters = {run: SparsityCounter() for run in RUNS}
+    streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
+                                    observers=(counters[run],))
+               for run, spec in zip(RUNS, (None, current.spec))}
+    tokens = {run: [] for run in RUNS}
+    while streams:
+        for run in list(streams):
+            token = next(streams[run], None)
+            if token is None:
+                del streams[run]
+                continue
+            tokens[run].append(token)
+            panes[run]["text"].markdown(common.text_block("".join(t.text for t in tokens[run])), unsafe_allow_html=True)
+    skippable = model.skippable_params(current.method)
+    return Result(model, prompt, tokens, current.spec, current.method, counters["sparse"].weighted(skippable),
+                  report.per_layer_frame(model, counters["sparse"], current.method))
+
+
+def _fill_panes(result: Result, panes: dict) -> None:
+    divergence = result.divergence
+    rates = {run: result.tokens_per_second(run) for run in RUNS}
+    for run in RUNS:
+        highlight = None
+        if run == "sparse" and divergence is not None:
+            highlight = len("".join(t.text for t in result.tokens[run][:divergence]))
+        panes[run]["text"].markdown(common.text_block(result.text(run), highlight), unsafe_allow_html=True)
+        speedup = f"×{rates['sparse'] / rates['dense']:.2f} speedup" if run == "sparse" else None
+        panes[run]["rate"].metric(f"{run.capitalize()} tokens/s", f"{rates[run]:.1f}", speedup)
+    if divergence is None:
+        st.success(f"The sparse run produced the same {len(result.tokens['sparse'])} tokens as dense.")
+    else:
+        dense_token, sparse_token = (result.tokens[run][divergence].text for run in RUNS)
+        st.warning(f"The outputs diverge at generated token {divergence + 1}: dense wrote {dense_token!r}, sparse wrote "
+                   f"{sparse_token!r}; the sparse text is highlighted from there on. After a divergence the two "
+                   f"continue from different text, so later differences are expected.")
+
+
+def _show_details(result: Result) -> None:
+    st.subheader("What this generation skipped")
+    chart = px.bar(result.per_layer, x="layer", y="skipped", hover_data=["attn_in", "attn_out", "mlp_in", "mlp_mid"],
+                   labels={"skipped": "share of weight reads skipped"})
+    chart.add_hline(y=result.achieved, line_dash="dash", annotation_text=f"model-wide {result.achieved:.0%}")
+    chart.update_layout(height=320, margin=dict(t=30, b=10), yaxis_tickformat=".0%")
+    st.plotly_chart(chart, width="stretch")
+    st.caption(f"Per decoder layer, the share of weight reads the sparse run skipped ({result.method.upper()}), "
+               "weighted by the size of each projection. Active kernel backend: " + ops.describe_backends())
+
+    cost = report.token_cost(result.model, result.achieved)
+    st.subheader("Cost of one generated token")
+    st.metric("Theoretical bound for this model and sparsity", f"×{cost.bound:.2f}",
+              help="Decoding one token at batch 1 reads every weight once and is limited by memory bandwidth, so "
+                   "the best possible speedup is the dense weight bytes divided by the sparse ones.")
+    common.table_with_download(cost.frame(), "token_cost.csv")
+    st.caption(f"Energy is an estimate, not a measurement: it assumes about {report.DRAM_PJ_PER_BYTE:.0f} pJ per byte "
+               "moved from DRAM (an order-of-magnitude figure; older DDR memory costs several times more) and leaves "
+               "arithmetic and caches out. Multiply-adds count one per weight read; attention over the context is not included.")
+
+
+current = common.sidebar()
+st.title("Playground")
+st.caption("Most inputs to a language model's weight matrices are close to zero at any given token. Activation "
+           "sparsity skips the weights those inputs would multiply: a **threshold** decides, per input, whether it is "
+           "small enough to skip. Fewer weights read means faster decoding, but every skipped input slightly changes "
+           "the answer, so the quality cost is always shown next to the speed.")
+if current.spec is None:
+    st.stop()
+common.quality_row(current)
+
+st.selectbox("Preset", list(PRESETS), index=None, key="preset", on_change=_use_preset, placeholder="Pick a preset prompt…")
+prompt_text = st.text_area("Prompt", PRESETS["Chat question"], key="prompt", height=100)
+clicked = st.button("Generate", type="primary")
+columns = dict(zip(RUNS, st.columns(2, border=True)))
+panes = {}
+for run, column in columns.items():
+    with column:
+        st.markdown(f"**{run.capitalize()}**" + ("" if run == "dense" else f" · {current.method_label} at {current.target:.0%}"))
+        panes[run] = {"rate": st.empty(), "text": st.empty()}
+if clicked:
+    fresh = _generate(current, prompt_text, panes)
+    if fresh is not None:
+        st.session_state.generation = fresh
+result = st.session_state.get("generation")
+if result is not None:
+    _fill_panes(result, panes)
+    _show_details(result)
