@@ -30,7 +30,7 @@ def _rows_linear_fake(x, weight, bias, keep):
 def transposed(weight: torch.Tensor) -> torch.Tensor:
     """`weight` (out, in) as a contiguous (in, out) tensor: a free view when its storage already is (GPT-2 Conv1D),
     else a copy made once and cached on the tensor object until its data or version changes."""
-    view = weight.detach().t()
+    view = weight.t()  # callers run without autograd (see inference_only)
     if view.is_contiguous():
         return view
     key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)  # inference tensors have no version
@@ -41,11 +41,14 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
     return cached[1]
 
 
+_SPARSE_LINEAR = torch.ops.sparse_lab.sparse_linear.default  # the overload itself: skips ~4 us of resolution per call
+
+
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold) -> torch.Tensor:
     """The backend entry: `ops.sparse_linear`'s signature onto the op (a float threshold travels as a scalar)."""
     if isinstance(threshold, torch.Tensor):
-        return torch.ops.sparse_lab.sparse_linear(x, weight, transposed(weight), bias, threshold, 0.0)
-    return torch.ops.sparse_lab.sparse_linear(x, weight, transposed(weight), bias, None, float(threshold))
+        return _SPARSE_LINEAR(x, weight, transposed(weight), bias, threshold, 0.0)
+    return _SPARSE_LINEAR(x, weight, transposed(weight), bias, None, float(threshold))
 
 
 def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:

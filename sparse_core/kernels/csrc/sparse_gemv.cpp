@@ -14,9 +14,11 @@
 
 namespace {
 
-// Beyond these the dense matmul on the masked input is faster (measured, see docs/PERFORMANCE.md).
-constexpr int64_t kMaxUnionTokens = 8;        // more tokens than this: always masked dense
-constexpr double kMaxActiveFraction[kMaxUnionTokens + 1] = {0, 0.95, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35};
+// Measured crossovers (docs/PERFORMANCE.md): up to 8 tokens the gather beats MKL's masked dense matmul even when
+// the union keeps every row (for 2..8 tokens MKL packs the whole weight first); from 16 tokens dense wins. One
+// token: dense gemv streams as fast as the gather, so gather only when it skips at least 5 % of the rows.
+constexpr int64_t kMaxUnionTokens = 8;
+constexpr double kMaxActiveFractionOneToken = 0.95;
 constexpr int64_t kParallelBytes = 1 << 18;   // below ~256 KiB of rows a thread fork costs more than it saves
 
 inline float widen(float v) { return v; }
@@ -74,7 +76,7 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& weight, const at:
     if (live) idx.push_back(i);
   }
   const int64_t n = static_cast<int64_t>(idx.size());
-  if (n > static_cast<int64_t>(kMaxActiveFraction[tokens] * in)) {  // dense is cheaper
+  if (tokens == 1 && n > static_cast<int64_t>(kMaxActiveFractionOneToken * in)) {  // dense is as cheap
     if (kept == tokens * in) return at::linear(x2, weight, bias);  // nothing masked: skip building a copy
     at::Tensor xm = at::empty_like(x2);
     W* m = xm.data_ptr<W>();
