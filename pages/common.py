@@ -150,3 +150,10 @@ def text_block(text: str, highlight_from: int | None = None) -> str:
     else:
         body = html.escape(text[:highlight_from]) + f"<mark>{html.escape(text[highlight_from:])}</mark>"
     return f"<div class='generated' style='white-space: pre-wrap; min-height: 6em'>{body or '&nbsp;'}</div>"
+
+
+@st.cache_resource(show_spinner="Tracing the tokens…", max_entries=8)
+def traced(_model: models.SparseModel, model_key: tuple, spec: SparsitySpec | None, ids: tuple[int, ...],
+           layer: int) -> report.TokenTrace:
+    """One sparse forward pass over `ids` with a Trace: shared read-only by the charts that show it."""
+    return report.trace_tokens(_model, spec, ids, layer)
