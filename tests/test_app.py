@@ -1,0 +1,124 @@
+"""Every page through Streamlit's AppTest, with the real embedded model. The model, calibrated specs and quality
+numbers are cached in-process, so only the first test pays for loading and calibrating TEAL at 25 %."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+TIMEOUT = 300  # seconds per script run; importing torch and the first calibration take a while on 2 cores
+
+
+def _app(**state) -> AppTest:
+    at = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+def _ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _generated(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if "class='generated'" in m.value]
+
+
+def _generate(at: AppTest, tokens: int = 8) -> AppTest:
+    at.slider(key="max_new_tokens").set_value(tokens)
+    next(b for b in at.button if b.label == "Generate").click()
+    return _ok(at.run())
+
+
+def test_playground_renders_with_the_default_model_and_its_quality_cost():
+    at = _ok(_app())
+    assert at.title[0].value == "Playground"
+    assert at.slider(key="target").value == 0.25 and at.radio(key="method_label").value == "TEAL thresholds"
+    assert _metric(at, "Skipped (held-out text)").endswith("%")
+    assert float(_metric(at, "Perplexity")) > 1
+    assert _metric(at, "Speedup bound").startswith("×")
+
+
+def test_slider_and_method_change_what_is_computed():
+    at = _ok(_app())
+    teal = _metric(at, "Top-1 agreement"), _metric(at, "Perplexity")
+    at.radio(key="method_label").set_value("top-k")
+    _ok(at.run())
+    topk_25 = _metric(at, "Top-1 agreement"), _metric(at, "Perplexity")
+    assert topk_25 != teal
+    at.slider(key="target").set_value(0.5)
+    _ok(at.run())
+    assert _metric(at, "Skipped (held-out text)") == "50%"
+    assert float(_metric(at, "Perplexity")) > float(topk_25[1])
+
+
+def test_generation_fills_both_panes_and_the_details():
+    at = _generate(_ok(_app()))
+    dense, sparse = _generated(at)
+    assert len(dense) > len("<div class='generated'></div>") and len(sparse) > len("<div class='generated'></div>")
+    assert float(_metric(at, "Dense tokens/s")) > 0 and float(_metric(at, "Sparse tokens/s")) > 0
+    assert at.success or at.warning  # same tokens, or where they diverge
+    labels = {m.label for m in at.metric}
+    assert "Theoretical bound for this model and sparsity" in labels
+    assert len(at.get("plotly_chart")) == 1  # per-layer sparsity of this generation
+    cost = at.dataframe[0].value.set_index("per token")
+    assert cost.loc["weight bytes read", "sparse"] < cost.loc["weight bytes read", "dense"]
+    generation = at.session_state["generation"]
+    assert len(generation.tokens["dense"]) <= 8 and generation.achieved > 0.15
+
+
+def test_user_errors_are_one_sentence_and_the_app_keeps_running():
+    at = _ok(_app())
+    at.text_area(key="prompt").set_value("   ")
+    next(b for b in at.button if b.label == "Generate").click()
+    _ok(at.run())
+    assert [e.value for e in at.error] == ["The prompt is empty; type something for the model to continue."]
+
+    at.text_input(key="model_name").set_value("no-such-org/no-such-model")
+    _ok(at.run())
+    assert at.error[0].value.startswith("Could not find model 'no-such-org/no-such-model'")
+    assert "Still using SmolLM2-135M-Instruct (float32)." in [c.value for c in at.sidebar.caption]
+    assert _metric(at, "Perplexity")  # the page still works on the last model that loaded
+
+
+def test_heatmaps_page_on_the_last_generation_and_on_pasted_text():
+    at = _generate(_ok(_app()))
+    _ok(at.switch_page("pages/heatmaps.py").run())
+    assert at.title[0].value == "Heatmaps"
+    assert len(at.get("plotly_chart")) == 6  # four projection groups, neurons, histogram
+    assert any("skipped" in c.value for c in at.caption)
+
+    at.segmented_control(key="heatmap_source").set_value("Pasted text")
+    _ok(at.run())
+    assert at.info[0].value == "Paste some text to trace it with the current setting."
+    at.text_area(key="heatmap_text").set_value("The lighthouse keeper walked along the beach at dawn.")
+    _ok(at.run())
+    at.slider(key="heatmap_layer").set_value(3)
+    _ok(at.run())
+    assert len(at.get("plotly_chart")) == 6 and at.subheader[1].value == "MLP neurons of layer 3"
+    assert at.session_state["target"] == 0.25  # the sidebar kept its setting across the page change
+
+
+def test_speedup_page_runs_the_benchmarks():
+    at = _ok(_app())
+    _ok(at.switch_page("pages/speedup.py").run())
+    assert at.title[0].value == "Speedup"
+    at.multiselect(key="bench_shapes").set_value(["576×1536"])
+    at.multiselect(key="bench_dtypes").set_value(["float32"])
+    next(b for b in at.button if b.label == "Run kernel benchmark").click()
+    _ok(at.run())
+    kernels = at.dataframe[0].value
+    assert list(kernels["sparsity"]) == [0.0, 0.5, 0.9] and (kernels["speedup"] > 0).all()
+
+    at.button(key="time_layers").click()
+    _ok(at.run())
+    layers = at.dataframe[1].value
+    assert len(layers) == 31 and (layers[["dense_ms", "sparse_ms"]] >= 0).all().all()
+
+    at.slider(key="e2e_tokens").set_value(8)
+    at.button(key="e2e").click()
+    _ok(at.run())
+    assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Model bound").startswith("×")
+    assert len(at.get("plotly_chart")) == 2 and len(at.get("download_button")) == 3
