@@ -1,4 +1,4 @@
-"""Command line: python -m sparse_core info | generate | calibrate | eval | bench  (see --help of each)."""
+"""Command line: python -m sparse_core info | generate | calibrate | eval | sweep | bench  (see --help of each)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import calibrate as calibration
 from . import generate as generation
-from . import metrics, models, ops
+from . import metrics, models, ops, tuning
 from .spec import METHODS, SparsitySpec, SpecError
 
 
@@ -39,6 +39,8 @@ def _spec(args, model: models.SparseModel) -> SparsitySpec:
     if args.spec:
         return SparsitySpec.from_json(args.spec.read_text(encoding="utf-8"))
     text = args.text.read_text(encoding="utf-8") if getattr(args, "text", None) and args.command == "calibrate" else None
+    if getattr(args, "allocation", "uniform") == "greedy":
+        return tuning.greedy_specs(model, args.method, [args.sparsity], text=text, progress=_progress("allocating"))[args.sparsity]
     return calibration.calibrate(model, args.method, args.sparsity, text=text, progress=_progress("calibrating"))
 
 
@@ -85,6 +87,16 @@ def cmd_eval(args, model):
     print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
 
 
+def cmd_sweep(args, model):
+    text = args.text.read_text(encoding="utf-8") if args.text else None
+    frame = tuning.sweep(model, args.methods, args.targets, args.allocations, text=text, max_tokens=args.max_tokens,
+                         progress=_progress("sweeping"))
+    if args.json:
+        print(json.dumps({"model": model.name, "rows": frame.round(4).to_dict(orient="records")}))
+    else:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sparse_core", description="Training-free activation sparsity lab.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,9 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="turn a target sparsity into thresholds (a spec)")
     _model_args(p)
     p.add_argument("--out", type=Path, help="write the spec JSON here")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
+                   help="same target everywhere, or greedy per-layer allocation (TEAL)")
     p = sub.add_parser("eval", help="perplexity, KL and agreement of a spec on held-out text")
     _model_args(p)
     p.add_argument("--max-tokens", type=int, default=2048)
+    p = sub.add_parser("sweep", help="quality against sparsity for methods, allocations and targets")
+    _model_args(p, sparse=False)
+    p.add_argument("--methods", nargs="+", default=["teal"], choices=["teal", "cats", "topk"])
+    p.add_argument("--allocations", nargs="+", default=["uniform", "greedy"], choices=["uniform", "greedy"])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.6])
+    p.add_argument("--text", type=Path, help="your own evaluation text file")
+    p.add_argument("--max-tokens", type=int, default=1024)
     from . import bench
     bench.add_arguments(sub.add_parser("bench", help="kernel and decode benchmarks"))
     return parser
@@ -114,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
             return bench.run(args) or 0
         model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval}[args.command](args, model)
+        commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
+        commands[args.command](args, model)
     except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
