@@ -138,9 +138,9 @@ def quality_row(current: Settings) -> None:
                                                            "speed it up by dense bytes / sparse bytes.")
 
 
-def table_with_download(frame: pd.DataFrame, file_name: str, label: str = "Download CSV") -> None:
-    st.dataframe(frame, hide_index=True, width="stretch")
-    st.download_button(label, frame.to_csv(index=False), file_name=file_name, mime="text/csv", key=f"download-{file_name}")
+def table_with_download(frame: pd.DataFrame, file_name: str, column_config: dict | None = None) -> None:
+    st.dataframe(frame, hide_index=True, width="stretch", column_config=column_config)
+    st.download_button("Download CSV", frame.to_csv(index=False), file_name=file_name, mime="text/csv", key=f"download-{file_name}")
 
 
 def text_block(text: str, highlight_from: int | None = None) -> str:

@@ -1,5 +1,4 @@
 """Heatmaps: where the skipping happens, per layer and token, per neuron, and against the |x| distribution."""
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -80,12 +79,14 @@ group = st.selectbox("Projection group", GROUPS, format_func=GROUP_TITLES.get, i
 bins = trace.trace.histogram.frame(layer, group)
 threshold, below = report.threshold_marker(trace, group)
 nonzero = bins[bins["abs_high"] > 0]
-figure = px.bar(x=(nonzero["abs_low"] * nonzero["abs_high"]) ** 0.5, y=nonzero["count"], log_x=True,
-                labels={"x": "|x|", "y": "inputs"})
+figure = go.Figure(go.Scatter(x=nonzero["abs_high"], y=nonzero["count"], line_shape="vh", fill="tozeroy",
+                              line_color="#0f766e", hovertemplate="|x| up to %{x:.3g}: %{y} inputs<extra></extra>"))
+figure.update_xaxes(type="log", title="|x|")
+figure.update_yaxes(title="inputs")
 if threshold:
     figure.add_vline(x=threshold, line_color="#dc2626", line_dash="dash",
                      annotation_text=f"threshold {threshold:.3g}: {below:.0%} below")
-figure.update_layout(height=320, margin=dict(t=30, b=10), bargap=0)
+figure.update_layout(height=320, margin=dict(t=30, b=10))
 st.plotly_chart(figure, width="stretch", key="histogram")
 zeros = int(bins.loc[bins["abs_high"] == 0, "count"].sum())
 st.caption(f"{below:.0%} of these inputs are skipped" + (f"; {zeros} are exactly zero (not drawn on the log axis)." if zeros else ".")

@@ -111,7 +111,9 @@ def _show_details(result: Result) -> None:
     st.metric("Theoretical bound for this model and sparsity", f"×{cost.bound:.2f}",
               help="Decoding one token at batch 1 reads every weight once and is limited by memory bandwidth, so "
                    "the best possible speedup is the dense weight bytes divided by the sparse ones.")
-    common.table_with_download(cost.frame(), "token_cost.csv")
+    amount = st.column_config.NumberColumn(format="compact")
+    common.table_with_download(cost.frame(), "token_cost.csv", {"dense": amount, "sparse": amount,
+                                                                 "saved": st.column_config.NumberColumn(format="percent")})
     st.caption(f"Energy is an estimate, not a measurement: it assumes about {report.DRAM_PJ_PER_BYTE:.0f} pJ per byte "
                "moved from DRAM (an order-of-magnitude figure; older DDR memory costs several times more) and leaves "
                "arithmetic and caches out. Multiply-adds count one per weight read; attention over the context is not included.")
@@ -136,6 +138,7 @@ for run, column in columns.items():
     with column:
         st.markdown(f"**{run.capitalize()}**" + ("" if run == "dense" else f" · {current.method_label} at {current.target:.0%}"))
         panes[run] = {"rate": st.empty(), "text": st.empty()}
+        panes[run]["text"].caption("Press Generate to compare.")
 if clicked:
     fresh = _generate(current, prompt_text, panes)
     if fresh is not None:
