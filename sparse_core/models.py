@@ -168,7 +168,12 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     hf_logging.disable_progress_bar()  # per-tensor bars are noise in a CLI and a server log
     if dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    source = str(default_model_dir()) if name in (DEFAULT_MODEL, "default") else _resolve(name)
+    if name in (DEFAULT_MODEL, "default"):
+        source = str(default_model_dir())
+    else:
+        source = _resolve(name, ["*.json"])  # the config first: refuse a model that cannot fit before downloading it
+        check_fits(source, dtype, trust_remote_code)
+        source = source if Path(name).expanduser().is_dir() else _resolve(name, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True,
@@ -179,7 +184,35 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     return wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name)
 
 
-def _resolve(name: str) -> str:
+def _available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: do not refuse
+
+
+def estimate_bytes(source: str, dtype: str, trust_remote_code: bool = False) -> int:
+    """Weight bytes the model will take, from its config alone (built on the meta device: no memory, no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in skeleton.parameters()) * DTYPES[dtype].itemsize
+
+
+def check_fits(source: str, dtype: str, trust_remote_code: bool = False, available: int | None = None) -> None:
+    """Refuse, in one sentence, a model whose weights would not fit in memory instead of swapping the machine."""
+    try:
+        need = estimate_bytes(source, dtype, trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"Could not read the model config in {source!r}: {_first_line(err)}") from None
+    free = _available_memory() if available is None else available
+    if need * 1.2 > free:  # weights plus activations, KV cache and the kernels' working set
+        raise ModelLoadError(f"This model needs about {need / 2**30:.1f} GiB for its {dtype} weights but only "
+                             f"{free / 2**30:.1f} GiB of memory is free; pick a smaller model or bfloat16.")
+
+
+def _resolve(name: str, patterns: list[str]) -> str:
     path = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_like_path:
@@ -190,7 +223,7 @@ def _resolve(name: str) -> str:
         return str(path)
     from huggingface_hub import snapshot_download
     try:  # fetch only safetensors weights plus config/tokenizer files; never pickles
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(name, allow_patterns=patterns)
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not reachable / not found"
         raise ModelLoadError(f"Could not find model {name!r}: it is not a local folder and the Hugging Face hub did not provide it ({type(err).__name__}: {_first_line(err)}).") from None
 

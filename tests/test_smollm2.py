@@ -118,3 +118,13 @@ def test_corrupt_calibration_cache_is_rebuilt_not_loaded(smollm2):
     path.write_text('{"version": 1, "method": "teal", "values": [[0.1')  # a half-written file
     assert calibrate.calibrate(smollm2, "teal", 0.25).values == good.values
     assert calibrate.SparsitySpec.from_json(path.read_text()).values == good.values
+
+
+def test_a_model_too_big_for_memory_is_refused_before_loading(smollm2):
+    folder = str(models.default_model_dir())
+    need = models.estimate_bytes(folder, "float32")
+    assert need == sum(p.numel() for p in smollm2.model.parameters()) * 4
+    assert models.estimate_bytes(folder, "bfloat16") == need // 2
+    with pytest.raises(models.ModelLoadError, match=r"needs about 0\.5 GiB for its float32 weights but only 0\.1 GiB"):
+        models.check_fits(folder, "float32", available=100 * 2**20)
+    models.check_fits(folder, "float32", available=8 * 2**30)
