@@ -12,5 +12,7 @@ page = st.navigation([
     st.Page("pages/playground.py", title="Playground", icon=":material/chat:", default=True),
     st.Page("pages/heatmaps.py", title="Heatmaps", icon=":material/grid_on:"),
     st.Page("pages/speedup.py", title="Speedup", icon=":material/speed:"),
+    st.Page("pages/quality.py", title="Quality", icon=":material/query_stats:"),
+    st.Page("pages/tuner.py", title="Tuner", icon=":material/tune:"),
 ])
 page.run()

@@ -115,13 +115,52 @@ def sidebar() -> Settings:
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
         temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature") if sample else 0.0
         seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed")) if sample else 0
+    applied = st.session_state.get("applied_spec")
+    use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.sidebar.toggle(
+        f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
+        help="Generate with the spec applied on the Tuner page instead of the method and slider above.")
     try:
-        spec = spec_for(model, method, target)
+        spec = applied[1] if use_applied else spec_for(model, method, target)
         model.check(spec)
     except SpecError as err:
         st.error(str(err))
         spec = None
+    if use_applied:
+        method = spec.method
     return Settings(model, method, target, spec, max_new_tokens, temperature, seed)
+
+
+MAX_UPLOAD_BYTES = 1 << 20  # texts and specs: parsed as UTF-8 / JSON, never executed
+
+
+def _read_upload(upload) -> str:
+    if upload.size > MAX_UPLOAD_BYTES:
+        raise SpecError(f"{upload.name} is {upload.size / 2**20:.1f} MiB; uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB.")
+    try:
+        return upload.getvalue().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{upload.name} is not UTF-8 text.") from None
+
+
+def uploaded_text(label: str, key: str) -> str | None:
+    """A user's own .txt file (size-limited, UTF-8), or None for the project's default text."""
+    upload = st.file_uploader(label, type=["txt"], key=key, help=f"Plain UTF-8 text, up to {MAX_UPLOAD_BYTES // 2**20} MiB.")
+    if upload is None:
+        return None
+    try:
+        text = _read_upload(upload)
+    except SpecError as err:
+        st.error(str(err))
+        return None
+    if not text.strip():
+        st.error(f"{upload.name} is empty; using the default text.")
+        return None
+    return text
+
+
+def read_spec(upload) -> SparsitySpec:
+    """An uploaded spec JSON, validated (raises SpecError with one sentence)."""
+    return SparsitySpec.from_json(_read_upload(upload))
 
 
 def quality_row(current: Settings) -> None:

@@ -122,3 +122,68 @@ def test_speedup_page_runs_the_benchmarks():
     _ok(at.run())
     assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Model bound").startswith("×")
     assert len(at.get("plotly_chart")) == 2 and len(at.get("download_button")) == 3
+
+
+def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
+    at = _ok(_app())
+    _ok(at.switch_page("pages/quality.py").run())
+    assert at.title[0].value == "Quality" and at.info
+    at.multiselect[0].set_value([])
+    at.button[0].click()  # the form's submit button
+    _ok(at.run())
+    assert at.error[0].value == "Pick at least one method, one allocation and one target."
+    at.multiselect[0].set_value(["TEAL thresholds", "top-k"])
+    at.multiselect[2].set_value([0.25, 0.5])
+    at.select_slider[0].set_value(128)
+    at.button[0].click()
+    _ok(at.run())
+    sweep = at.session_state["sweep"]
+    assert len(sweep) == 4 and set(sweep.method) == {"teal", "topk"}
+    assert (sweep[sweep.target == 0.5].ppl_ratio.values > sweep[sweep.target == 0.25].ppl_ratio.values).all()
+    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 1
+
+
+def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
+    at = _ok(_app())
+    _ok(at.switch_page("pages/tuner.py").run())
+    assert at.title[0].value == "Tuner"
+    next(b for b in at.button if b.label == "Calibrate uniform 25%").click()
+    _ok(at.run())
+    assert list(at.session_state["spec_library"]) == ["teal uniform 25%"]
+    at.slider(key="target").set_value(0.4)
+    _ok(at.run())
+    next(b for b in at.button if b.label == "Calibrate uniform 40%").click()
+    _ok(at.run())
+    summary = at.dataframe[-1].value
+    assert list(summary.spec) == ["teal uniform 25%", "teal uniform 40%"]
+    assert summary.achieved_sparsity.iloc[1] > summary.achieved_sparsity.iloc[0]
+
+    next(b for b in at.button if b.label == "Apply to the Playground").click()
+    _ok(at.run())
+    assert at.session_state["applied_spec"][0] == "teal uniform 40%"
+    _ok(at.switch_page("pages/playground.py").run())
+    at.slider(key="target").set_value(0.25)
+    _ok(at.run())
+    skipped = lambda: int(_metric(at, "Skipped (held-out text)").rstrip("%"))
+    assert at.sidebar.toggle(key="use_applied").value and 38 <= skipped() <= 42  # the applied spec wins
+    at.sidebar.toggle(key="use_applied").set_value(False)
+    _ok(at.run())
+    assert 23 <= skipped() <= 27  # back to the slider
+
+
+def test_uploads_are_size_limited_and_parsed_never_executed():
+    from pages import common
+    from sparse_core.spec import SpecError
+
+    class Upload:
+        def __init__(self, data: bytes, name="spec.json"):
+            self.name, self.size, self._data = name, len(data), data
+
+        def getvalue(self):
+            return self._data
+    with pytest.raises(SpecError, match="uploads are limited to 1 MiB"):
+        common.read_spec(Upload(b" " * (2 << 20)))
+    with pytest.raises(SpecError, match="is not UTF-8 text"):
+        common.read_spec(Upload(b"\xff\xfe\x00"))
+    with pytest.raises(SpecError, match="not valid JSON"):
+        common.read_spec(Upload(b"{'__import__': 'os'}"))

@@ -134,3 +134,22 @@ def test_every_page_in_a_real_browser(server, page):
     page.locator(".js-plotly-plot").first.wait_for()
     _settle(page)
     page.screenshot(path=ARTIFACTS / "speedup.png")
+
+    page.locator("[data-testid=stSidebarNav] a", has_text="Quality").click()
+    page.get_by_role("heading", name="Quality").wait_for()
+    _settle(page)
+    page.get_by_role("button", name="Run sweep").click()  # TEAL uniform at 25-60 % on 256 held-out tokens
+    expect(page.locator(".js-plotly-plot")).to_have_count(2, timeout=STEP_MS)
+    _settle(page)
+    page.screenshot(path=ARTIFACTS / "quality.png")
+
+    page.locator("[data-testid=stSidebarNav] a", has_text="Tuner").click()
+    page.get_by_role("heading", name="Tuner").wait_for()
+    _settle(page)
+    page.get_by_role("button", name="Calibrate uniform 30%").click()  # top-k, the sidebar's method: instant
+    page.locator("[data-testid=stDataFrame], [data-testid=stDataFrameGlideDataEditor]").first.wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    _settle(page)
+    page.get_by_role("button", name="Apply to the Playground").click()
+    page.get_by_text("The Playground now generates with").wait_for()
+    page.screenshot(path=ARTIFACTS / "tuner.png")

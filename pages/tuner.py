@@ -1,0 +1,99 @@
+"""Tuner: edit the per-layer, per-group sparsity, calibrate it uniform or greedy, import and export specs, compare two."""
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from pages import common
+from sparse_core import calibrate, tuning
+from sparse_core.spec import GROUPS, SparsitySpec, SpecError
+
+current = common.sidebar()
+model = current.model
+st.title("Tuner")
+st.caption("A spec holds one target per layer and projection group: the share of that group's inputs to skip. "
+           "Calibration turns targets into magnitude thresholds on the calibration text. Edit the table, calibrate "
+           "it, compare it with another spec, download it, or apply it to the Playground.")
+
+library: dict[str, SparsitySpec] = st.session_state.setdefault("spec_library", {})
+text = common.uploaded_text("Your own calibration text (optional)", key="tuner_text")
+
+
+def keep(name: str, spec: SparsitySpec) -> None:
+    """Add a spec to this visitor's library and select it (before the selectbox below is drawn)."""
+    library[name] = spec
+    st.session_state.tuner_spec = name
+
+
+method = current.method
+
+cols = st.columns(3)
+if cols[0].button(f"Calibrate uniform {current.target:.0%}", width="stretch"):
+    bar = st.progress(0.0, text="Calibrating…")
+    keep(f"{method} uniform {current.target:.0%}", calibrate.calibrate(
+        model, method, current.target, text=text, progress=lambda d, n: bar.progress(d / n, text="Calibrating…")))
+    bar.empty()
+if cols[1].button(f"Calibrate greedy {current.target:.0%}", width="stretch",
+                  help="Greedy allocation: each block reaches the target, the projections where skipping hurts least first."):
+    bar = st.progress(0.0, text="Allocating greedily, block by block…")
+    specs = tuning.greedy_specs(model, method, [current.target], text=text,
+                                progress=lambda d, n: bar.progress(d / n, text=f"Allocating… block {d}/{n}"))
+    keep(f"{method} greedy {current.target:.0%}", specs[current.target])
+    bar.empty()
+upload = cols[2].file_uploader("Upload a spec (JSON)", type=["json"], key="spec_upload")
+if upload is not None:
+    try:
+        spec = common.read_spec(upload)
+        model.check(spec)
+        keep(f"uploaded {upload.name}", spec)
+    except SpecError as err:
+        st.error(str(err))
+
+if not library:
+    st.info("Calibrate a spec or upload one to start tuning.")
+    st.stop()
+
+name = st.selectbox("Spec", list(library), key="tuner_spec")
+spec = library[name]
+targets = spec.targets or spec.values
+frame = pd.DataFrame(targets, columns=list(GROUPS)).rename_axis("layer").reset_index()
+st.subheader("Per-layer targets")
+st.caption("Edit any cell (0 = dense, 0.9 = skip 90 %), then calibrate the edited table into thresholds.")
+edited = st.data_editor(frame, hide_index=True, disabled=["layer"], key=f"editor-{name}",
+                        column_config={g: st.column_config.NumberColumn(g, min_value=0.0, max_value=1.0, step=0.05, format="%.2f") for g in GROUPS})
+chart = edited.melt(id_vars="layer", var_name="group", value_name="target")
+st.plotly_chart(px.line(chart, x="layer", y="target", color="group", markers=True, height=320)
+                .update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%"), width="stretch")
+
+cols = st.columns(3)
+if cols[0].button("Calibrate the edited table", width="stretch"):
+    table = edited[list(GROUPS)].astype(float).values.tolist()
+    try:
+        bar = st.progress(0.0, text="Calibrating the edited table…")
+        edited_spec = calibrate.calibrate(model, spec.method, table, text=text,
+                                          progress=lambda d, n: bar.progress(d / n, text="Calibrating the edited table…"))
+        bar.empty()
+        keep(f"{name} (edited)", edited_spec)
+        st.rerun()
+    except SpecError as err:
+        st.error(str(err))
+if cols[1].button("Apply to the Playground", type="primary", width="stretch"):
+    st.session_state.applied_spec = (name, spec)
+    st.success(f"The Playground now generates with “{name}”. Turn it off in the sidebar.")
+cols[2].download_button("Download spec (JSON)", spec.to_json(), file_name="spec.json", mime="application/json", width="stretch")
+common.table_with_download(pd.DataFrame(spec.values, columns=list(GROUPS)).rename_axis("layer").reset_index(),
+                           "thresholds.csv")
+
+st.subheader("Compare two specs")
+if len(library) < 2:
+    st.caption("Calibrate or upload a second spec to compare.")
+    st.stop()
+left, right = st.columns(2)
+first = left.selectbox("First", list(library), index=0, key="compare_a")
+second = right.selectbox("Second", list(library), index=1, key="compare_b")
+results = {label: common.quality(model, common.model_key(model), library[label]) for label in (first, second)}
+per_layer = pd.DataFrame({label: r["per_layer_sparsity"] for label, r in results.items()}).rename_axis("layer").reset_index()
+st.plotly_chart(px.bar(per_layer.melt(id_vars="layer", var_name="spec", value_name="skipped"), x="layer", y="skipped",
+                       color="spec", barmode="group", height=320).update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%"),
+                width="stretch")
+summary = pd.DataFrame([{"spec": label, **{k: v for k, v in r.items() if k != "per_layer_sparsity"}} for label, r in results.items()])
+common.table_with_download(summary.round(4), "comparison.csv")
