@@ -62,7 +62,7 @@ edited = st.data_editor(frame, hide_index=True, disabled=["layer"], key=f"editor
                         column_config={g: st.column_config.NumberColumn(g, min_value=0.0, max_value=1.0, step=0.05, format="%.2f") for g in GROUPS})
 chart = edited.melt(id_vars="layer", var_name="group", value_name="target")
 st.plotly_chart(px.line(chart, x="layer", y="target", color="group", markers=True, height=320)
-                .update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%"), width="stretch")
+                .update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%", yaxis_range=[0, 1]), width="stretch")
 
 cols = st.columns(3)
 if cols[0].button("Calibrate the edited table", width="stretch"):
@@ -80,6 +80,9 @@ if cols[1].button("Apply to the Playground", type="primary", width="stretch"):
     st.session_state.applied_spec = (name, spec)
     st.success(f"The Playground now generates with “{name}”. Turn it off in the sidebar.")
 cols[2].download_button("Download spec (JSON)", spec.to_json(), file_name="spec.json", mime="application/json", width="stretch")
+st.subheader("What the spec applies")
+st.caption("Top-k: the share of each token's inputs dropped. TEAL: the |x| at or below which an input is skipped. "
+           "CATS: the |act(gate(x))| below which an MLP neuron is skipped.")
 common.table_with_download(pd.DataFrame(spec.values, columns=list(GROUPS)).rename_axis("layer").reset_index(),
                            "thresholds.csv")
 
