@@ -98,6 +98,14 @@ class SparseModel:
     def topk_spec(self, sparsity: float) -> SparsitySpec:
         return SparsitySpec.uniform_topk(self.num_layers, self.fingerprint, sparsity)
 
+    def topk_k_spec(self, k: int) -> SparsitySpec:
+        """Keep the k largest |x| of every projection input per token (k counted, not a fraction)."""
+        narrowest = min(self.group_widths.values())
+        if not 1 <= k <= narrowest:
+            raise SpecError(f"top-k needs 1 <= k <= {narrowest} (the narrowest projection input of this model), got k={k}.")
+        row = [1.0 - k / self.group_widths[g] for g in GROUPS]
+        return SparsitySpec.from_tables("topk", [row] * self.num_layers, self.fingerprint, targets=[row] * self.num_layers)
+
 
 def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
     """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once."""
