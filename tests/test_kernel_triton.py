@@ -4,21 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_reference import check, reference
 from sparse_core import ops
 from sparse_core.kernels import transposed, triton_sparse_gemv as tg
 
-DTYPES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-def reference(x, weight, bias, threshold):
-    keep = x.abs() > threshold
-    return F.linear((x * keep).double(), weight.double(), None if bias is None else bias.double())
-
-
-def check(y, expected, dtype):
-    scale = expected.abs().max().item() + 1.0
-    assert not y.isnan().any()
-    assert (y.double() - expected).abs().max().item() <= DTYPES[dtype] * scale
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture
