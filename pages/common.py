@@ -20,7 +20,7 @@ METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a cal
                "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
 DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", method_label="TEAL thresholds", target=0.25,
-                max_new_tokens=48, sample=False, temperature=0.8, seed=0)
+                max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
 LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
 QUALITY_TOKENS = 256  # held-out tokens the quality cost is measured on: enough to rank settings, a few seconds
 
@@ -42,8 +42,8 @@ class Settings:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
-def load_model(name: str, dtype: str) -> models.SparseModel:
-    return models.load(name, dtype=dtype)
+def load_model(name: str, dtype: str, trust_remote_code: bool = False) -> models.SparseModel:
+    return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 @st.cache_resource(show_spinner=False)
@@ -75,11 +75,11 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     return store[key]
 
 
-def _resolve_model(name: str, dtype: str) -> models.SparseModel:
+def _resolve_model(name: str, dtype: str, trust_remote_code: bool) -> models.SparseModel:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
     name = name.strip() or models.DEFAULT_MODEL
     try:
-        model = load_model(name, dtype)
+        model = load_model(name, dtype, trust_remote_code)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
         message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
@@ -102,7 +102,10 @@ def sidebar() -> Settings:
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
-        model = _resolve_model(name, dtype)
+        trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
+                          help="Off by default. Only for models whose repository ships Python code you have read and "
+                               "trust: it runs on this machine with your permissions.")
+        model = _resolve_model(name, dtype, trust)
         st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
 
         st.header("Sparsity")

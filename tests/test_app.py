@@ -36,6 +36,7 @@ def test_playground_renders_with_the_default_model_and_its_quality_cost():
     at = _ok(_app())
     assert at.title[0].value == "Playground"
     assert at.slider(key="target").value == 0.25 and at.radio(key="method_label").value == "TEAL thresholds"
+    assert at.sidebar.toggle(key="trust_remote_code").value is False  # remote code is an explicit opt-in
     assert _metric(at, "Skipped (held-out text)").endswith("%")
     assert float(_metric(at, "Perplexity")) > 1
     assert _metric(at, "Speedup bound").startswith("×")
