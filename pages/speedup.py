@@ -7,7 +7,6 @@ import torch
 from pages import common
 from sparse_core import bench, generate, ops, report
 
-QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 8  # what `python -m sparse_core bench kernels --quick` runs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -32,8 +31,8 @@ full = right.toggle("Full run", key="bench_full",
                     help="On: 5 sparsities, 30 repeats. Off: the quick run, 3 sparsities and 8 repeats.")
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
     bar, progress = _progress("Timing dense vs sparse kernels…")
-    rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else QUICK_SPARSITIES,
-                             repeats=30 if full else QUICK_REPEATS, device=DEVICE, progress=progress)
+    rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
+                             repeats=30 if full else bench.QUICK_REPEATS, device=DEVICE, progress=progress)
     bar.empty()
     st.session_state.kernel_rows = pd.DataFrame(rows)
 kernels = st.session_state.get("kernel_rows")
