@@ -21,6 +21,16 @@ METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a cal
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
 DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", method_label="TEAL thresholds", target=0.25,
                 max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
+# Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
+PRESETS = {
+    "Chat question": "What is the capital of France, and what is it famous for?",
+    "Translation": "Translate into French: The weather is lovely today, so we are going to the beach.",
+    "Sentiment": "Is the sentiment of this review positive or negative? \"The battery died after two days and support never answered.\"",
+    "Summarisation": ("Summarise in one sentence: The city council met on Tuesday to discuss the new bike lanes. "
+                      "Residents praised the safer routes to school, while shop owners worried about losing parking spaces. "
+                      "The council agreed to a six-month trial on two streets."),
+    "A story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
 LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
 QUALITY_TOKENS = 256  # held-out tokens the quality cost is measured on: enough to rank settings, a few seconds
 

@@ -11,15 +11,6 @@ from sparse_core import generate, models, ops, report
 from sparse_core.spec import SparsitySpec
 from sparse_core.trace import SparsityCounter
 
-PRESETS = {
-    "Chat question": "What is the capital of France, and what is it famous for?",
-    "Translation": "Translate into French: The weather is lovely today, so we are going to the beach.",
-    "Sentiment": "Is the sentiment of this review positive or negative? \"The battery died after two days and support never answered.\"",
-    "Summarisation": ("Summarise in one sentence: The city council met on Tuesday to discuss the new bike lanes. "
-                      "Residents praised the safer routes to school, while shop owners worried about losing parking spaces. "
-                      "The council agreed to a six-month trial on two streets."),
-    "A story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-}
 RUNS = ("dense", "sparse")
 
 
@@ -47,7 +38,7 @@ class Result:
 
 
 def _use_preset() -> None:
-    st.session_state.prompt = PRESETS[st.session_state.preset]
+    st.session_state.prompt = common.PRESETS[st.session_state.preset]
 
 
 def _generate(current: common.Settings, prompt_text: str, panes: dict) -> Result | None:
@@ -129,8 +120,8 @@ if current.spec is None:
     st.stop()
 common.quality_row(current)
 
-st.selectbox("Preset", list(PRESETS), index=None, key="preset", on_change=_use_preset, placeholder="Pick a preset prompt…")
-prompt_text = st.text_area("Prompt", PRESETS["Chat question"], key="prompt", height=100)
+st.selectbox("Preset", list(common.PRESETS), index=None, key="preset", on_change=_use_preset, placeholder="Pick a preset prompt…")
+prompt_text = st.text_area("Prompt", common.PRESETS["Chat question"], key="prompt", height=100)
 clicked = st.button("Generate", type="primary")
 columns = dict(zip(RUNS, st.columns(2, border=True)))
 panes = {}

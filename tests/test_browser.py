@@ -60,14 +60,19 @@ def server():
         log.close()
 
 
+def _launch(p):
+    """Debian's Chromium, headless, with nothing that reaches the network on its own."""
+    return p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--disable-component-update", "--no-first-run"])
+
+
 @pytest.fixture(scope="module")
 def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--no-first-run"])
+        browser = _launch(p)
         tab = browser.new_page(viewport={"width": 1400, "height": 2200})
         tab.set_default_timeout(STEP_MS)
         try:
@@ -153,3 +158,45 @@ def test_every_page_in_a_real_browser(server, page):
     page.get_by_role("button", name="Apply to the Playground").click()
     page.get_by_text("The Playground now generates with").wait_for()
     page.screenshot(path=ARTIFACTS / "tuner.png")
+
+
+def test_two_visitors_generating_at_once_each_get_their_own_result(server, smollm2):
+    """Two browser contexts are two Streamlit sessions sharing one model: one on top-k, one on TEAL, both press
+    Generate together; each sparse pane must hold exactly what the engine generates alone for that setting."""
+    from playwright.sync_api import sync_playwright
+
+    from sparse_core import calibrate, generate
+    from pages.common import PRESETS
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        tabs = [browser.new_context(viewport={"width": 1400, "height": 1600}).new_page() for _ in range(2)]
+        for tab, method in zip(tabs, ["top-k", "TEAL thresholds"]):
+            tab.set_default_timeout(STEP_MS)
+            tab.goto(server)
+            _metric(tab, "Perplexity").wait_for(timeout=FIRST_LOAD_MS)
+            _settle(tab)
+            tab.locator("[data-testid=stSidebar] label", has_text=method).click()
+            _settle(tab)
+            tokens = _slider(tab, "Max new tokens")
+            tokens.focus()
+            tokens.press("Home")
+            for _ in range(5):
+                tokens.press("ArrowRight")
+            _settle(tab)
+        started = time.monotonic()
+        for tab in tabs:  # both runs in flight at once
+            tab.get_by_role("button", name="Generate").click()
+        for tab in tabs:
+            _metric(tab, "Sparse tokens/s").wait_for()
+            _settle(tab)
+        elapsed = time.monotonic() - started
+        shown = [tab.locator(".generated").all_inner_texts()[1].strip() for tab in tabs]
+        new_tokens = int(_slider(tabs[0], "Max new tokens").input_value())
+        tabs[0].screenshot(path=ARTIFACTS / "two_visitors_topk.png")
+        tabs[1].screenshot(path=ARTIFACTS / "two_visitors_teal.png")
+        browser.close()
+    expected = [generate.generate(smollm2, PRESETS["Chat question"], spec, max_new_tokens=new_tokens).text.strip()
+                for spec in (smollm2.topk_spec(0.25), calibrate.calibrate(smollm2, "teal", 0.25))]
+    print(f"two concurrent visitors: {new_tokens} tokens each, both done in {elapsed:.1f} s")
+    assert shown == expected
