@@ -48,7 +48,7 @@ CASES = [
     ("absurd max_new_tokens", lambda m, g: generate.generate(m, "Hi", max_new_tokens=10**9), "max_new_tokens must be between 1 and 4096, got 1000000000."),
     ("negative temperature", lambda m, g: generate.generate(m, "Hi", temperature=-1.0), "temperature must be 0 (greedy) or positive, got -1.0."),
     ("top-k larger than the width", lambda m, g: m.topk_k_spec(5000), "top-k needs 1 <= k <= 576 (the narrowest projection input of this model), got k=5000."),
-    ("CATS on a spec method typo", lambda m, g: calibrate.calibrate(m, "cat", 0.5), "Unknown sparsity method 'cat'; choose one of teal, cats, topk, dense."),
+    ("misspelt method", lambda m, g: calibrate.calibrate(m, "cat", 0.5), "Unknown sparsity method 'cat'; choose one of teal, cats, topk, dense."),
     ("empty calibration text", lambda m, g: calibrate.calibrate(m, "teal", 0.3, text="   "), "The text is empty; give some text to calibrate or evaluate on."),
     ("unknown dtype", lambda m, g: models.load(dtype="float8"), "Unknown dtype 'float8'; choose one of float32, bfloat16, float16."),
 ]
