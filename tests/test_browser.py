@@ -60,26 +60,30 @@ def server():
         log.close()
 
 
-def _launch(p):
-    """Debian's Chromium, headless, with nothing that reaches the network on its own."""
-    return p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                   "--disable-component-update", "--no-first-run"])
-
-
 @pytest.fixture(scope="module")
-def page(server):
+def browser(server):
+    """Debian's Chromium, headless, with nothing that reaches the network on its own; one per module."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = _launch(p)
-        tab = browser.new_page(viewport={"width": 1400, "height": 2200})
-        tab.set_default_timeout(STEP_MS)
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                           "--disable-component-update", "--no-first-run"])
         try:
-            yield tab
+            yield chromium
         finally:
-            tab.screenshot(path=ARTIFACTS / "last_state.png")  # where the test stopped, pass or fail
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    tab = browser.new_page(viewport={"width": 1400, "height": 2200})
+    tab.set_default_timeout(STEP_MS)
+    try:
+        yield tab
+    finally:
+        tab.screenshot(path=ARTIFACTS / "last_state.png")  # where the test stopped, pass or fail
+        tab.close()
 
 
 def _settle(page) -> None:
@@ -160,17 +164,15 @@ def test_every_page_in_a_real_browser(server, page):
     page.screenshot(path=ARTIFACTS / "tuner.png")
 
 
-def test_two_visitors_generating_at_once_each_get_their_own_result(server, smollm2):
+def test_two_visitors_generating_at_once_each_get_their_own_result(server, browser, smollm2):
     """Two browser contexts are two Streamlit sessions sharing one model: one on top-k, one on TEAL, both press
     Generate together; each sparse pane must hold exactly what the engine generates alone for that setting."""
-    from playwright.sync_api import sync_playwright
-
     from sparse_core import calibrate, generate
     from pages.common import PRESETS
 
-    with sync_playwright() as p:
-        browser = _launch(p)
-        tabs = [browser.new_context(viewport={"width": 1400, "height": 1600}).new_page() for _ in range(2)]
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1600}) for _ in range(2)]  # two sessions
+    try:
+        tabs = [context.new_page() for context in contexts]
         for tab, method in zip(tabs, ["top-k", "TEAL thresholds"]):
             tab.set_default_timeout(STEP_MS)
             tab.goto(server)
@@ -195,7 +197,9 @@ def test_two_visitors_generating_at_once_each_get_their_own_result(server, smoll
         new_tokens = int(_slider(tabs[0], "Max new tokens").input_value())
         tabs[0].screenshot(path=ARTIFACTS / "two_visitors_topk.png")
         tabs[1].screenshot(path=ARTIFACTS / "two_visitors_teal.png")
-        browser.close()
+    finally:
+        for context in contexts:
+            context.close()
     expected = [generate.generate(smollm2, PRESETS["Chat question"], spec, max_new_tokens=new_tokens).text.strip()
                 for spec in (smollm2.topk_spec(0.25), calibrate.calibrate(smollm2, "teal", 0.25))]
     print(f"two concurrent visitors: {new_tokens} tokens each, both done in {elapsed:.1f} s")
