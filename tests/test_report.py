@@ -1,5 +1,4 @@
 """sparse_core.report on a tiny Llama whose weight counts are worked out by hand below."""
-import types
 
 import numpy as np
 import pytest
