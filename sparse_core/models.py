@@ -109,7 +109,7 @@ class SparseModel:
 
 def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
     """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     gated_all, params, widths = True, [], {}
     for index, block in enumerate(layers):
         found: dict[str, int] = {}
@@ -137,7 +137,8 @@ def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...]
     return len(layers), gated_all, tuple(params), widths
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks, found by its length (families name it differently)."""
     config = model.config
     config = getattr(config, "text_config", None) or config
     count = getattr(config, "num_hidden_layers", None)

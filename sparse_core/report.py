@@ -158,7 +158,7 @@ def decode_step_breakdown(model: models.SparseModel, prompt: generate.Prompt, sp
 
 def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,
                   new_tokens: int) -> tuple[list[list[float]], list[float]]:
-    blocks = models._decoder_layers(model.model)
+    blocks = models.decoder_layers(model.model)
     started: dict[int, float] = {}
     seconds: dict[int, list[float]] = defaultdict(list)
     handles = []

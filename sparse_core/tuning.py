@@ -15,7 +15,7 @@ import torch
 
 from . import calibrate as calibration
 from .metrics import evaluate
-from .models import SparseModel, _decoder_layers
+from .models import SparseModel, decoder_layers
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
 from .trace import AbsHistogram
@@ -36,7 +36,7 @@ def _check(cancel: threading.Event | None) -> None:
 def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, dict, torch.Tensor]]:
     """(args, kwargs, dense output) of every decoder block for one dense pass over `ids`."""
     records, handles = [], []
-    for block in _decoder_layers(model.model):
+    for block in decoder_layers(model.model):
         def keep(module, args, kwargs, output):
             records.append((args, kwargs, (output[0] if isinstance(output, tuple) else output).clone()))
         handles.append(block.register_forward_hook(keep, with_kwargs=True))
@@ -62,7 +62,7 @@ def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], id
     """
     groups = [g for g in (("mlp_mid",) if method == "cats" else GROUPS)]
     weights = model.skippable_params(method)
-    blocks, layers = _record_blocks(model, ids), _decoder_layers(model.model)
+    blocks, layers = _record_blocks(model, ids), decoder_layers(model.model)
     goals = sorted(set(float(t) for t in targets))
     tables = {t: [[0.0] * len(GROUPS) for _ in range(model.num_layers)] for t in goals}
 

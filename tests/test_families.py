@@ -47,7 +47,7 @@ def family(request):
 def _reference_hooks(reference, spec):
     """Mask inputs with plain torch ops on the unpatched model: the oracle for the sparse path."""
     handles, gate_out = [], {}
-    blocks = models._decoder_layers(reference)
+    blocks = models.decoder_layers(reference)
     for layer, block in enumerate(blocks):
         for name, module in block.named_modules():
             parent, _, leaf = name.rpartition(".")
