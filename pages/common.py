@@ -204,8 +204,13 @@ def text_block(text: str, highlight_from: int | None = None) -> str:
     return f"<div class='generated' style='white-space: pre-wrap; min-height: 6em'>{body or '&nbsp;'}</div>"
 
 
-@st.cache_resource(show_spinner="Tracing the tokens…", max_entries=8)
-def traced(_model: models.SparseModel, model_key: tuple, spec: SparsitySpec | None, ids: tuple[int, ...],
-           layer: int) -> report.TokenTrace:
-    """One sparse forward pass over `ids` with a Trace: shared read-only by the charts that show it."""
-    return report.trace_tokens(_model, spec, ids, layer)
+def traced(model: models.SparseModel, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int) -> report.TokenTrace:
+    """One sparse forward pass over `ids` with a Trace. Only this visitor's latest trace is kept, in their session,
+    so it is released with the session; reruns with the same inputs reuse it."""
+    key = (*model_key(model), spec, ids, layer)
+    held = st.session_state.get("trace")
+    if held is None or held[0] != key:
+        with st.spinner("Tracing the tokens…"):
+            held = (key, report.trace_tokens(model, spec, ids, layer))
+        st.session_state.trace = held
+    return held[1]

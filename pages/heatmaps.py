@@ -44,7 +44,7 @@ if len(ids) > report.MAX_TRACE_TOKENS:
         first_generated -= len(ids) - report.MAX_TRACE_TOKENS
 
 layer = st.slider("Layer for the neuron and histogram views", 0, model.num_layers - 1, model.num_layers // 2, key="heatmap_layer")
-trace = common.traced(model, common.model_key(model), spec, ids, layer)
+trace = common.traced(model, spec, ids, layer)
 labels = [repr(t)[1:-1] for t in trace.tokens]
 
 st.subheader("Skipped inputs per layer and token")

@@ -16,6 +16,9 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--model", default=models.DEFAULT_MODEL, help="embedded default, a HF hub id or a local folder")
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES))
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--layout", default="inputs", choices=models.LAYOUTS,
+                   help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection) "
+                        "or cats (up_proj keeps its rows, so CATS skips them too)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     if sparse:
         p.add_argument("--method", default="teal", choices=METHODS)
@@ -46,7 +49,7 @@ def _spec(args, model: models.SparseModel) -> SparsitySpec:
 
 def cmd_info(args, model):
     info = {"model": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype).replace("torch.", ""),
-            "layers": model.num_layers, "gated_mlp": model.gated, "group_widths": model.group_widths,
+            "layers": model.num_layers, "gated_mlp": model.gated, "layout": model.layout, "group_widths": model.group_widths,
             "sparsifiable_params": sum(sum(p.values()) for p in model.group_params),
             "total_params": sum(p.numel() for p in model.model.parameters()),
             "backend": ops.describe_backends()}
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
             return bench.run(args) or 0
-        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, layout=args.layout)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
         commands[args.command](args, model)
     except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:

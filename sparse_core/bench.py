@@ -72,16 +72,17 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            template = torch.randn(out_features, in_features, dtype=dtype, device=device)
+            # (in, out) rows, as a patched model stores them: dense and sparse read the same layout
+            template = torch.randn(in_features, out_features, dtype=dtype, device=device).t()
             copies = min(512, max(2, -(-3 * cache // (2 * template.numel() * template.element_size()))))
-            weights = [template.clone() for _ in range(copies)]
+            weights = [template.clone() for _ in range(copies)]  # clone keeps the layout
             with torch.inference_mode():
                 for sparsity in sparsities:
                     x, threshold = _sparse_input(in_features, sparsity, dtype, device)
                     turn = iter(range(1 << 62))
                     dense = lambda: F.linear(x, weights[next(turn) % copies])
                     sparse = lambda: ops.sparse_linear(x, weights[next(turn) % copies], None, threshold)
-                    _median_ms([dense, sparse], copies + 2, device)  # warm-up; builds the (in, out) copies
+                    _median_ms([dense, sparse], copies + 2, device)  # warm-up
                     dense_ms, sparse_ms = _median_ms([dense, sparse], repeats, device)
                     rows.append(dict(out_features=out_features, in_features=in_features, dtype=dtype_name,
                                      sparsity=sparsity, dense_ms=round(dense_ms, 4), sparse_ms=round(sparse_ms, 4),

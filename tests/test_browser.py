@@ -183,6 +183,7 @@ def test_two_visitors_generating_at_once_each_get_their_own_result(server, brows
             tokens = _slider(tab, "Max new tokens")
             tokens.focus()
             tokens.press("Home")
+            _settle(tab)
             for _ in range(5):
                 tokens.press("ArrowRight")
             _settle(tab)
@@ -194,13 +195,14 @@ def test_two_visitors_generating_at_once_each_get_their_own_result(server, brows
             _settle(tab)
         elapsed = time.monotonic() - started
         shown = [tab.locator(".generated").all_inner_texts()[1].strip() for tab in tabs]
-        new_tokens = int(_slider(tabs[0], "Max new tokens").input_value())
+        new_tokens = [int(_slider(tab, "Max new tokens").input_value()) for tab in tabs]  # each session's own
         tabs[0].screenshot(path=ARTIFACTS / "two_visitors_topk.png")
         tabs[1].screenshot(path=ARTIFACTS / "two_visitors_teal.png")
     finally:
         for context in contexts:
             context.close()
-    expected = [generate.generate(smollm2, PRESETS["Chat question"], spec, max_new_tokens=new_tokens).text.strip()
-                for spec in (smollm2.topk_spec(0.25), calibrate.calibrate(smollm2, "teal", 0.25))]
-    print(f"two concurrent visitors: {new_tokens} tokens each, both done in {elapsed:.1f} s")
+    specs = (smollm2.topk_spec(0.25), calibrate.calibrate(smollm2, "teal", 0.25))
+    expected = [generate.generate(smollm2, PRESETS["Chat question"], spec, max_new_tokens=n).text.strip()
+                for spec, n in zip(specs, new_tokens)]
+    print(f"two concurrent visitors: {new_tokens} new tokens, both done in {elapsed:.1f} s")
     assert shown == expected

@@ -1,13 +1,18 @@
 """Every supported family, as a tiny random model built here, through every method, against an independent
-reference: the untouched HF model with forward hooks that mask each projection's input the way the method says."""
+reference: the unpatched HF model with forward hooks that mask each projection's input the way the method says.
+
+The reference stores its block linears in the kernels' (in, out) layout, as the patched model does (one copy of
+the weights); a pristine copy in HF's own layout checks that the layout changes nothing beyond float rounding."""
 import copy
 
 import pytest
 import torch
 import transformers as T
+from torch import nn
 
-from sparse_core import models
-from sparse_core.patch import sparsity
+from kernel_reference import in_kernel_layout
+from sparse_core import kernels, models
+from sparse_core.patch import SparseLinear, sparsity
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import AbsHistogram, SparsityCounter
 
@@ -39,9 +44,9 @@ def family(request):
     torch.manual_seed(1234)
     config = CONFIGS[request.param]()
     config._attn_implementation = "eager"
-    reference = T.AutoModelForCausalLM.from_config(config).eval()
-    patched = models.wrap(copy.deepcopy(reference), tokenizer=None, name=f"tiny-{request.param}")
-    return request.param, reference, patched
+    pristine = T.AutoModelForCausalLM.from_config(config).eval()
+    patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name=f"tiny-{request.param}")
+    return request.param, in_kernel_layout(copy.deepcopy(pristine)), patched, pristine
 
 
 def _reference_hooks(reference, spec):
@@ -101,18 +106,31 @@ def _logits(model, ids, spec=None, observers=()):
 
 
 def test_zero_sparsity_is_exactly_hf(family):
-    _, reference, patched = family
+    _, reference, patched, pristine = family
     ids = torch.randint(0, VOCAB, (3, 12))
     zero = SparsitySpec.from_tables("teal", patched.dense_spec().values, patched.fingerprint)
     expected = _logits(reference, ids)
     assert torch.equal(_logits(patched.model, ids, zero), expected)
     assert torch.equal(_logits(patched.model, ids, None), expected)
+    torch.testing.assert_close(expected, _logits(pristine, ids), rtol=1e-5, atol=1e-5)  # the layout: rounding only
+
+
+def test_patched_projections_hold_one_copy_of_their_weights(family):
+    """The kernels' layout replaces HF's storage: every projection's storage is exactly its own size, and the
+    parameters add up to what the unpatched model holds."""
+    _, _, patched, pristine = family
+    projections = [m.inner for m in patched.model.modules() if isinstance(m, SparseLinear)]
+    assert projections and all(kernels.input_rows(p.weight if isinstance(p, nn.Linear) else p.weight.t())
+                               for p in projections)
+    assert all(p.weight.untyped_storage().nbytes() == p.weight.numel() * p.weight.element_size() for p in projections)
+    stored = lambda model: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    assert stored(patched.model) == stored(pristine)
 
 
 @pytest.mark.parametrize("method", ["teal", "topk", "cats"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sparse_path_matches_masked_reference(family, method, batch):
-    name, reference, patched = family
+    name, reference, patched, _ = family
     generator = torch.Generator().manual_seed(sorted(CONFIGS).index(name) * 100 + len(method) * 10 + batch)
     if method == "cats" and name not in GATED:
         with pytest.raises(ValueError, match="not gated"):
@@ -132,3 +150,28 @@ def test_sparse_path_matches_masked_reference(family, method, batch):
     # the spec really skipped something, and differs from dense
     assert 0.05 < counter.weighted(patched.skippable_params(method)) < 0.95
     assert not torch.allclose(got, _logits(reference, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_cats_layout_matches_masked_reference(method):
+    """The cats layout keeps up_proj's (out, in) rows for CATS' row kernel; TEAL then reads all of up."""
+    torch.manual_seed(99)
+    config = CONFIGS["llama"]()
+    config._attn_implementation = "eager"
+    pristine = T.AutoModelForCausalLM.from_config(config).eval()
+    patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name="tiny-llama", layout="cats")
+    reference = in_kernel_layout(pristine, layout="cats")
+    assert models.decoder_layers(patched.model)[0].mlp.up_proj.weight.is_contiguous()
+    generator = torch.Generator().manual_seed(7)
+    spec = _random_spec(patched, method, generator)
+    ids = torch.randint(0, VOCAB, (1, 14), generator=generator)
+    handles = _reference_hooks(reference, spec)
+    try:
+        expected = _logits(reference, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(_logits(patched.model, ids, spec), expected, rtol=1e-4, atol=1e-5)
+    skippable = patched.skippable_params(method)[0]
+    assert sum(skippable.values()) == sum(patched.group_params[0].values())
+    assert skippable.get("read_anyway", 0) == (0 if method == "cats" else patched.group_params[0]["mlp_in"] // 2)

@@ -3,16 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_reference import check, reference
+from kernel_reference import check, input_rows_weight, reference
 from sparse_core import ops
-from sparse_core.kernels import cpu_native, transposed
+from sparse_core.kernels import cpu_native
 
 DTYPES = (torch.float32, torch.bfloat16)
 SHAPES = [(1, 37, 53), (3, 150, 70), (1, 576, 1536), (12, 96, 33)]  # (tokens, in, out): ragged, batch 1/3, prefill
 
 def inputs(tokens, width, out, dtype, bias=True):
     x = torch.randn(tokens, width, dtype=dtype)
-    weight = torch.randn(out, width, dtype=dtype) / width ** 0.5
+    weight = input_rows_weight(out, width, dtype)
     return x, weight, torch.randn(out, dtype=dtype) if bias else None
 
 
@@ -55,14 +55,16 @@ def test_per_token_topk_threshold(tokens, dtype):
     check(y[0], reference(x, weight, bias, threshold), dtype)
 
 
-def test_transposed_copy_is_cached_and_refreshed():
-    weight = torch.randn(40, 30)
-    first = transposed(weight)
-    assert first.is_contiguous() and torch.equal(first, weight.t()) and transposed(weight) is first
-    weight.mul_(2)  # an in-place change must not leave a stale copy
-    assert torch.equal(transposed(weight), weight.t())
-    conv1d_storage = torch.randn(30, 40)  # GPT-2 Conv1D keeps (in, out): a view, no copy
-    assert transposed(conv1d_storage.t()).data_ptr() == conv1d_storage.data_ptr()
+def test_only_the_input_rows_layout_reaches_the_kernel_and_nothing_is_copied():
+    """A weight in HF's (out, in) layout runs the reference path (a kernel would need a second, transposed copy);
+    the (in, out) layout runs the kernel on the very storage it was given."""
+    x = torch.randn(1, 30)
+    hf_layout = torch.randn(40, 30)
+    assert ops.backend_for(x, hf_layout) == "reference"
+    rows = hf_layout.t().contiguous().t()
+    assert ops.backend_for(x, rows) == "CPU"
+    with torch.inference_mode():
+        check(ops.sparse_linear(x, rows, None, 0.5), reference(x, hf_layout, None, 0.5), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -71,7 +73,7 @@ def test_native_rows_linear_matches_reference(tokens, dtype):
     x, weight, bias = inputs(tokens, 130, 77, dtype)
     keep = torch.rand(tokens, 77) > 0.6
     with torch.inference_mode():
-        y = poisoned_op(lambda: ops.rows_linear(x, weight, bias, keep), (tokens, 77), dtype)
+        y = poisoned_op(lambda: ops.rows_linear(x, weight.contiguous(), bias, keep), (tokens, 77), dtype)
     check(y, F.linear(x.double(), weight.double(), bias.double()) * keep, dtype)
 
 
@@ -80,7 +82,7 @@ def test_native_rows_linear_matches_reference(tokens, dtype):
 def test_embedding_bag_fallback_matches_reference(tokens, sparsity, dtype):
     x, weight, bias = inputs(tokens, 150, 70, dtype)
     threshold = threshold_for(x, sparsity)
-    y = cpu_native._embedding_bag_sparse_linear(x, weight, transposed(weight), bias, None, threshold)
+    y = cpu_native._embedding_bag_sparse_linear(x, weight, weight.t(), bias, None, threshold)
     check(y, reference(x, weight, bias, threshold), dtype)
 
 

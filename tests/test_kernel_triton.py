@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_reference import check, reference
+from kernel_reference import check, input_rows_weight, reference
 from sparse_core import ops
-from sparse_core.kernels import transposed, triton_sparse_gemv as tg
+from sparse_core.kernels import triton_sparse_gemv as tg
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -20,7 +20,7 @@ def poisoned_empty(monkeypatch):
 
 def inputs(tokens, width, out, dtype):
     x = torch.randn(tokens, width, dtype=dtype)
-    weight = torch.randn(out, width, dtype=dtype) / width ** 0.5
+    weight = input_rows_weight(out, width, dtype)
     return x, weight, torch.randn(out, dtype=dtype)
 
 
@@ -30,7 +30,7 @@ def inputs(tokens, width, out, dtype):
 def test_sparse_gemv_matches_masked_reference(tokens, sparsity, dtype, poisoned_empty):
     x, weight, bias = inputs(tokens, 150, 90, dtype)  # ragged: neither is a multiple of the blocks
     threshold = {0.0: 0.0, 1.0: float("inf")}.get(sparsity) or float(x.abs().float().quantile(sparsity))
-    y = tg.sparse_linear(x, weight, transposed(weight), bias, None, threshold)
+    y = tg.sparse_linear(x, weight, weight.t(), bias, None, threshold)
     assert y.dtype == dtype and y.shape == (tokens, 90)
     check(y, reference(x, weight, bias, threshold), dtype)
 
@@ -39,7 +39,7 @@ def test_sparse_gemv_matches_masked_reference(tokens, sparsity, dtype, poisoned_
 def test_sparse_gemv_per_token_topk_threshold(dtype):
     x, weight, _ = inputs(3, 100, 40, dtype)
     threshold = ops.topk_threshold(x, 0.7)
-    y = tg.sparse_linear(x.unsqueeze(0), weight, transposed(weight), None, threshold.unsqueeze(0), 0.0)
+    y = tg.sparse_linear(x.unsqueeze(0), weight, weight.t(), None, threshold.unsqueeze(0), 0.0)
     assert y.shape == (1, 3, 40)
     check(y[0], reference(x, weight, None, threshold), dtype)
 
@@ -49,5 +49,5 @@ def test_sparse_gemv_per_token_topk_threshold(dtype):
 def test_rows_kernel_matches_reference(tokens, dtype, poisoned_empty):
     x, weight, bias = inputs(tokens, 100, 70, dtype)
     keep = torch.rand(tokens, 70) > 0.5
-    y = tg.rows_linear(x, weight, bias, keep)
+    y = tg.rows_linear(x, weight.contiguous(), bias, keep)  # CATS' up keeps HF's (out, in) rows
     check(y, F.linear(x.double(), weight.double(), bias.double()) * keep, dtype)

@@ -4,15 +4,15 @@ against the float64 masked reference."""
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kernel_reference import check, reference
+from kernel_reference import check, input_rows_weight, reference
 from sparse_core import ops
-from sparse_core.kernels import cpu_native, transposed, triton_sparse_gemv
+from sparse_core.kernels import cpu_native, triton_sparse_gemv
 
 BACKENDS = {
     "dispatch": lambda x, w, b, t: ops.sparse_linear(x, w, b, t),
     "cpu-native": cpu_native.backend()[2],  # builds the kernel on first use
     "triton-interpret": lambda x, w, b, t: triton_sparse_gemv.sparse_linear(
-        x, w, transposed(w), b, t if torch.is_tensor(t) else None, 0.0 if torch.is_tensor(t) else t),
+        x, w, w.t(), b, t if torch.is_tensor(t) else None, 0.0 if torch.is_tensor(t) else t),
 }
 
 
@@ -33,7 +33,7 @@ def test_every_backend_matches_the_masked_reference(case, backend):
     dtype, tokens, width, out, sparsity, per_token, with_bias, seed = case
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, width, generator=generator).to(dtype)
-    weight = (torch.randn(out, width, generator=generator) / width ** 0.5).to(dtype)
+    weight = input_rows_weight(out, width, dtype, generator)
     bias = torch.randn(out, generator=generator).to(dtype) if with_bias else None
     if per_token:
         threshold = ops.topk_threshold(x, sparsity)

@@ -1,9 +1,9 @@
 """Fast backends for `ops.sparse_linear`: one torch.library op, a native CPU kernel and a Triton GPU kernel.
 
-Both kernels read the weight as (in, out) rows, so a skipped input is a skipped contiguous row. HF keeps its own
-(out, in) weight untouched: changing that storage makes float32 dense matmuls round differently from plain HF
-(and bfloat16 ones slower), and 0 % sparsity must stay bit-identical to HF. So the (in, out) copy is made once,
-on the first sparse call, cached on the weight and rebuilt if the weight changes (docs/PERFORMANCE.md).
+Both kernels read the weight as (in, out) rows, so a skipped input is a skipped contiguous row. They take the
+weight in that layout only: a patched model stores its projections that way (models.adopt_input_rows, in place,
+one copy), and a weight in HF's (out, in) layout runs the reference path rather than being copied behind the
+caller's back (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -27,18 +27,9 @@ def _rows_linear_fake(x, weight, bias, keep):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def transposed(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in) as a contiguous (in, out) tensor: a free view when its storage already is (GPT-2 Conv1D),
-    else a copy made once and cached on the tensor object until its data or version changes."""
-    view = weight.t()  # callers run without autograd (see inference_only)
-    if view.is_contiguous():
-        return view
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)  # inference tensors have no version
-    cached = getattr(weight, "_sparse_lab_t", None)
-    if cached is None or cached[0] != key:
-        cached = (key, view.contiguous())
-        weight._sparse_lab_t = cached
-    return cached[1]
+def input_rows(weight: torch.Tensor) -> bool:
+    """True when `weight` (out, in) is a view of contiguous (in, out) rows: the layout the kernels read."""
+    return weight.dim() == 2 and weight.t().is_contiguous()
 
 
 _SPARSE_LINEAR = torch.ops.sparse_lab.sparse_linear.default  # the overload itself: skips ~4 us of resolution per call
@@ -47,8 +38,8 @@ _SPARSE_LINEAR = torch.ops.sparse_lab.sparse_linear.default  # the overload itse
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold) -> torch.Tensor:
     """The backend entry: `ops.sparse_linear`'s signature onto the op (a float threshold travels as a scalar)."""
     if isinstance(threshold, torch.Tensor):
-        return _SPARSE_LINEAR(x, weight, transposed(weight), bias, threshold, 0.0)
-    return _SPARSE_LINEAR(x, weight, transposed(weight), bias, None, float(threshold))
+        return _SPARSE_LINEAR(x, weight, weight.t(), bias, threshold, 0.0)
+    return _SPARSE_LINEAR(x, weight, weight.t(), bias, None, float(threshold))
 
 
 def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -56,11 +47,16 @@ def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
+def kernel_ready(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """What every input-sparse kernel needs: x in the weight's dtype, one it supports, the input-rows layout,
+    and no autograd."""
+    return x.dtype == weight.dtype and x.dtype in dtypes and input_rows(weight) and inference_only(x, weight)
+
+
 def triton_backend():
     """(name, accepts, fn, describe) for CUDA tensors; Triton is imported on the first CUDA call only."""
     def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and inference_only(x, weight) and triton_loaded())
+        return x.is_cuda and kernel_ready(x, weight, (torch.float16, torch.bfloat16, torch.float32)) and triton_loaded()
 
     def describe() -> str:
         if not torch.cuda.is_available():

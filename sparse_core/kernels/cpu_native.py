@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import LIBRARY, inference_only, sparse_linear
+from . import LIBRARY, kernel_ready, sparse_linear
 
 SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -61,7 +61,7 @@ def _embedding_bag_sparse_linear(x, weight, weight_t, bias, threshold, scalar_th
 
 
 def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES and inference_only(x, weight)
+    return x.device.type == "cpu" and kernel_ready(x, weight, DTYPES)
 
 
 def describe() -> str:
