@@ -19,7 +19,7 @@ METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
 METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a calibrated threshold. "
                "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
-DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", method_label="TEAL thresholds", target=0.25,
+DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", layout="inputs", method_label="TEAL thresholds", target=0.25,
                 max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
 # Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
 PRESETS = {
@@ -51,9 +51,15 @@ class Settings:
         return next(label for label, key in METHODS.items() if key == self.method)
 
 
+LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguously: TEAL and top-k skip reads in all "
+                          "seven projections; CATS skips only down's.",
+               "cats": "up_proj keeps its rows: CATS also skips the up rows of inactive neurons; TEAL and top-k then "
+                       "read all of up."}
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
-def load_model(name: str, dtype: str, trust_remote_code: bool = False) -> models.SparseModel:
-    return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code)
+def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code: bool = False) -> models.SparseModel:
+    return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code, layout=layout)
 
 
 @st.cache_resource(show_spinner=False)
@@ -70,7 +76,7 @@ def quality(_model: models.SparseModel, model_key: tuple, spec: SparsitySpec) ->
 
 
 def model_key(model: models.SparseModel) -> tuple:
-    return model.name, str(model.dtype), model.fingerprint
+    return model.name, str(model.dtype), model.layout, model.fingerprint
 
 
 def spec_for(model: models.SparseModel, method: str, target: float) -> SparsitySpec:
@@ -85,20 +91,20 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     return store[key]
 
 
-def _resolve_model(name: str, dtype: str, trust_remote_code: bool) -> models.SparseModel:
+def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool) -> models.SparseModel:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
     name = name.strip() or models.DEFAULT_MODEL
     try:
-        model = load_model(name, dtype, trust_remote_code)
+        model = load_model(name, dtype, layout, trust_remote_code)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
         message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
-        fallback = st.session_state.get("last_loaded", (models.DEFAULT_MODEL, "float32"))
-        if fallback == (name, dtype):
+        fallback = st.session_state.get("last_loaded", (models.DEFAULT_MODEL, "float32", "inputs"))
+        if fallback == (name, dtype, layout):
             st.stop()
         st.sidebar.caption(f"Still using {fallback[0]} ({fallback[1]}).")
         return load_model(*fallback)
-    st.session_state.last_loaded = (name, dtype)
+    st.session_state.last_loaded = (name, dtype, layout)
     return model
 
 
@@ -112,10 +118,13 @@ def sidebar() -> Settings:
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
+        layout = st.selectbox("Weight layout", models.LAYOUTS, key="layout",
+                              help="One copy of the weights, stored the way the kernels read it. " + " ".join(
+                                  f"{name}: {text}" for name, text in LAYOUT_HELP.items()))
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")
-        model = _resolve_model(name, dtype, trust)
+        model = _resolve_model(name, dtype, layout, trust)
         st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
 
         st.header("Sparsity")

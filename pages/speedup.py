@@ -21,6 +21,9 @@ st.title("Speedup")
 st.caption("Decoding one token at a time is limited by how fast the weights stream from memory, so skipping a share "
            "s of the weight reads can at best make it 1/(1−s) times faster: that is the **bound** drawn on every "
            f"chart. Real kernels reach part of it. Active backend: {ops.describe_backends()}.")
+if current.method == "cats" and current.model.layout == "inputs":
+    st.caption("CATS in the **inputs** weight layout skips only the down projection's reads; pick the **cats** "
+               "layout in the sidebar to skip the up rows of inactive neurons too.")
 
 st.subheader("Kernel: one linear layer at batch 1")
 shape_names = {f"{o}×{i}": (o, i) for o, i in bench.SHAPES}

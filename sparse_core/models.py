@@ -216,7 +216,18 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Could not load model {name!r} from {source!r}: {_first_line(err)}") from None
     model.to(device)
-    return wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout)
+    patched = wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout)
+    _release_file_mapping(model)
+    return patched
+
+
+def _release_file_mapping(model: nn.Module) -> None:
+    """safetensors weights arrive memory-mapped from the file. The re-stored projections already own new memory;
+    giving the remaining parameters (embeddings, norms, biases) their own copies too lets the mapping go, so the
+    process holds exactly one copy of the weights instead of the new projections plus the mapped file."""
+    for parameter in model.parameters():
+        if parameter.is_contiguous() and parameter.device.type == "cpu":  # re-stored projections are transposed views
+            parameter.data = parameter.data.clone()
 
 
 def _available_memory() -> int:

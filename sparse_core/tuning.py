@@ -148,7 +148,7 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
     """Quality against sparsity: one row per (method, allocation, target) on held-out text; cached per inputs."""
     from .report import token_cost
     text = calibration.default_text("evaluation") if text is None else text
-    key = (model.fingerprint, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
+    key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
     if key in _SWEEPS:
         return _SWEEPS[key]
     plan = [(m, a, t) for m in methods for a in allocations for t in targets]

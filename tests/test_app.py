@@ -132,6 +132,20 @@ def test_speedup_page_runs_the_benchmarks():
     assert len(at.get("plotly_chart")) == 2 and len(at.get("download_button")) == 3
 
 
+def test_the_cats_layout_is_a_second_model_that_skips_up_rows_under_cats():
+    at = _ok(_app(method_label="CATS gate"))
+    bound = lambda: float(_metric(at, "Speedup bound").lstrip("×"))
+    inputs_bound = bound()
+    at.selectbox(key="layout").set_value("cats")
+    _ok(at.run())
+    assert bound() > inputs_bound  # up's rows now count as skipped reads
+    _ok(at.switch_page("pages/speedup.py").run())
+    assert not any("inputs** weight layout" in c.value for c in at.caption)
+    at.selectbox(key="layout").set_value("inputs")
+    _ok(at.run())
+    assert any("inputs** weight layout" in c.value for c in at.caption)
+
+
 def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     at = _ok(_app())
     _ok(at.switch_page("pages/quality.py").run())

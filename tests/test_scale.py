@@ -1,0 +1,104 @@
+"""Scale: one copy of the weights, long work beside generation, cancellation, and a model split by accelerate."""
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_core import calibrate, generate, tuning
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, torch
+    from sparse_core import generate, models, ops
+
+    def resident():
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+
+    model = models.load()
+    with torch.inference_mode():  # build and load the native kernel outside the measurement
+        ops.sparse_linear(torch.randn(1, 64), torch.randn(64, 32).t(), None, 0.5)
+    generate.generate(model, "Hello", None, max_new_tokens=4)
+    before = resident()
+    generate.generate(model, "Hello", model.topk_spec(0.5), max_new_tokens=4)  # every projection's kernel runs
+    print(json.dumps(dict(
+        growth=resident() - before,
+        projection_bytes=sum(sum(p.values()) for p in model.group_params) * 4,
+        mapped_weight_files=[l.split()[-1] for l in open("/proc/self/maps") if l.rstrip().endswith(".safetensors")])))
+""")
+
+
+def test_the_process_holds_one_copy_of_the_weights():
+    """In a fresh process: the first sparse pass through every kernel allocates no second copy of any weight
+    (a cached transposed copy would add ~405 MiB here), and the safetensors file is no longer mapped beside the
+    re-stored weights."""
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    probe = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"resident growth on the first sparse pass: {probe['growth'] / 2**20:.1f} MiB "
+          f"(projections hold {probe['projection_bytes'] / 2**20:.0f} MiB)")
+    assert probe["growth"] < 0.05 * probe["projection_bytes"]
+    assert probe["mapped_weight_files"] == []
+
+
+def test_long_work_runs_beside_generation_and_can_be_cancelled(smollm2):
+    """A quality sweep (the longest job a visitor starts) runs in one thread; another visitor's generation,
+    started while it runs, finishes long before the sweep would and gets exactly what it gets alone. Then the
+    sweep is cancelled and stops at its next step, caching nothing."""
+    spec = calibrate.calibrate(smollm2, "teal", 0.25)
+    prompt = generate.encode_prompt(smollm2, "Name three rivers in Europe.")
+    started = time.perf_counter()
+    alone = generate.generate(smollm2, prompt, spec, max_new_tokens=8, stop_at_eos=False)
+    alone_s = time.perf_counter() - started
+
+    targets = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55]
+    steps, running, cancel, outcome = [], threading.Event(), threading.Event(), {}
+
+    def progress(done, total):
+        steps.append(done)
+        running.set()
+
+    def long_work():
+        try:
+            outcome["frame"] = tuning.sweep(smollm2, ["teal"], targets, max_tokens=384, progress=progress, cancel=cancel)
+        except tuning.Cancelled:
+            outcome["cancelled"] = True
+
+    worker = threading.Thread(target=long_work)
+    worker.start()
+    assert running.wait(timeout=300), "the sweep never reported progress"
+    started = time.perf_counter()
+    beside = generate.generate(smollm2, prompt, spec, max_new_tokens=8, stop_at_eos=False)
+    beside_s = time.perf_counter() - started
+    sweep_still_running = worker.is_alive()
+    cancel.set()
+    worker.join(timeout=300)
+    print(f"8 tokens alone {alone_s:.2f} s, beside a running sweep {beside_s:.2f} s ({beside_s / alone_s:.1f}x); "
+          f"the sweep stopped after {len(steps)} of {len(targets)} steps")
+    assert beside.text == alone.text and [t.id for t in beside.tokens] == [t.id for t in alone.tokens]
+    assert sweep_still_running and not worker.is_alive()
+    assert outcome == {"cancelled": True} and len(steps) < len(targets)
+    assert not any(len(frame) != len(targets) for frame in tuning._SWEEPS.values())  # no half sweep cached
+
+
+def test_a_progress_callback_that_raises_stops_calibration_and_leaves_no_cache(smollm2):
+    """How the app stops work (Streamlit raises from the next progress update when the visitor moves on): the
+    error propagates out of calibration, nothing is cached, and the next call calibrates from scratch."""
+    text = "A short text of our own, so that no cached calibration exists for it. " * 20
+
+    def stop(done, total):
+        raise tuning.Cancelled("Cancelled.")
+
+    path = calibrate.calibration_cache_path(smollm2, "teal", [[0.33] * 4] * smollm2.num_layers, text, 1)
+    path.unlink(missing_ok=True)  # left by an earlier run of this test
+    with pytest.raises(tuning.Cancelled):
+        calibrate.calibrate(smollm2, "teal", 0.33, text=text, progress=stop)
+    assert not path.exists()
+    spec = calibrate.calibrate(smollm2, "teal", 0.33, text=text)
+    assert path.exists() and spec.method == "teal"
