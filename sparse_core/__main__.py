@@ -19,6 +19,8 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--layout", default="inputs", choices=models.LAYOUTS,
                    help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection) "
                         "or cats (up_proj keeps its rows, so CATS skips them too)")
+    p.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
+                   help="split a model too big for one device over GPUs, CPU memory and disk (accelerate)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     if sparse:
         p.add_argument("--method", default="teal", choices=METHODS)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
             return bench.run(args) or 0
-        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, layout=args.layout)
+        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, layout=args.layout,
+                            device_map=args.device_map)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
         commands[args.command](args, model)
     except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:

@@ -76,7 +76,9 @@ class SparseModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (the CPU when accelerate offloaded it)."""
+        weight = self.model.get_input_embeddings().weight
+        return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
     @property
     def context_length(self) -> int:
@@ -180,7 +182,8 @@ def fingerprint_of(model: nn.Module, name: str) -> str:
     shape = {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
     embed = model.get_input_embeddings().weight
-    digest.update(embed.detach().flatten()[:8192].float().cpu().numpy().tobytes())
+    if embed.device.type != "meta":  # accelerate may have offloaded it to disk
+        digest.update(embed.detach().flatten()[:8192].float().cpu().numpy().tobytes())
     short = Path(name).name or name
     return f"{short}-{digest.hexdigest()[:12]}"
 
@@ -195,8 +198,12 @@ def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs")
 
 # ---- loading -----------------------------------------------------------------------------------------
 def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
-         trust_remote_code: bool = False, layout: str = "inputs") -> SparseModel:
-    """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only)."""
+         trust_remote_code: bool = False, layout: str = "inputs", device_map: str | dict | None = None) -> SparseModel:
+    """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only).
+
+    `device_map` ("auto", or accelerate's {module: device} dict) splits a model too big for one device over the
+    GPUs, CPU memory and disk (offloaded to the cache); `device` is then ignored and the memory check is
+    accelerate's. The patched linears follow their weights wherever accelerate puts them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -207,15 +214,19 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
         source = str(default_model_dir())
     else:
         source = _resolve(name, ["*.json"])  # the config first: refuse a model that cannot fit before downloading it
-        check_fits(source, dtype, trust_remote_code)
+        if device_map is None:
+            check_fits(source, dtype, trust_remote_code)
         source = source if Path(name).expanduser().is_dir() else _resolve(name, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        placement = {} if device_map is None else dict(
+            device_map=device_map, offload_folder=str(cache_dir() / "offload" / hashlib.sha256(source.encode()).hexdigest()[:16]))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Could not load model {name!r} from {source!r}: {_first_line(err)}") from None
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     patched = wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout)
     _release_file_mapping(model)
     return patched

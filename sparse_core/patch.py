@@ -87,7 +87,17 @@ class SparseLinear(nn.Module):
             call.observe(self.layer, self.group, x.abs(), threshold)
         if isinstance(threshold, float) and threshold == 0.0:
             return self.inner(x)  # nothing to skip: exact zeros contribute nothing; stays bit-identical to HF
-        return ops.sparse_linear(x, self.weight, self.bias, threshold)
+        return self.run(ops.sparse_linear, x, threshold)
+
+    def run(self, op, x: torch.Tensor, *args) -> torch.Tensor:
+        """op(x, weight, bias, *args) on this linear's weights. When accelerate placed or offloaded the linear
+        (device_map), its hook brings the weights (and x) onto the execution device around the call, exactly as
+        around the linear's own forward."""
+        hook = getattr(self.inner, "_hf_hook", None)
+        if hook is None:
+            return op(x, self.weight, self.bias, *args)
+        (x,), _ = hook.pre_forward(self.inner, x)
+        return hook.post_forward(self.inner, op(x, self.weight, self.bias, *args))
 
 
 class SparseGatedMLP(nn.Module):
@@ -108,6 +118,6 @@ class SparseGatedMLP(nn.Module):
         score = active.abs()
         call.observe(self.layer, "mlp_mid", score, threshold)
         keep = ops.keep_mask(score, threshold)
-        up = ops.rows_linear(x, self.up_proj.weight, self.up_proj.bias, keep)
+        up = self.up_proj.run(ops.rows_linear, x, keep)
         hidden = active * up  # zero wherever keep is False
-        return ops.sparse_linear(hidden, self.down_proj.weight, self.down_proj.bias, 0.0)
+        return self.down_proj.run(ops.sparse_linear, hidden, 0.0)

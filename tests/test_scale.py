@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_core import calibrate, generate, tuning
+from sparse_core import calibrate, generate, models, tuning
+from sparse_core.patch import sparsity
+from sparse_core.trace import SparsityCounter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +104,37 @@ def test_a_progress_callback_that_raises_stops_calibration_and_leaves_no_cache(s
     assert not path.exists()
     spec = calibrate.calibrate(smollm2, "teal", 0.33, text=text)
     assert path.exists() and spec.method == "teal"
+
+
+def test_a_model_split_by_accelerate_over_memory_and_disk_runs_every_method(smollm2, tmp_path):
+    """A tiny Llama (with SmolLM2's tokenizer) loaded whole and with accelerate's device_map putting half of its
+    blocks on disk: every method gives the whole model's logits, the offloaded linears run the sparse path on
+    weights their hook brings in for the call, and generation works end to end."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(5)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(smollm2.tokenizer), max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
+                 "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    whole = models.load(str(tmp_path))
+    split = models.load(str(tmp_path), device_map=placement)
+    offloaded = models.decoder_layers(split.model)[3].self_attn.q_proj.weight
+    assert split.model.hf_device_map["model.layers.3"] == "disk" and offloaded.device.type == "meta"
+    assert split.fingerprint == whole.fingerprint
+
+    ids = torch.tensor([generate.encode_prompt(whole, "Tell me about the sea.").ids])
+    for spec in (None, whole.topk_spec(0.5), calibrate.calibrate(whole, "teal", 0.5), calibrate.calibrate(whole, "cats", 0.5)):
+        counter = SparsityCounter()
+        with torch.inference_mode(), sparsity(spec):
+            expected = whole.model(ids).logits
+        with torch.inference_mode(), sparsity(spec, [counter]):
+            got = split.model(ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        if spec is not None:  # the offloaded blocks did skip inputs
+            assert counter.fraction(3, "mlp_mid") > 0.2
+    alone = generate.generate(whole, "Tell me about the sea.", whole.topk_spec(0.5), max_new_tokens=6, stop_at_eos=False)
+    assert generate.generate(split, "Tell me about the sea.", whole.topk_spec(0.5), max_new_tokens=6,
+                             stop_at_eos=False).text == alone.text
