@@ -32,6 +32,7 @@ PRESETS = {
     "A story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
 LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
+MAX_SHARED_SPECS = 256  # calibrated specs kept in memory for all visitors (each is a few KB)
 QUALITY_TOKENS = 256  # held-out tokens the quality cost is measured on: enough to rank settings, a few seconds
 
 
@@ -86,8 +87,11 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     if key not in store:
         label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
         bar = st.progress(0.0, text=label)
-        store[key] = calibrate.calibrate(model, method, target, progress=lambda done, total: bar.progress(done / total, text=label))
+        spec = calibrate.calibrate(model, method, target, progress=lambda done, total: bar.progress(done / total, text=label))
         bar.empty()
+        if len(store) >= MAX_SHARED_SPECS:
+            store.pop(next(iter(store)))  # the oldest; it is on disk and comes back in milliseconds
+        store[key] = spec
     return store[key]
 
 

@@ -121,8 +121,7 @@ class SparseModel:
 def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
     """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once,
     and store its weights in the kernels' layout (replacing HF's storage, never beside it)."""
-    if layout not in LAYOUTS:
-        raise ModelLoadError(f"Unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    _check_layout(layout)
     layers = decoder_layers(model)
     gated_all, params, widths = True, [], {}
     for index, block in enumerate(layers):
@@ -151,6 +150,11 @@ def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tu
         gated_all &= gated
         params.append(found)
     return len(layers), gated_all, tuple(params), widths
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ModelLoadError(f"Unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
 
 
 def adopt_input_rows(linear: nn.Module) -> None:
@@ -210,6 +214,7 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     hf_logging.disable_progress_bar()  # per-tensor bars are noise in a CLI and a server log
     if dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    _check_layout(layout)
     if name in (DEFAULT_MODEL, "default"):
         source = str(default_model_dir())
     else:

@@ -140,6 +140,7 @@ class SweepPoint:
 
 
 _SWEEPS: dict[tuple, pd.DataFrame] = {}
+MAX_CACHED_SWEEPS = 16  # sweeps are small tables, but visitors can ask for many; the oldest goes first
 
 
 def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
@@ -164,7 +165,7 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
         if progress:
             progress(done + 1, len(plan))
     frame = pd.DataFrame([dataclasses.asdict(r) for r in rows])
-    if len(_SWEEPS) >= 16:
+    if len(_SWEEPS) >= MAX_CACHED_SWEEPS:
         _SWEEPS.pop(next(iter(_SWEEPS)))
     _SWEEPS[key] = frame
     return frame

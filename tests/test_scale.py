@@ -72,6 +72,7 @@ def test_long_work_runs_beside_generation_and_can_be_cancelled(smollm2):
         except tuning.Cancelled:
             outcome["cancelled"] = True
 
+    cached_before = set(tuning._SWEEPS)
     worker = threading.Thread(target=long_work)
     worker.start()
     assert running.wait(timeout=300), "the sweep never reported progress"
@@ -86,7 +87,18 @@ def test_long_work_runs_beside_generation_and_can_be_cancelled(smollm2):
     assert beside.text == alone.text and [t.id for t in beside.tokens] == [t.id for t in alone.tokens]
     assert sweep_still_running and not worker.is_alive()
     assert outcome == {"cancelled": True} and len(steps) < len(targets)
-    assert not any(len(frame) != len(targets) for frame in tuning._SWEEPS.values())  # no half sweep cached
+    assert set(tuning._SWEEPS) == cached_before  # no half sweep cached
+
+
+def test_sweep_results_are_cached_up_to_a_limit(smollm2):
+    """Asking again returns the cached table; many different sweeps keep only the newest MAX_CACHED_SWEEPS."""
+    run = lambda target: tuning.sweep(smollm2, ["topk"], [target], max_tokens=16)
+    first = run(0.1)
+    assert run(0.1) is first
+    for step in range(tuning.MAX_CACHED_SWEEPS + 2):
+        run(0.2 + step / 100)
+        assert len(tuning._SWEEPS) <= tuning.MAX_CACHED_SWEEPS
+    assert run(0.1) is not first  # the oldest was dropped and is computed again
 
 
 def test_a_progress_callback_that_raises_stops_calibration_and_leaves_no_cache(smollm2):
