@@ -58,7 +58,7 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)  # the Speedup page adds a plain-HF baseline
 def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code: bool = False) -> models.SparseModel:
     return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code, layout=layout)
 
@@ -122,7 +122,7 @@ def sidebar() -> Settings:
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
-        layout = st.selectbox("Weight layout", models.LAYOUTS, key="layout",
+        layout = st.selectbox("Weight layout", list(LAYOUT_HELP), key="layout",
                               help="One copy of the weights, stored the way the kernels read it. " + " ".join(
                                   f"{name}: {text}" for name, text in LAYOUT_HELP.items()))
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",

@@ -17,8 +17,9 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES))
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--layout", default="inputs", choices=models.LAYOUTS,
-                   help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection) "
-                        "or cats (up_proj keeps its rows, so CATS skips them too)")
+                   help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection), "
+                        "cats (up_proj keeps its rows, so CATS skips them too) or hf (HF's own storage: bit-identical "
+                        "to plain HF, no kernels)")
     p.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
                    help="split a model too big for one device over GPUs, CPU memory and disk (accelerate)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

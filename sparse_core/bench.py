@@ -72,16 +72,18 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            # (in, out) rows, as a patched model stores them: dense and sparse read the same layout
-            template = torch.randn(in_features, out_features, dtype=dtype, device=device).t()
+            # Dense reads HF's (out, in) layout, what a plain model runs; sparse reads the (in, out) rows a patched
+            # model stores. The baseline is never our own layout, on which bfloat16 dense is slower on CPU.
+            template = torch.randn(out_features, in_features, dtype=dtype, device=device)
             copies = min(512, max(2, -(-3 * cache // (2 * template.numel() * template.element_size()))))
-            weights = [template.clone() for _ in range(copies)]  # clone keeps the layout
+            plain = [template.clone() for _ in range(copies)]
+            rows_layout = [template.t().contiguous().t() for _ in range(copies)]
             with torch.inference_mode():
                 for sparsity in sparsities:
                     x, threshold = _sparse_input(in_features, sparsity, dtype, device)
                     turn = iter(range(1 << 62))
-                    dense = lambda: F.linear(x, weights[next(turn) % copies])
-                    sparse = lambda: ops.sparse_linear(x, weights[next(turn) % copies], None, threshold)
+                    dense = lambda: F.linear(x, plain[next(turn) % copies])
+                    sparse = lambda: ops.sparse_linear(x, rows_layout[next(turn) % copies], None, threshold)
                     _median_ms([dense, sparse], copies + 2, device)  # warm-up
                     dense_ms, sparse_ms = _median_ms([dense, sparse], repeats, device)
                     rows.append(dict(out_features=out_features, in_features=in_features, dtype=dtype_name,
@@ -89,7 +91,7 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                                      speedup=round(dense_ms / sparse_ms, 3), bound=round(1.0 / (1.0 - sparsity), 3)))
                     if progress:
                         progress(len(rows), total)
-            del weights, template
+            del plain, rows_layout, template
     return rows
 
 
@@ -109,15 +111,18 @@ def model_bytes(model) -> tuple[int, int]:
 
 
 def decode_result(sparsity: float = 0.5, new_tokens: int = 64, dtype: str = "float32", repeats: int = 3,
-                  model=None, progress: Progress | None = None) -> dict:
-    """Greedy decode tokens/s of the default model, dense (plain HF path) vs TEAL at `sparsity`, same prompt."""
+                  model=None, baseline=None, progress: Progress | None = None) -> dict:
+    """Greedy decode tokens/s, dense vs TEAL at `sparsity`, same prompt: the default model unless given. Dense
+    runs on `baseline` (default: the same model in HF's own layout, loaded for the run) so the speedup is over
+    plain HF; on this CPU bfloat16 dense is slower on the kernels' layout, which would flatter the ratio."""
     from . import calibrate, generate, models
     from .trace import SparsityCounter
 
     model = model or models.load(dtype=dtype)
+    baseline = baseline or models.load(model.name, dtype=str(model.dtype).replace("torch.", ""), layout="hf")
     spec = calibrate.calibrate(model, "teal", sparsity)
     prompt = generate.encode_prompt(model, PROMPT)
-    run = lambda s, n: generate.generate(model, prompt, s, max_new_tokens=n, stop_at_eos=False)
+    run = lambda s, n: generate.generate(model if s else baseline, prompt, s, max_new_tokens=n, stop_at_eos=False)
     counter = SparsityCounter()  # measured in its own untimed run: observers cost time
     with torch.inference_mode():
         list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens, observers=[counter], stop_at_eos=False))

@@ -27,7 +27,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #   inputs: every projection as (in, out) rows, so TEAL and top-k skip reads in all seven; CATS skips down's rows.
 #   cats:   the same, except up_proj keeps HF's (out, in) rows, so CATS also skips up's rows of inactive neurons
 #           and TEAL/top-k read all of up (its input sparsity saves nothing there).
-LAYOUTS = ("inputs", "cats")
+#   hf:     HF's own (out, in) storage, untouched: bit-identical to a freshly loaded model, and every sparse call
+#           runs the reference path (no kernel, no speedup). The benchmarks' dense baseline.
+LAYOUTS = ("inputs", "cats", "hf")
 
 # Projection name inside a decoder block -> the group whose input it reads.
 _LEAF_GROUP = {
@@ -136,7 +138,7 @@ def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tu
             parent = block.get_submodule(parent_name) if parent_name else block
             wrapped = SparseLinear(module, index, group, records=group not in found)
             setattr(parent, leaf, wrapped)
-            if not (layout == "cats" and leaf == "up_proj"):
+            if layout == "inputs" or (layout == "cats" and leaf != "up_proj"):
                 adopt_input_rows(module)
             found[group] = found.get(group, 0) + wrapped.weight.numel()
             widths[group] = wrapped.weight.shape[1]

@@ -32,5 +32,5 @@ def in_kernel_layout(model, layout="inputs"):
     for block in models.decoder_layers(model):
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear) and not (layout == "cats" and name.endswith("up_proj")):
-                module.weight.data = module.weight.data.t().contiguous().t()
+                models.adopt_input_rows(module)
     return model

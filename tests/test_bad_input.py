@@ -51,7 +51,7 @@ CASES = [
     ("misspelt method", lambda m, g: calibrate.calibrate(m, "cat", 0.5), "Unknown sparsity method 'cat'; choose one of teal, cats, topk, dense."),
     ("empty calibration text", lambda m, g: calibrate.calibrate(m, "teal", 0.3, text="   "), "The text is empty; give some text to calibrate or evaluate on."),
     ("unknown dtype", lambda m, g: models.load(dtype="float8"), "Unknown dtype 'float8'; choose one of float32, bfloat16, float16."),
-    ("unknown weight layout", lambda m, g: models.load(layout="rows"), "Unknown weight layout 'rows'; choose one of inputs, cats."),
+    ("unknown weight layout", lambda m, g: models.load(layout="rows"), "Unknown weight layout 'rows'; choose one of inputs, cats, hf."),
 ]
 
 

@@ -11,7 +11,7 @@ import transformers as T
 from torch import nn
 
 from kernel_reference import in_kernel_layout
-from sparse_core import kernels, models
+from sparse_core import kernels, models, ops
 from sparse_core.patch import SparseLinear, sparsity
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import AbsHistogram, SparsityCounter
@@ -113,6 +113,18 @@ def test_zero_sparsity_is_exactly_hf(family):
     assert torch.equal(_logits(patched.model, ids, zero), expected)
     assert torch.equal(_logits(patched.model, ids, None), expected)
     torch.testing.assert_close(expected, _logits(pristine, ids), rtol=1e-5, atol=1e-5)  # the layout: rounding only
+
+
+def test_the_hf_layout_is_bit_identical_to_a_fresh_model_at_zero_sparsity(family):
+    """layout="hf" keeps HF's storage: exactly the pristine model; its nn.Linear projections take the reference
+    path (GPT-2's Conv1D already stores the kernels' layout)."""
+    name, _, _, pristine = family
+    plain = models.wrap(copy.deepcopy(pristine), tokenizer=None, name=f"tiny-{name}", layout="hf")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    zero = SparsitySpec.from_tables("teal", plain.dense_spec().values, plain.fingerprint)
+    assert torch.equal(_logits(plain.model, ids, zero), _logits(pristine, ids))
+    linears = [m for m in plain.model.modules() if isinstance(m, SparseLinear) and isinstance(m.inner, nn.Linear)]
+    assert all(ops.backend_for(torch.randn(1, m.weight.shape[1]), m.weight) == "reference" for m in linears)
 
 
 def test_patched_projections_hold_one_copy_of_their_weights(family):
