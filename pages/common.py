@@ -58,7 +58,7 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)  # the Speedup page adds a plain-HF baseline
+@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
 def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code: bool = False) -> models.SparseModel:
     return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code, layout=layout)
 

@@ -68,6 +68,13 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return reference_sparse_linear(x, weight, bias, threshold)
 
 
+def gathers_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a dense product runs faster through the CPU kernel with nothing skipped than through F.linear:
+    bfloat16 on the kernels' (in, out) layout, where F.linear is ~2x slower than the kernel on CPUs without bf16
+    instructions (docs/PERFORMANCE.md). A patched model's dense path and the kernel benchmark's baseline use it."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and backend_for(x, weight) == "CPU"
+
+
 def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias) * keep
 

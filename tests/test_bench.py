@@ -4,7 +4,7 @@ import json
 from sparse_core import bench
 from sparse_core.__main__ import main
 
-KEYS = {"out_features", "in_features", "dtype", "sparsity", "dense_ms", "sparse_ms", "speedup", "bound"}
+KEYS = {"out_features", "in_features", "dtype", "sparsity", "hf_dense_ms", "dense_ms", "sparse_ms", "speedup", "bound"}
 
 
 def test_kernel_rows_report_every_setting_with_progress():
