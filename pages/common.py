@@ -17,7 +17,8 @@ from sparse_core.spec import SparsitySpec, SpecError
 
 METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
 METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a calibrated threshold. "
-               "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights). "
+               "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights in down, and in "
+               "up too with the cats weight layout). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
 DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", layout="inputs", method_label="TEAL thresholds", target=0.25,
                 max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
@@ -90,9 +91,10 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
         spec = calibrate.calibrate(model, method, target, progress=lambda done, total: bar.progress(done / total, text=label))
         bar.empty()
         if len(store) >= MAX_SHARED_SPECS:
-            store.pop(next(iter(store)))  # the oldest; it is on disk and comes back in milliseconds
+            store.pop(next(iter(store), None), None)  # the oldest (on disk: back in milliseconds); races are harmless
         store[key] = spec
-    return store[key]
+        return spec
+    return store.get(key) or spec_for(model, method, target)  # evicted by another visitor meanwhile: recalibrate
 
 
 def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool) -> models.SparseModel:
@@ -123,8 +125,9 @@ def sidebar() -> Settings:
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
         layout = st.selectbox("Weight layout", list(LAYOUT_HELP), key="layout",
-                              help="One copy of the weights, stored the way the kernels read it. " + " ".join(
-                                  f"{name}: {text}" for name, text in LAYOUT_HELP.items()))
+                              help="How the model's one copy of the weights is stored for the kernels; each layout "
+                                   "in use is its own model in memory, shared by all visitors. " + " ".join(
+                                  f"{choice}: {text}" for choice, text in LAYOUT_HELP.items()))
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")

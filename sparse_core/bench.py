@@ -115,8 +115,8 @@ def model_bytes(model) -> tuple[int, int]:
 
 def decode_result(sparsity: float = 0.5, new_tokens: int = 64, dtype: str = "float32", repeats: int = 3,
                   model=None, progress: Progress | None = None) -> dict:
-    """Greedy decode tokens/s of the default model, dense (the model's dense path, at least as fast as plain HF)
-    vs TEAL at `sparsity`, same prompt."""
+    """Greedy decode tokens/s of the default model, dense (the model's own dense path, see SparseLinear.dense) vs
+    TEAL at `sparsity`, same prompt."""
     from . import calibrate, generate, models
     from .trace import SparsityCounter
 

@@ -27,8 +27,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #   inputs: every projection as (in, out) rows, so TEAL and top-k skip reads in all seven; CATS skips down's rows.
 #   cats:   the same, except up_proj keeps HF's (out, in) rows, so CATS also skips up's rows of inactive neurons
 #           and TEAL/top-k read all of up (its input sparsity saves nothing there).
-#   hf:     HF's own (out, in) storage, untouched: bit-identical to a freshly loaded model, and every sparse call
-#           runs the reference path (no kernel, no speedup). The benchmarks' dense baseline.
+#   hf:     HF's own storage, untouched, and no kernels: every call runs HF's forward or the reference ops, so
+#           0 % is bit-identical to a freshly loaded model (and nothing is faster).
 LAYOUTS = ("inputs", "cats", "hf")
 
 # Projection name inside a decoder block -> the group whose input it reads.
@@ -136,10 +136,8 @@ def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tu
             if group is None or not hasattr(module, "weight") or isinstance(module, SparseLinear):
                 continue
             parent = block.get_submodule(parent_name) if parent_name else block
-            wrapped = SparseLinear(module, index, group, records=group not in found)
+            wrapped = SparseLinear(module, index, group, records=group not in found, kernels=layout != "hf")
             setattr(parent, leaf, wrapped)
-            if layout == "inputs" or (layout == "cats" and leaf != "up_proj"):
-                adopt_input_rows(module)
             found[group] = found.get(group, 0) + wrapped.weight.numel()
             widths[group] = wrapped.weight.shape[1]
         missing = [g for g in GROUPS if g not in found]
@@ -147,6 +145,10 @@ def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tu
             raise ModelLoadError(f"This model family ({type(model).__name__}) is not supported: block {index} has no projection for {', '.join(missing)}.")
         mlp = getattr(block, "mlp", None)
         gated = mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        keeps_rows = mlp.up_proj if gated and layout == "cats" else None  # CATS reads up's (out, in) rows
+        for linear in block.modules():
+            if isinstance(linear, SparseLinear) and layout != "hf" and linear is not keeps_rows:
+                adopt_input_rows(linear.inner)
         if gated:
             block.mlp = SparseGatedMLP(mlp, index)
         gated_all &= gated

@@ -70,9 +70,10 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def gathers_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a dense product runs faster through the CPU kernel with nothing skipped than through F.linear:
-    bfloat16 on the kernels' (in, out) layout, where F.linear is ~2x slower than the kernel on CPUs without bf16
-    instructions (docs/PERFORMANCE.md). A patched model's dense path and the kernel benchmark's baseline use it."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and backend_for(x, weight) == "CPU"
+    bfloat16 on the kernels' (in, out) layout, where oneDNN's bf16 F.linear is 1.5-2x slower than the kernel on
+    this machine's CPU (docs/PERFORMANCE.md). A patched model's dense path and the kernel benchmark's baseline use it."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and backend_for(x, weight) == "CPU"
+            and cpu_native.native() is None)  # the embedding_bag fallback is no faster dense product
 
 
 def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:

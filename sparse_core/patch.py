@@ -62,11 +62,12 @@ def sparsity(spec: SparsitySpec | None, observers: tuple[Observer, ...] | list[O
 
 
 class SparseLinear(nn.Module):
-    """Wraps an nn.Linear (or GPT-2's transposed Conv1D) and routes it through `ops.sparse_linear`."""
+    """Wraps an nn.Linear (or GPT-2's transposed Conv1D) and routes it through `ops.sparse_linear`; with
+    `kernels=False` (the "hf" layout) every call stays on HF's forward or the reference ops."""
 
-    def __init__(self, inner: nn.Module, layer: int, group: str, records: bool):
+    def __init__(self, inner: nn.Module, layer: int, group: str, records: bool, kernels: bool = True):
         super().__init__()
-        self.inner, self.layer, self.group, self.records = inner, layer, group, records
+        self.inner, self.layer, self.group, self.records, self.kernels = inner, layer, group, records, kernels
         self.transposed = not isinstance(inner, nn.Linear)  # Conv1D stores weight as (in, out)
 
     @property
@@ -87,14 +88,20 @@ class SparseLinear(nn.Module):
             call.observe(self.layer, self.group, x.abs(), threshold)
         if isinstance(threshold, float) and threshold == 0.0:
             return self.dense(x)  # nothing to skip: exact zeros contribute nothing
-        return self.run(ops.sparse_linear, x, threshold)
+        return self.skip_inputs(x, threshold)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """HF's own forward (float32: bit-identical to HF on this storage), except where the kernel with nothing
         skipped is the faster dense product (bfloat16 on the CPU)."""
-        if ops.gathers_dense(x, self.weight):
+        if self.kernels and ops.gathers_dense(x, self.weight):
             return self.run(ops.sparse_linear, x, 0.0)
         return self.inner(x)
+
+    def skip_inputs(self, x: torch.Tensor, threshold: ops.Threshold) -> torch.Tensor:
+        return self.run(ops.sparse_linear if self.kernels else ops.reference_sparse_linear, x, threshold)
+
+    def keep_rows(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.run(ops.rows_linear if self.kernels else ops.reference_rows_linear, x, keep)
 
     def run(self, op, x: torch.Tensor, *args) -> torch.Tensor:
         """op(x, weight, bias, *args) on this linear's weights. When accelerate placed or offloaded the linear
@@ -125,6 +132,6 @@ class SparseGatedMLP(nn.Module):
         score = active.abs()
         call.observe(self.layer, "mlp_mid", score, threshold)
         keep = ops.keep_mask(score, threshold)
-        up = self.up_proj.run(ops.rows_linear, x, keep)
+        up = self.up_proj.keep_rows(x, keep)
         hidden = active * up  # zero wherever keep is False
-        return self.down_proj.run(ops.sparse_linear, hidden, 0.0)
+        return self.down_proj.skip_inputs(hidden, 0.0)

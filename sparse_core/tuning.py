@@ -55,7 +55,7 @@ def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], id
     """For each target, the [layer][group] sparsity table greedy allocation reaches.
 
     Every block reaches the target itself (weighted by the weight elements each group's sparsity skips), so the
-    model-wide sparsity is the target too; inside a block the group whose next `step` raises the block's output
+    model-wide sparsity of those elements is the target too; inside a block the group whose next `step` raises the block's output
     error least per element saved goes first. One greedy walk serves all targets: at each target the walk is
     snapshotted, the last step shortened to land on it exactly. `histogram` maps a group's sparsity to its
     threshold (dense quantiles); None for top-k, whose spec values are sparsities.
@@ -150,8 +150,9 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
     from .report import token_cost
     text = calibration.default_text("evaluation") if text is None else text
     key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
-    if key in _SWEEPS:
-        return _SWEEPS[key]
+    cached = _SWEEPS.get(key)
+    if cached is not None:
+        return cached
     plan = [(m, a, t) for m in methods for a in allocations for t in targets]
     greedy = {m: greedy_specs(model, m, targets, cancel=cancel) for m in methods if "greedy" in allocations}
     rows = []
@@ -166,6 +167,6 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
             progress(done + 1, len(plan))
     frame = pd.DataFrame([dataclasses.asdict(r) for r in rows])
     if len(_SWEEPS) >= MAX_CACHED_SWEEPS:
-        _SWEEPS.pop(next(iter(_SWEEPS)))
+        _SWEEPS.pop(next(iter(_SWEEPS), None), None)  # two sessions evicting at once must not raise
     _SWEEPS[key] = frame
     return frame

@@ -77,8 +77,8 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& weight, const at:
     if (live) idx.push_back(i);
   }
   const int64_t n = static_cast<int64_t>(idx.size());
-  // float32 only: at::linear on the (in, out) layout is as fast as HF's, while bfloat16's is ~1.5x slower than HF's
-  // on CPUs without bf16 instructions, and slower than gathering every row here.
+  // float32 only: at::linear on the (in, out) layout is as fast as on HF's, while oneDNN's bfloat16 one is 1.5-2x
+  // slower than on HF's here, and slower than gathering every row (docs/PERFORMANCE.md).
   if (std::is_same_v<W, float> && tokens == 1 && n > static_cast<int64_t>(kMaxActiveFractionOneToken * in)) {
     if (kept == tokens * in) return at::linear(x2, weight, bias);  // nothing masked: skip building a copy
     at::Tensor xm = at::empty_like(x2);
