@@ -83,8 +83,7 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                     x, threshold = _sparse_input(in_features, sparsity, dtype, device)
                     turn = iter(range(1 << 62))
                     hf = lambda: F.linear(x, plain[next(turn) % copies])
-                    dense = lambda: (ops.sparse_linear(x, w, None, 0.0) if ops.gathers_dense(x, w := stored[next(turn) % copies])
-                                     else F.linear(x, w))
+                    dense = lambda: ops.dense_linear(x, stored[next(turn) % copies], None)
                     sparse = lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, threshold)
                     _median_ms([hf, dense, sparse], copies + 2, device)  # warm-up
                     hf_ms, dense_ms, sparse_ms = _median_ms([hf, dense, sparse], repeats, device)

@@ -41,12 +41,17 @@ _GROUP_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "c_a
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def family(request):
-    torch.manual_seed(1234)
-    config = CONFIGS[request.param]()
-    config._attn_implementation = "eager"
-    pristine = T.AutoModelForCausalLM.from_config(config).eval()
+    pristine = _tiny(request.param, seed=1234)
     patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name=f"tiny-{request.param}")
     return request.param, in_kernel_layout(copy.deepcopy(pristine)), patched, pristine
+
+
+def _tiny(name, seed):
+    """A tiny random model of the family, eager attention, seeded."""
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    config._attn_implementation = "eager"
+    return T.AutoModelForCausalLM.from_config(config).eval()
 
 
 def _reference_hooks(reference, spec):
@@ -90,6 +95,16 @@ def _random_spec(patched, method, generator):
         return SparsitySpec.from_tables("topk", targets, patched.fingerprint)
     values = [[histogram.quantile(l, g, t) for g, t in zip(GROUPS, row)] for l, row in enumerate(targets)]
     return SparsitySpec.from_tables(method, values, patched.fingerprint)
+
+
+def _masked_reference_logits(reference, spec, ids):
+    """The oracle: the unpatched model's logits with each projection's input masked by forward hooks."""
+    handles = _reference_hooks(reference, spec)
+    try:
+        return _logits(reference, ids)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _logits(model, ids, spec=None, observers=()):
@@ -158,12 +173,7 @@ def test_sparse_path_matches_masked_reference(family, method, batch):
         return
     spec = _random_spec(patched, method, generator)
     ids = torch.randint(0, VOCAB, (batch, 14), generator=generator)
-    handles = _reference_hooks(reference, spec)
-    try:
-        expected = _logits(reference, ids)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = _masked_reference_logits(reference, spec, ids)
     counter = SparsityCounter()
     got = _logits(patched.model, ids, spec, [counter])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -175,22 +185,14 @@ def test_sparse_path_matches_masked_reference(family, method, batch):
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_cats_layout_matches_masked_reference(method):
     """The cats layout keeps up_proj's (out, in) rows for CATS' row kernel; TEAL then reads all of up."""
-    torch.manual_seed(99)
-    config = CONFIGS["llama"]()
-    config._attn_implementation = "eager"
-    pristine = T.AutoModelForCausalLM.from_config(config).eval()
+    pristine = _tiny("llama", seed=99)
     patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name="tiny-llama", layout="cats")
     reference = in_kernel_layout(pristine, layout="cats")
     assert models.decoder_layers(patched.model)[0].mlp.up_proj.weight.is_contiguous()
     generator = torch.Generator().manual_seed(7)
     spec = _random_spec(patched, method, generator)
     ids = torch.randint(0, VOCAB, (1, 14), generator=generator)
-    handles = _reference_hooks(reference, spec)
-    try:
-        expected = _logits(reference, ids)
-    finally:
-        for h in handles:
-            h.remove()
+    expected = _masked_reference_logits(reference, spec, ids)
     torch.testing.assert_close(_logits(patched.model, ids, spec), expected, rtol=1e-4, atol=1e-5)
     skippable = patched.skippable_params(method)[0]
     assert sum(skippable.values()) == sum(patched.group_params[0].values())
@@ -200,10 +202,7 @@ def test_cats_layout_matches_masked_reference(method):
 def test_bfloat16_dense_path_runs_the_kernel_and_matches_hf_within_rounding():
     """bfloat16 on the CPU: the dense path gathers every row through the kernel (F.linear on the kernels' layout is
     slower there), which agrees with the pristine HF model within bfloat16 rounding."""
-    torch.manual_seed(3)
-    config = CONFIGS["llama"]()
-    config._attn_implementation = "eager"
-    pristine = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    pristine = _tiny("llama", seed=3).to(torch.bfloat16)
     patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name="tiny-llama-bf16")
     q_proj = models.decoder_layers(patched.model)[0].self_attn.q_proj
     with torch.no_grad():
