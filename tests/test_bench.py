@@ -25,6 +25,15 @@ def test_decode_result_fields_and_model_bound(smollm2, capsys):
     assert 0.6 < sparsifiable / total < 0.9  # the tied head/embedding is read once per token and not sparsified
 
 
+def test_decode_bound_in_the_cats_layout_leaves_out_up(smollm2):
+    """TEAL reads all of up in the cats layout, so its bound and measured skipped share count only the rest."""
+    from sparse_core import models
+    cats = models.load(layout="cats")
+    result = bench.decode_result(0.5, new_tokens=3, repeats=1, model=cats)
+    default = bench.decode_result(0.5, new_tokens=3, repeats=1, model=smollm2)
+    assert 1.0 < result["bound"] < default["bound"] and result["achieved_sparsity"] < default["achieved_sparsity"]
+
+
 def test_cli_kernels_json_shape(monkeypatch, capsys):
     monkeypatch.setattr(bench, "SHAPES", ((32, 64),))
     monkeypatch.setattr(bench, "DTYPES", ("float32",))
