@@ -12,10 +12,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from sparse_core import calibrate, metrics, models, report
+from sparse_core import bench, calibrate, metrics, models, report
 from sparse_core.spec import SparsitySpec, SpecError
+from sparse_core.store import BoundedCache
 
 METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
+METHODS_BY_KEY = {key: label for label, key in METHODS.items()}
 METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a calibrated threshold. "
                "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights in down, and in "
                "up too with the cats weight layout). "
@@ -25,16 +27,26 @@ DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", layout="inputs
 # Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
 PRESETS = {
     "Chat question": "What is the capital of France, and what is it famous for?",
-    "Translation": "Translate into French: The weather is lovely today, so we are going to the beach.",
-    "Sentiment": "Is the sentiment of this review positive or negative? \"The battery died after two days and support never answered.\"",
-    "Summarisation": ("Summarise in one sentence: The city council met on Tuesday to discuss the new bike lanes. "
-                      "Residents praised the safer routes to school, while shop owners worried about losing parking spaces. "
-                      "The council agreed to a six-month trial on two streets."),
-    "A story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-}
+    "Translation": "Translate into French: I am tired.",
+    "Sentiment": ("Review: \"The battery died after two days and support never answered.\" "
+                  "Is this review positive or negative? Answer with one word."),
+    "Summarisation": ("Summarize this in one short sentence: The school library will close for repairs next week. "
+                      "Students can borrow books from the town library instead. "
+                      "The school library reopens on Monday the 12th."),
+    "A story": "Tell me a short story about a dog and a boy.",
+}  # each verified: the dense greedy answer is right (docs/PRESETS.md)
 LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
 MAX_SHARED_SPECS = 256  # calibrated specs kept in memory for all visitors (each is a few KB)
-QUALITY_TOKENS = 256  # held-out tokens the quality cost is measured on: enough to rank settings, a few seconds
+TARGET_LABELS = {"teal": "Inputs skipped (target)", "topk": "Inputs skipped (target)", "cats": "MLP neurons skipped (target)"}
+TARGET_HELP = {
+    "teal": "The share of every projection's inputs to skip, turned into one |x| threshold per layer and projection "
+            "group on the calibration text. What it saves is measured: see “Weight reads skipped (measured)”.",
+    "topk": "The share of every projection's inputs each token drops (its smallest |x|). What it saves is measured: "
+            "see “Weight reads skipped (measured)”.",
+    "cats": "CATS thresholds |act(gate(x))|, the gated MLP's intermediate activation: this share of each layer's MLP "
+            "neurons is skipped (their rows of down, and of up in the cats layout); attention and the MLP input stay "
+            "dense, so far fewer weight reads are skipped: see “Weight reads skipped (measured)”.",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +59,17 @@ class Settings:
     max_new_tokens: int
     temperature: float
     seed: int
+    name: str  # what produced a result: the method at its target, or the Tuner spec's name
 
     @property
     def method_label(self) -> str:
-        return next(label for label, key in METHODS.items() if key == self.method)
+        return METHODS_BY_KEY[self.method]
+
+    @property
+    def setting(self) -> str:
+        """Every result carries this: method and target or spec name, dtype, layout and device."""
+        model = self.model
+        return f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
 
 
 LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguously: TEAL and top-k skip reads in all "
@@ -65,16 +84,24 @@ def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code:
 
 
 @st.cache_resource(show_spinner=False)
-def _calibrated_specs() -> dict[tuple, SparsitySpec]:
+def _calibrated_specs() -> BoundedCache:
     """Specs shared by every visitor, keyed by model, dtype, method and target. A plain store rather than a cached
     function, because calibration reports progress to a bar on the page and cached functions replay their output."""
-    return {}
+    return BoundedCache(MAX_SHARED_SPECS)
 
 
-@st.cache_data(show_spinner="Measuring the quality cost on held-out text…", max_entries=64)
-def quality(_model: models.SparseModel, model_key: tuple, spec: SparsitySpec) -> dict:
-    """Perplexity, KL and top-1 agreement of `spec` against dense on a short slice of the evaluation text."""
-    return metrics.evaluate(_model, spec, max_tokens=QUALITY_TOKENS).as_dict()
+def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation:
+    """The setting's one quality measurement (metrics.measured): from disk when known, else measured once here."""
+    with st.spinner(f"Measuring the quality cost on {metrics.QUALITY_TOKENS} held-out tokens (once per setting)…"):
+        return metrics.measured(model, spec)
+
+
+def measure_decode(current: Settings, progress=None) -> dict:
+    """The setting's decode measurement (bench.decode_result, stored): against the fastest dense, plain HF included."""
+    model = current.model
+    plain = None if model.layout == "hf" else load_model(model.name, str(model.dtype).replace("torch.", ""), "hf",
+                                                         st.session_state.get("trust_remote_code", False))
+    return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain, progress=progress)
 
 
 def model_key(model: models.SparseModel) -> tuple:
@@ -85,16 +112,14 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     """The calibrated spec for this setting; computed with a progress bar on first use, then shared."""
     key = (*model_key(model), method, round(target, 4))
     store = _calibrated_specs()
-    if key not in store:
+    spec = store.get(key)
+    if spec is None:
         label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
         bar = st.progress(0.0, text=label)
         spec = calibrate.calibrate(model, method, target, progress=lambda done, total: bar.progress(done / total, text=label))
         bar.empty()
-        if len(store) >= MAX_SHARED_SPECS:
-            store.pop(next(iter(store), None), None)  # the oldest (on disk: back in milliseconds); races are harmless
-        store[key] = spec
-        return spec
-    return store.get(key) or spec_for(model, method, target)  # evicted by another visitor meanwhile: recalibrate
+        store.put(key, spec)  # the oldest goes beyond MAX_SHARED_SPECS (on disk: back in milliseconds)
+    return spec
 
 
 def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool) -> models.SparseModel:
@@ -136,9 +161,7 @@ def sidebar() -> Settings:
 
         st.header("Sparsity")
         method = METHODS[st.radio("Method", list(METHODS), key="method_label", help=METHOD_HELP)]
-        target = st.slider("Share of inputs skipped", 0.0, 0.9, step=0.05, key="target",
-                           help="Small models tolerate less: on SmolLM2-135M, TEAL costs about +2 % perplexity at 25 %, "
-                                "+22 % at 40 % and +81 % at 50 %.")
+        target = st.slider(TARGET_LABELS[method], 0.0, 0.9, step=0.05, key="target", help=TARGET_HELP[method])
         st.header("Generation")
         max_new_tokens = st.slider("Max new tokens", 1, 256, key="max_new_tokens")
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
@@ -156,7 +179,8 @@ def sidebar() -> Settings:
         spec = None
     if use_applied:
         method = spec.method
-    return Settings(model, method, target, spec, max_new_tokens, temperature, seed)
+    name = f"Tuner spec “{applied[0]}”" if use_applied else f"{METHODS_BY_KEY[method]} at {target:.0%}"
+    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name)
 
 
 MAX_UPLOAD_BYTES = 1 << 20  # texts and specs: parsed as UTF-8 / JSON, never executed
@@ -192,18 +216,69 @@ def read_spec(upload) -> SparsitySpec:
     return SparsitySpec.from_json(_read_upload(upload))
 
 
-def quality_row(current: Settings) -> None:
-    """What the current setting costs in quality and what it can gain at most: shown beside every speed number."""
-    result = quality(current.model, model_key(current.model), current.spec)
-    increase = result["ppl_sparse"] / result["ppl_dense"] - 1.0
-    bound = report.token_cost(current.model, result["achieved_sparsity"]).bound
-    cols = st.columns(4)
-    cols[0].metric("Skipped (held-out text)", f"{result['achieved_sparsity']:.0%}", help="Share of weight reads skipped, measured.")
-    cols[1].metric("Perplexity", f"{result['ppl_sparse']:.1f}", f"{increase:+.1%} vs dense {result['ppl_dense']:.1f}",
-                   delta_color="inverse", help="How surprised the model is by held-out text; lower is better.")
-    cols[2].metric("Top-1 agreement", f"{result['top1_agreement']:.0%}", help="How often the sparse model's most likely next token is the dense model's.")
-    cols[3].metric("Speedup bound", f"×{bound:.2f}", help="Decoding one token reads every weight once, so skipping weight reads can at most "
-                                                           "speed it up by dense bytes / sparse bytes.")
+def speedup_delta(ratio: float) -> dict:
+    """st.metric delta arguments that read a slowdown as one: red and down, never a green up-arrow."""
+    faster = ratio >= 1.0
+    return dict(delta=f"×{ratio:.2f}: {'faster' if faster else 'slower'}", delta_color="green" if faster else "red",
+                delta_arrow="up" if faster else "down")
+
+
+def headline(current: Settings) -> None:
+    """The Playground's first card: what the current setting skips, gains and costs, each measured once for it."""
+    quality_now = quality(current.model, current.spec)
+    speed = bench.stored_decode(current.model, current.spec)
+    valid = speed is not None and not speed["flag"]
+    with st.container(border=True, key="headline"):
+        st.markdown(f"**{current.setting}**")
+        cols = st.columns(5)
+        cols[0].metric("Weight reads skipped (measured)", f"{quality_now.weight_reads_skipped:.1%}",
+                       help=f"Share of all weight bytes read per token that this setting skips, measured on "
+                            f"{quality_now.tokens} held-out tokens (embeddings, norms and the output head are read in full).")
+        if valid:
+            cols[1].metric("Decode speedup", f"×{speed['speedup']:.2f}",
+                           f"IQR ×{speed['speedup_iqr'][0]:.2f}–×{speed['speedup_iqr'][1]:.2f}", delta_color="off", delta_arrow="off",
+                           help=f"Greedy decode, {speed['sparse_tok_s']:.1f} sparse vs {speed['dense_tok_s']:.1f} tok/s on the "
+                                f"fastest dense path ({speed['dense_path']}), median of {speed['repeats']} interleaved runs of "
+                                f"{speed['new_tokens']} steps; interquartile range of the paired ratios below.")
+        else:
+            cols[1].metric("Decode speedup", "—", help="Not measured for this setting yet, or the measurement was flagged.")
+        cols[2].metric("Speedup bound", f"×{quality_now.bound:.2f}",
+                       help="1/(1−s) for s = weight reads skipped: a memory-bound decoder cannot gain more.")
+        spread = quality_now.chunk_ppl_increase
+        cols[3].metric("Perplexity change", f"{quality_now.ppl_increase:+.1%}", delta_color="off", delta_arrow="off",
+                       delta=f"{quality_now.ppl_dense:.1f} → {quality_now.ppl_sparse:.1f}",
+                       help=f"On {quality_now.tokens} held-out tokens the thresholds never saw; across its "
+                            f"{len(spread)} chunks the change ranged {min(spread):+.1%} to {max(spread):+.1%}.")
+        cols[4].metric("Top-1 agreement", f"{quality_now.top1_agreement:.0%}", delta=f"KL {quality_now.kl:.3f} nats",
+                       delta_color="off", delta_arrow="off",
+                       help="How often the sparse model's most likely next token is the dense model's, on the same text.")
+        st.markdown(headline_sentence(quality_now, speed))
+        if speed is not None and speed["flag"]:
+            st.warning(f"The last decode measurement of this setting is not shown as a result: {speed['flag']}.")
+        if not valid and st.button("Measure decode speed", key="measure_headline",
+                                   help="Times dense and sparse decoding of this setting, interleaved (about half a minute)."):
+            bar = st.progress(0.0, text="Timing dense and sparse decoding…")
+            measure_decode(current, progress=lambda done, total: bar.progress(done / total, text=f"Timing dense and sparse decoding… {done}/{total}"))
+            st.rerun()
+
+
+def headline_sentence(quality_now: metrics.Evaluation, speed: dict | None) -> str:
+    skips = f"Skips {quality_now.weight_reads_skipped:.0%} of weight reads"
+    cost = f"perplexity {quality_now.ppl_increase:+.0%}"
+    if speed is None:
+        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; decode speed not measured yet."
+    if speed["flag"]:
+        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; the decode measurement was flagged, so no speedup is claimed."
+    pace = "faster" if speed["speedup"] >= 1 else "slower"
+    return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality_now.bound:.2f}), {cost}."
+
+
+def stale_note(produced_by: str, current: Settings) -> None:
+    """Say which setting produced a result, and mark it stale (never relabel it) when the sidebar has moved on."""
+    if produced_by == current.setting:
+        st.caption(f"Produced by: {produced_by}.")
+    else:
+        st.warning(f"Stale: produced by {produced_by}; the sidebar now says {current.setting}. Run it again for the current setting.")
 
 
 def table_with_download(frame: pd.DataFrame, file_name: str, column_config: dict | None = None) -> None:

@@ -1,4 +1,6 @@
 """Heatmaps: where the skipping happens, per layer and token, per neuron, and against the |x| distribution."""
+import math
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -8,6 +10,24 @@ from sparse_core.spec import GROUPS
 
 GROUP_TITLES = {"attn_in": "Attention input (q, k, v)", "attn_out": "Attention output (o)",
                 "mlp_in": "MLP input (gate, up)", "mlp_mid": "MLP intermediate (down)"}
+SOURCES = ["Last generation", "Example text", "Pasted text"]
+# What the page traces until there is a generation or a paste: plain prose, 61 tokens, so every word fits on the axis.
+EXAMPLE_TEXT = ("The old lighthouse stood at the end of a narrow road, where the fields gave way to rocks and sea. "
+                "Every evening the keeper climbed the spiral stairs, wiped the salt from the glass and lit the lamp. "
+                "Ships passing in the dark could not see him, but they trusted his light all the same.")
+EXAMPLE_REASONS = {"Last generation": "No generation yet (make one on the Playground), so this traces",
+                   "Pasted text": "Nothing pasted yet, so this traces"}
+MAX_TOKEN_TICKS = 64  # word labels that fit under a full-width chart; beyond this every n-th token is labelled
+SKIPPED_GREY = "#9ca3af"  # plot background, so the NaN (skipped) cells of the neuron view show as grey
+
+
+def token_axis(labels: list[str]) -> dict:
+    """An x axis with the token words under their columns (every n-th when there are many). The values stay
+    token positions, so a word that occurs twice keeps two columns."""
+    shown = range(0, len(labels), max(1, math.ceil(len(labels) / MAX_TOKEN_TICKS)))
+    return dict(title="token", tickmode="array", tickvals=list(shown), ticktext=[labels[i] for i in shown],
+                tickangle=-60, tickfont=dict(size=10), automargin=True)
+
 
 current = common.sidebar()
 st.title("Heatmaps")
@@ -17,22 +37,21 @@ st.caption("Each projection skips the inputs whose magnitude is at or below its 
            "skipped, so a threshold should sit in the dense low end of the histogram.")
 
 generation = st.session_state.get("generation")
-source = st.segmented_control("Data", ["Last generation", "Pasted text"], key="heatmap_source",
-                              default="Last generation" if generation else "Pasted text")
-if source == "Last generation":
-    if generation is None:
-        st.info("Generate something on the Playground first, or paste text.")
-        st.stop()
+source = st.segmented_control("Data", SOURCES, key="heatmap_source",
+                              default="Last generation" if generation else "Example text")
+if source == "Last generation" and generation is not None:
     model, spec = generation.model, generation.spec
     ids = generation.prompt.ids + tuple(t.id for t in generation.tokens["sparse"])
     first_generated = len(generation.prompt.ids)
     st.caption(f"The prompt and the sparse run's output ({generation.method.upper()}, the setting it was generated with).")
 else:
-    text = st.text_area("Text to trace", key="heatmap_text", height=100,
-                        placeholder="Paste any text; it is traced with the current sidebar setting.")
-    if not text.strip():
-        st.info("Paste some text to trace it with the current setting.")
-        st.stop()
+    pasted = "" if source != "Pasted text" else st.text_area(
+        "Text to trace", key="heatmap_text", height=100, placeholder="Paste any text; it is traced with the current sidebar setting.")
+    text = pasted
+    if not pasted.strip():
+        text = EXAMPLE_TEXT
+        st.caption(f"{EXAMPLE_REASONS.get(source, 'This traces')} the example paragraph with the current sidebar "
+                   f"setting: “{EXAMPLE_TEXT}”")
     if current.spec is None:
         st.stop()
     model, spec = current.model, current.spec
@@ -45,34 +64,41 @@ if len(ids) > report.MAX_TRACE_TOKENS:
 
 layer = st.slider("Layer for the neuron and histogram views", 0, model.num_layers - 1, model.num_layers // 2, key="heatmap_layer")
 trace = common.traced(model, spec, ids, layer)
-labels = [repr(t)[1:-1] for t in trace.tokens]
+words = report.token_labels(trace.tokens, max_chars=None)  # in full, for hovering
+axis = token_axis(report.token_labels(trace.tokens))
 
 st.subheader("Skipped inputs per layer and token")
+st.caption("Colours span the 2nd to 98th percentile of each chart, so a few extreme tokens do not flatten the rest; "
+           "· marks a space, ↵ a line break.")
 for group, tab in zip(GROUPS, st.tabs([GROUP_TITLES[g] for g in GROUPS])):
     with tab:
         matrix = report.skipped_matrix(trace, group)
-        figure = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=0, zmax=1,
-                                      customdata=[labels] * len(matrix.index), colorscale="Teal",
+        zmin, zmax = report.color_range(matrix.values, 2, 98)
+        figure = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=zmin, zmax=zmax,
+                                      customdata=[words] * len(matrix.index), colorscale="Teal",
                                       colorbar=dict(title="skipped", tickformat=".0%"),
                                       hovertemplate="layer %{y}, token %{x} %{customdata}<br>skipped %{z:.0%}<extra></extra>"))
         if first_generated is not None and first_generated > 0:
             figure.add_vline(x=first_generated - 0.5, line_dash="dash", annotation_text="generated →")
-        figure.update_layout(height=380, margin=dict(t=30, b=10), xaxis_title="token", yaxis_title="layer")
+        figure.update_layout(height=420, margin=dict(t=30, b=10), xaxis=axis, yaxis_title="layer")
         st.plotly_chart(figure, width="stretch", key=f"layers-{group}")
 
 st.subheader(f"MLP neurons of layer {layer}")
 hot_first = st.toggle("Hot neurons first (most often active)", value=True, key="hot_first")
 neurons = report.neuron_view(trace, hot_first=hot_first)
-figure = go.Figure(go.Heatmap(z=neurons.activations.T, x=list(range(len(labels))), y=[str(n) for n in neurons.neurons],
-                              customdata=[labels] * len(neurons.neurons), colorscale="Viridis",
-                              colorbar=dict(title="|activation|"),
+zmin, zmax = report.color_range(neurons.activations, 1, 99)
+figure = go.Figure(go.Heatmap(z=neurons.activations.T, x=list(range(len(words))), y=[str(n) for n in neurons.neurons],
+                              zmin=zmin, zmax=zmax, customdata=[words] * len(neurons.neurons), colorscale="Viridis",
+                              colorbar=dict(title="|activation|<br>1st–99th pct"),
                               hovertemplate="neuron %{y}, token %{x} %{customdata}<br>|activation| %{z:.3g}<extra></extra>"))
-figure.update_layout(height=480, margin=dict(t=30, b=10), xaxis_title="token", yaxis_title="neuron",
-                     yaxis=dict(type="category", showticklabels=False), plot_bgcolor="#e5e7eb")
+figure.update_layout(height=520, margin=dict(t=30, b=10), xaxis=axis, plot_bgcolor=SKIPPED_GREY,
+                     yaxis=dict(title="neuron", type="category", autorange="reversed"))
 st.plotly_chart(figure, width="stretch", key="neurons")
-st.caption(f"|activation| of the MLP intermediate; grey cells are skipped at the current threshold. "
-           f"{len(neurons.neurons)} of {model.group_widths['mlp_mid']} neurons shown"
-           + (", the most often active first." if hot_first else "."))
+shown, width = len(neurons.neurons), model.group_widths["mlp_mid"]
+st.caption("|activation| of the MLP intermediate; grey = skipped at the current threshold. Colours stop at the "
+           "1st and 99th percentile of the kept values, so a few outliers do not wash out the rest. "
+           + (f"The {shown} most often active of {width} neurons, the most often active at the top." if hot_first
+              else f"Neurons 0 to {shown - 1} of {width}, in index order from the top."))
 
 st.subheader(f"Distribution of |x| in layer {layer}")
 group = st.selectbox("Projection group", GROUPS, format_func=GROUP_TITLES.get, index=2, key="histogram_group")

@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages import common
-from sparse_core import tuning
+from sparse_core import metrics, tuning
 
 current = common.sidebar()
 model = current.model
@@ -21,7 +21,8 @@ with st.form("sweep_form"):
     allocations = cols[1].multiselect("Allocation", ["uniform", "greedy"], default=["uniform"],
                                       help="Greedy replays each block on calibration text: about a minute per method on SmolLM2.")
     targets = cols[2].multiselect("Targets", [round(0.05 * i, 2) for i in range(1, 19)], default=[0.25, 0.4, 0.5, 0.6])
-    tokens = cols[3].select_slider("Held-out tokens", [128, 256, 512, 1024, 2048], value=256)
+    tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=metrics.QUALITY_TOKENS,
+                                   help=f"{metrics.QUALITY_TOKENS} is the one quality measurement every page shows for a setting.")
     text = common.uploaded_text("Your own evaluation text (optional)", key="quality_text")
     run = st.form_submit_button("Run sweep", type="primary")
 
@@ -48,17 +49,17 @@ if frame is None or frame.empty:
 frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
 figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats", "Top-1 agreement"))
 for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):
-    for trace in px.line(frame, x="achieved_sparsity", y=metric, color="setting", markers=True).data:
+    for trace in px.line(frame, x="weight_reads_skipped", y=metric, color="setting", markers=True).data:
         trace.showlegend = column == 1
         figure.add_trace(trace, row=1, col=column)
-figure.update_xaxes(title_text="achieved sparsity", tickformat=".0%")
+figure.update_xaxes(title_text="weight reads skipped (measured)", tickformat=".0%")
 figure.update_layout(height=380, margin=dict(t=40, b=10), legend_title_text="")
 st.plotly_chart(figure, width="stretch")
 
 st.subheader("Speed against quality loss")
-st.caption("Up and to the left is better. The speedup here is the bound for the measured sparsity — dense weight bytes "
-           "over sparse weight bytes per token, what a perfectly memory-bound decoder could gain; the Speedup page "
-           "measures what the kernels really reach on this machine.")
+st.caption("Up and to the left is better. The speedup here is the bound 1/(1−s) for the measured share s of weight "
+           "reads skipped — what a perfectly memory-bound decoder could gain; the Speedup page measures what the "
+           "kernels really reach on this machine.")
 pareto = px.scatter(frame, x="ppl_increase", y="bound", color="setting", text="target", hover_data=["kl", "top1_agreement"],
                     labels={"ppl_increase": "perplexity increase", "bound": "speedup bound (×)"})
 pareto.update_traces(textposition="top center")
@@ -68,7 +69,7 @@ st.plotly_chart(pareto, width="stretch")
 common.table_with_download(frame.drop(columns=["setting"]).round(4), "sweep.csv")
 st.markdown("""
 **Reading guide.** Perplexity rises slowly at first and then sharply: the knee is where the thresholds start cutting
-inputs that carry signal. For a 135M model the knee sits near 30–40 %; 7B models tolerate 40–50 %. Past an increase
-of about 10 % generated text starts to visibly change (compare on the Playground); KL above ~0.3 nats or agreement
-below ~75 % usually means answers change, not just wording.
+inputs that carry signal, and it sits lower for small models than for large ones; read it off the curves above
+rather than from a rule. To see what a point means for answers, apply the setting and compare the texts on the
+Playground.
 """)

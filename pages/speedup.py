@@ -1,4 +1,5 @@
-"""Speedup: does skipping inputs turn into time saved? Kernel, per-layer and end-to-end measurements."""
+"""Speedup: does skipping inputs turn into time saved? Kernel, per-layer and end-to-end measurements, each against
+the fastest dense product measured in the same run, each next to its bound, flagged when it cannot be trusted."""
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -16,11 +17,36 @@ def _progress(label: str):
     return bar, lambda done, total: bar.progress(done / total, text=f"{label} {done}/{total}")
 
 
+def _kernel_chart(kernels: pd.DataFrame) -> None:
+    """Valid rows as lines against the bound; flagged rows only as grey crosses, never as points of a line."""
+    kernels = kernels.assign(shape=kernels["out_features"].astype(str) + "×" + kernels["in_features"].astype(str))
+    valid = kernels[kernels["flag"].isna()]
+    figure = px.line(valid, x="sparsity", y="speedup", color="shape", facet_col="dtype", markers=True,
+                     category_orders={"dtype": sorted(kernels["dtype"].unique())}, labels={"speedup": "speedup vs fastest dense"})
+    bound = kernels.drop_duplicates("sparsity").sort_values("sparsity")
+    flagged = kernels[kernels["flag"].notna()]
+    for column, dtype in enumerate(sorted(kernels["dtype"].unique()), start=1):
+        figure.add_scatter(x=bound["sparsity"], y=bound["bound"], mode="lines", name="bound 1/(1−s)",
+                           line=dict(color="#6b7280", dash="dash"), showlegend=column == 1, row=1, col=column)
+        mine = flagged[flagged["dtype"] == dtype]
+        if len(mine):
+            figure.add_scatter(x=mine["sparsity"], y=mine["speedup"], mode="markers", name="flagged: not a result",
+                               marker=dict(symbol="x", color="#9ca3af", size=10), text=mine["shape"] + ": " + mine["flag"],
+                               hovertemplate="%{text}<extra></extra>", showlegend=column == 1, row=1, col=column)
+    figure.update_layout(height=380, margin=dict(t=40, b=10))
+    st.plotly_chart(figure, width="stretch", key="kernel_chart")
+    if len(flagged):
+        st.warning(f"{len(flagged)} of {len(kernels)} rows are flagged and drawn as grey crosses, not as results: "
+                   + "; ".join(sorted(set(flagged["flag"].str.split(":").str[0]))) + ". Run again on a quieter machine.")
+
+
 current = common.sidebar()
 st.title("Speedup")
 st.caption("Decoding one token at a time is limited by how fast the weights stream from memory, so skipping a share "
            "s of the weight reads can at best make it 1/(1−s) times faster: that is the **bound** drawn on every "
-           f"chart. Real kernels reach part of it. Active backend: {ops.describe_backends()}.")
+           "chart. Every speedup is over the fastest dense product measured in the same run (HF's own layout, "
+           "F.linear on the stored rows, or the kernel with nothing skipped), with its spread; one above 1.05 × its "
+           f"bound or with a wide spread is flagged, not shown as a result. Active backend: {ops.describe_backends()}.")
 if current.method == "cats" and current.model.layout == "inputs":
     st.caption("CATS in the **inputs** weight layout skips only the down projection's reads; pick the **cats** "
                "layout in the sidebar to skip the up rows of inactive neurons too.")
@@ -40,16 +66,9 @@ if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dt
     st.session_state.kernel_rows = pd.DataFrame(rows)
 kernels = st.session_state.get("kernel_rows")
 if kernels is not None:
-    kernels = kernels.assign(shape=kernels["out_features"].astype(str) + "×" + kernels["in_features"].astype(str))
-    figure = px.line(kernels, x="sparsity", y="speedup", color="shape", facet_col="dtype", markers=True,
-                     labels={"speedup": "speedup vs dense"})
-    bound = kernels.drop_duplicates("sparsity").sort_values("sparsity")
-    for column in range(1, kernels["dtype"].nunique() + 1):
-        figure.add_scatter(x=bound["sparsity"], y=bound["bound"], mode="lines", name="bound 1/(1−s)",
-                           line=dict(color="#6b7280", dash="dash"), showlegend=column == 1, row=1, col=column)
-    figure.update_layout(height=380, margin=dict(t=40, b=10))
-    st.plotly_chart(figure, width="stretch", key="kernel_chart")
-    common.table_with_download(kernels.drop(columns="shape"), "kernel_benchmark.csv")
+    _kernel_chart(kernels)
+    st.caption(f"Random inputs and weights on {DEVICE}; the sidebar's setting plays no part here.")
+    common.table_with_download(kernels, "kernel_benchmark.csv")
 
 st.subheader("One decode step, layer by layer")
 st.caption("Wall time of each decoder layer while generating a few tokens, dense vs the current sidebar setting "
@@ -57,10 +76,12 @@ st.caption("Wall time of each decoder layer while generating a few tokens, dense
 if current.spec is not None and st.button("Time the layers", key="time_layers"):
     with st.status("Timing decode steps dense and sparse…") as status:
         prompt = generate.encode_prompt(current.model, bench.PROMPT)
-        st.session_state.layer_times = report.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8)
+        st.session_state.layer_times = (report.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
+                                        current.setting)
         status.update(label="Decode steps timed", state="complete")
-layer_times = st.session_state.get("layer_times")
-if layer_times is not None:
+if st.session_state.get("layer_times") is not None:
+    layer_times, produced_by = st.session_state.layer_times
+    common.stale_note(produced_by, current)
     long = layer_times.melt(id_vars="part", var_name="run", value_name="ms")
     figure = px.bar(long, x="part", y="ms", color="run", barmode="group", labels={"part": "", "ms": "ms per step"})
     figure.update_layout(height=340, margin=dict(t=30, b=10))
@@ -70,21 +91,34 @@ if layer_times is not None:
     common.table_with_download(layer_times, "decode_step_layers.csv")
 
 st.subheader("End to end: tokens per second")
-new_tokens = st.slider("Tokens per run", 8, 128, 32, 8, key="e2e_tokens",
-                       help="Each side runs three times after a warm-up; the median is shown.")
-if st.button("Measure tokens/s", key="e2e"):
+st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.DECODE_REPEATS} interleaved runs of each "
+           "dense candidate and of the current setting. This is the setting's one speed measurement: the Playground's "
+           "headline shows the same figures.")
+if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
     bar, progress = _progress("Decoding dense and sparse…")
-    result = bench.decode_result(current.target, new_tokens, model=current.model, progress=progress)
+    common.measure_decode(current, progress=progress)
     bar.empty()
-    st.session_state.decode_result = pd.DataFrame([result])
-decode = st.session_state.get("decode_result")
-if decode is not None:
-    row = decode.iloc[0]
+decode = None if current.spec is None else bench.stored_decode(current.model, current.spec)
+if decode is None:
+    st.info("Not measured for this setting yet: press “Measure tokens/s”.")
+else:
     cols = st.columns(4)
-    cols[0].metric("Dense tokens/s", f"{row['dense_tok_s']:.1f}")
-    cols[1].metric("Sparse tokens/s", f"{row['sparse_tok_s']:.1f}")
-    cols[2].metric("Speedup", f"×{row['speedup']:.2f}")
-    cols[3].metric("Model bound", f"×{row['bound']:.2f}", help="Dense weight bytes per token over sparse ones: the "
-                   "embedding lookup, norms and output head are read in full either way.")
-    st.caption(f"TEAL at the sidebar's target, measured sparsity {row['achieved_sparsity']:.0%}, {row['model']} in {row['dtype']}.")
-    common.table_with_download(decode, "decode_benchmark.csv")
+    cols[0].metric("Dense tokens/s", f"{decode['dense_tok_s']:.1f}",
+                   help=f"The fastest dense path measured ({decode['dense_path']}); all candidates: {decode['dense_candidates_tok_s']}. "
+                        f"Interquartile range {decode['dense_tok_s_iqr'][0]:.1f}–{decode['dense_tok_s_iqr'][1]:.1f}.")
+    cols[1].metric("Sparse tokens/s", f"{decode['sparse_tok_s']:.1f}",
+                   help=f"Interquartile range {decode['sparse_tok_s_iqr'][0]:.1f}–{decode['sparse_tok_s_iqr'][1]:.1f}.")
+    if decode["flag"]:
+        cols[2].metric("Speedup", "—", help="Flagged: see the note below.")
+    else:
+        cols[2].metric("Speedup", f"×{decode['speedup']:.2f}", **common.speedup_delta(decode["speedup"]),
+                       help=f"Interquartile range of the paired ratios ×{decode['speedup_iqr'][0]:.2f}–×{decode['speedup_iqr'][1]:.2f}.")
+    cols[3].metric("Model bound", f"×{decode['bound']:.2f}", help="Dense weight bytes per token over sparse ones, with the "
+                   f"share skipped in this run ({decode['weight_reads_skipped']:.1%}): the embedding lookup, norms and "
+                   "output head are read in full either way.")
+    if decode["flag"]:
+        st.warning(f"This measurement is not a result: {decode['flag']}. Measure again with nothing else running.")
+    st.caption(f"Measured for {current.setting}: {decode['model']}, dense path “{decode['dense_path']}”, "
+               f"plain HF {decode['plain_hf_tok_s'] or '—'} tok/s.")
+    common.table_with_download(pd.DataFrame([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in decode.items()}]),
+                               "decode_benchmark.csv")

@@ -15,13 +15,21 @@ st.caption("A spec holds one target per layer and projection group: the share of
            "it, compare it with another spec, download it, or apply it to the Playground.")
 
 library: dict[str, SparsitySpec] = st.session_state.setdefault("spec_library", {})
+if "tuner_select" in st.session_state:  # a spec kept on the last run: select it before the selectbox exists
+    st.session_state.tuner_spec = st.session_state.pop("tuner_select")
 text = common.uploaded_text("Your own calibration text (optional)", key="tuner_text")
 
 
 def keep(name: str, spec: SparsitySpec) -> None:
-    """Add a spec to this visitor's library and select it (before the selectbox below is drawn)."""
-    library[name] = spec
-    st.session_state.tuner_spec = name
+    """Add a spec, named, to this visitor's library and select it. A widget's value cannot change once it is drawn,
+    so the selection travels to the next run, which starts at once. Keeping the same spec again (an upload that is
+    still in its box) changes nothing."""
+    named = spec.with_provenance(name=name)
+    if library.get(name) == named:
+        return
+    library[name] = named
+    st.session_state.tuner_select = name
+    st.rerun()
 
 
 method = current.method
@@ -31,14 +39,12 @@ if cols[0].button(f"Calibrate uniform {current.target:.0%}", width="stretch"):
     bar = st.progress(0.0, text="Calibrating…")
     keep(f"{method} uniform {current.target:.0%}", calibrate.calibrate(
         model, method, current.target, text=text, progress=lambda d, n: bar.progress(d / n, text="Calibrating…")))
-    bar.empty()
 if cols[1].button(f"Calibrate greedy {current.target:.0%}", width="stretch",
                   help="Greedy allocation: each block reaches the target, the projections where skipping hurts least first."):
     bar = st.progress(0.0, text="Allocating greedily, block by block…")
     specs = tuning.greedy_specs(model, method, [current.target], text=text,
                                 progress=lambda d, n: bar.progress(d / n, text=f"Allocating… block {d}/{n}"))
     keep(f"{method} greedy {current.target:.0%}", specs[current.target])
-    bar.empty()
 upload = cols[2].file_uploader("Upload a spec (JSON)", type=["json"], key="spec_upload")
 if upload is not None:
     try:
@@ -72,10 +78,10 @@ if cols[0].button("Calibrate the edited table", width="stretch"):
         edited_spec = calibrate.calibrate(model, spec.method, table, text=text,
                                           progress=lambda d, n: bar.progress(d / n, text="Calibrating the edited table…"))
         bar.empty()
-        keep(f"{name} (edited)", edited_spec)
-        st.rerun()
     except SpecError as err:
         st.error(str(err))
+    else:
+        keep(f"{name} (edited)", edited_spec)
 if cols[1].button("Apply to the Playground", type="primary", width="stretch"):
     st.session_state.applied_spec = (name, spec)
     st.success(f"The Playground now generates with “{name}”. Turn it off in the sidebar.")
@@ -93,10 +99,11 @@ if len(library) < 2:
 left, right = st.columns(2)
 first = left.selectbox("First", list(library), index=0, key="compare_a")
 second = right.selectbox("Second", list(library), index=1, key="compare_b")
-results = {label: common.quality(model, common.model_key(model), library[label]) for label in (first, second)}
+results = {label: common.quality(model, library[label]).as_dict() for label in (first, second)}
 per_layer = pd.DataFrame({label: r["per_layer_sparsity"] for label, r in results.items()}).rename_axis("layer").reset_index()
 st.plotly_chart(px.bar(per_layer.melt(id_vars="layer", var_name="spec", value_name="skipped"), x="layer", y="skipped",
                        color="spec", barmode="group", height=320).update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%"),
                 width="stretch")
-summary = pd.DataFrame([{"spec": label, **{k: v for k, v in r.items() if k != "per_layer_sparsity"}} for label, r in results.items()])
+summary = pd.DataFrame([{"spec": label, **{k: v for k, v in r.items() if k not in ("per_layer_sparsity", "chunk_ppl_increase")}}
+                        for label, r in results.items()])
 common.table_with_download(summary.round(4), "comparison.csv")

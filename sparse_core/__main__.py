@@ -86,10 +86,13 @@ def cmd_calibrate(args, model):
 def cmd_eval(args, model):
     spec = _spec(args, model)
     text = args.text.read_text(encoding="utf-8") if args.text else None
-    result = metrics.evaluate(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"))
+    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"))
     row = {"model": model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
+           "spec": spec.label, "dtype": str(model.dtype).replace("torch.", ""), "layout": model.layout,
+           "device": str(model.device), "ppl_increase": round(result.ppl_increase, 4),
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.as_dict().items()}}
     row["per_layer_sparsity"] = [round(v, 3) for v in result.per_layer_sparsity]
+    row["chunk_ppl_increase"] = [round(v, 4) for v in result.chunk_ppl_increase]
     print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
 
 
@@ -121,14 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same target everywhere, or greedy per-layer allocation (TEAL)")
     p = sub.add_parser("eval", help="perplexity, KL and agreement of a spec on held-out text")
     _model_args(p)
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=metrics.QUALITY_TOKENS,
+                   help="held-out tokens (the default is the one measurement every page shows)")
     p = sub.add_parser("sweep", help="quality against sparsity for methods, allocations and targets")
     _model_args(p, sparse=False)
     p.add_argument("--methods", nargs="+", default=["teal"], choices=["teal", "cats", "topk"])
     p.add_argument("--allocations", nargs="+", default=["uniform", "greedy"], choices=["uniform", "greedy"])
     p.add_argument("--targets", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.6])
     p.add_argument("--text", type=Path, help="your own evaluation text file")
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=metrics.QUALITY_TOKENS)
     from . import bench
     bench.add_arguments(sub.add_parser("bench", help="kernel and decode benchmarks"))
     return parser

@@ -4,11 +4,15 @@
     python -m sparse_core bench decode [--json] [--sparsity 0.5]
 
 Batch-1 decoding is memory-bound, so a linear whose input has a fraction s of zeros can at best run 1/(1-s) times
-faster than dense. The kernel benchmark rotates between enough weight copies that the working set exceeds the
-last-level cache by half (otherwise the weights come from cache and the bound does not apply) and reports medians.
+faster than dense. Every speedup here is over the fastest dense product measured in the same run (HF's own layout,
+F.linear on the stored rows, or the kernel with nothing skipped), every timing comes with its interquartile range,
+and a result above 1.05 x its bound or with a wide spread carries a `flag` instead of passing as valid. The kernel
+benchmark rotates between enough weight copies that the working set exceeds the last-level cache by half
+(otherwise the weights come from cache and the bound does not apply).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .cost import token_cost
+from .store import DiskStore, setting_key
 
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
@@ -27,6 +33,9 @@ SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 8  # --quick: the whole run in under a minute on 2 cores
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 Progress = Callable[[int, int], None]
+BOUND_SLACK = 1.05   # a speedup above 1.05 x its bound is a broken measurement, never a result
+NOISY_SPREAD = 0.25  # an interquartile range above a quarter of the median: the machine was busy
+DECODE_TOKENS, DECODE_REPEATS = 32, 5  # the setting's decode measurement, as the app and the CLI take it
 
 
 def last_level_cache_bytes() -> int:
@@ -49,108 +58,185 @@ def _sparse_input(width: int, sparsity: float, dtype: torch.dtype, device: str) 
     return x, threshold
 
 
-def _median_ms(calls: list[Callable[[], object]], repeats: int, device: str) -> list[float]:
-    """Median wall time of each call, interleaved so load from elsewhere hits them all alike."""
-    times = [[] for _ in calls]
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Repeated wall times of one call: the median and the interquartile range, in milliseconds."""
+    median: float
+    q1: float
+    q3: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> "Timing":
+        q1, q3 = _quartiles(seconds)
+        return cls(statistics.median(seconds) * 1e3, q1 * 1e3, q3 * 1e3)
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range relative to the median."""
+        return (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """(first quartile, third quartile)."""
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return quartiles[0], quartiles[2]
+
+
+def flag(speedup: float, bound: float, *timings: Timing) -> str | None:
+    """Why a measured speedup must not be presented as a result, or None when it may."""
+    if speedup > BOUND_SLACK * bound:
+        return f"invalid: x{speedup:.2f} is above the bound x{bound:.2f} (an unfair baseline or noise)"
+    widest = max(t.spread for t in timings)
+    if widest > NOISY_SPREAD:
+        return f"noisy: interquartile range {widest:.0%} of the median (the machine was busy)"
+    return None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, Timing]:
+    """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike."""
+    seconds = {name: [] for name in calls}
     for _ in range(repeats):
-        for call, sink in zip(calls, times):
-            if device == "cuda":
-                torch.cuda.synchronize()
+        for name, call in calls.items():
+            _sync(device)
             start = time.perf_counter()
             call()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            sink.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+            _sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing.of(s) for name, s in seconds.items()}
 
 
 def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: int = 30, device: str = "cpu",
                 progress: Progress | None = None) -> list[dict]:
-    """Dense F.linear vs ops.sparse_linear at batch 1 for each shape, dtype and sparsity: one dict per row."""
+    """The sparse op against the fastest dense product at batch 1, for each shape, dtype and sparsity.
+
+    Dense candidates, all on the same input: "hf" (F.linear on HF's (out, in) layout), "linear" (F.linear on the
+    (in, out) rows a patched model stores) and "kernel" (the sparse op with nothing skipped on those rows)."""
     rows, total = [], len(shapes) * len(dtypes) * len(sparsities)
     cache = last_level_cache_bytes() if device == "cpu" else 0
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            # Sparse reads the (in, out) rows a patched model stores. Dense is that model's dense path on the same
-            # rows (SparseLinear.dense); plain HF, F.linear on HF's (out, in) layout, is timed beside it.
             template = torch.randn(out_features, in_features, dtype=dtype, device=device)
-            copies = min(512, max(2, -(-3 * cache // (2 * template.numel() * template.element_size()))))
+            weight_bytes = template.numel() * template.element_size()
+            copies = min(512, max(2, -(-3 * cache // (2 * weight_bytes))))
             plain = [template.clone() for _ in range(copies)]
             stored = [template.t().contiguous().t() for _ in range(copies)]
             with torch.inference_mode():
                 for sparsity in sparsities:
                     x, threshold = _sparse_input(in_features, sparsity, dtype, device)
                     turn = iter(range(1 << 62))
-                    hf = lambda: F.linear(x, plain[next(turn) % copies])
-                    dense = lambda: ops.dense_linear(x, stored[next(turn) % copies], None)
-                    sparse = lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, threshold)
-                    _median_ms([hf, dense, sparse], copies + 2, device)  # warm-up
-                    hf_ms, dense_ms, sparse_ms = _median_ms([hf, dense, sparse], repeats, device)
+                    calls = {"hf": lambda: F.linear(x, plain[next(turn) % copies]),
+                             "linear": lambda: F.linear(x, stored[next(turn) % copies]),
+                             "kernel": lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, 0.0),
+                             "sparse": lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, threshold)}
+                    _timings(calls, copies + 2, device)  # warm-up
+                    timed = _timings(calls, repeats, device)
+                    dense_path = min(DENSE_PATHS, key=lambda name: timed[name].median)
+                    dense, sparse = timed[dense_path], timed["sparse"]
+                    bound = 1.0 / (1.0 - sparsity)
+                    speedup = dense.median / sparse.median
                     rows.append(dict(out_features=out_features, in_features=in_features, dtype=dtype_name,
-                                     sparsity=sparsity, hf_dense_ms=round(hf_ms, 4), dense_ms=round(dense_ms, 4),
-                                     sparse_ms=round(sparse_ms, 4), speedup=round(dense_ms / sparse_ms, 3),
-                                     bound=round(1.0 / (1.0 - sparsity), 3)))
+                                     sparsity=sparsity, **{f"{name}_dense_ms": round(timed[name].median, 4) for name in DENSE_PATHS},
+                                     dense_path=dense_path, dense_ms=round(dense.median, 4),
+                                     dense_iqr_ms=round(dense.q3 - dense.q1, 4), sparse_ms=round(sparse.median, 4),
+                                     sparse_iqr_ms=round(sparse.q3 - sparse.q1, 4), speedup=round(speedup, 3),
+                                     bound=round(bound, 3), dense_gbs=round(weight_bytes / dense.median / 1e6, 2),
+                                     sparse_gbs=round(weight_bytes / bound / sparse.median / 1e6, 2),
+                                     flag=flag(speedup, bound, dense, sparse)))
                     if progress:
                         progress(len(rows), total)
             del plain, stored, template
     return rows
 
 
-def model_bytes(model) -> tuple[int, int]:
-    """(weight bytes read per decoded token, of which sparsifiable). The input embedding reads one row, so it
-    counts only when it is the (tied) output head, which reads it all."""
-    embed = model.model.get_input_embeddings().weight
-    head = model.model.get_output_embeddings().weight
-    seen, total = set(), 0
-    for p in model.model.parameters():
-        if p.data_ptr() in seen or (p is embed and embed.data_ptr() != head.data_ptr()):
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    size = embed.element_size()
-    return total, sum(sum(g.values()) for g in model.group_params) * size
+DENSE_PATHS = ("hf", "linear", "kernel")
+_DECODES = DiskStore("decode")
 
 
-def decode_result(sparsity: float = 0.5, new_tokens: int = 64, dtype: str = "float32", repeats: int = 3,
-                  model=None, progress: Progress | None = None) -> dict:
-    """Greedy decode tokens/s of the default model, dense (the model's own dense path, see SparseLinear.dense) vs
-    TEAL at `sparsity`, same prompt."""
-    from . import calibrate, generate, models
+def stored_decode(model, spec) -> dict | None:
+    """The last decode measurement of this setting on this machine, if any."""
+    return _DECODES.load(setting_key(model, spec))
+
+
+def _step_seconds(model, prompt, spec, new_tokens: int, dense_route: str | None = None) -> list[float]:
+    """Wall time of each decode step (the prefill step left out)."""
+    from . import generate
+    steps = generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False, dense_route=dense_route)
+    return [token.seconds for token in steps][1:]
+
+
+def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = DECODE_REPEATS, plain=None,
+                  progress: Progress | None = None) -> dict:
+    """Greedy decode tokens/s of `spec` against the fastest dense decode, equal steps, interleaved repeats; stored
+    as this setting's measurement.
+
+    Dense candidates: "hf" (`plain`, the same model loaded with HF's own layout, when given), and this model's dense
+    path through F.linear ("linear") or through the kernel with nothing skipped ("kernel"). Rates are 1 / the
+    median step time; the speedup's spread is the interquartile range of the paired per-repeat ratios."""
+    from . import generate
     from .trace import SparsityCounter
 
-    model = model or models.load(dtype=dtype)
-    spec = calibrate.calibrate(model, "teal", sparsity)
+    model.check(spec)
     prompt = generate.encode_prompt(model, PROMPT)
-    run = lambda s, n: generate.generate(model, prompt, s, max_new_tokens=n, stop_at_eos=False)
     counter = SparsityCounter()  # measured in its own untimed run: observers cost time
     with torch.inference_mode():
-        list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens, observers=[counter], stop_at_eos=False))
-    run(None, 4), run(spec, 4)  # warm-up
-    rates = {None: [], spec: []}
+        list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, observers=[counter], stop_at_eos=False))
+    runs = {"linear": lambda n: _step_seconds(model, prompt, None, n, "linear")}
+    if model.layout != "hf":
+        runs["kernel"] = lambda n: _step_seconds(model, prompt, None, n, "kernel")
+    if plain is not None:
+        runs["hf"] = lambda n: _step_seconds(plain, generate.encode_prompt(plain, PROMPT), None, n)
+    runs["sparse"] = lambda n: _step_seconds(model, prompt, spec, n)
+    for run in runs.values():
+        run(4)  # warm-up
+    steps = {name: [] for name in runs}
+    per_repeat = {name: [] for name in runs}
     for done in range(repeats):
-        for s in rates:
-            rates[s].append(run(s, new_tokens).tokens_per_second)
+        for name, run in runs.items():
+            seconds = run(new_tokens)
+            steps[name] += seconds
+            per_repeat[name].append(statistics.median(seconds))
         if progress:
             progress(done + 1, repeats)
-    dense, sparse = statistics.median(rates[None]), statistics.median(rates[spec])
-    from .report import token_cost  # report builds on this module's model_bytes
-    weights = model.skippable_params("teal")  # in the cats layout TEAL reads all of up: that share is not skippable
-    readable = 1.0 - sum(p.get("read_anyway", 0) for p in weights) / sum(sum(p.values()) for p in weights)
-    return dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), backend=ops.describe_backends(),
-                new_tokens=new_tokens, dense_tok_s=round(dense, 2), sparse_tok_s=round(sparse, 2),
-                speedup=round(sparse / dense, 3), bound=round(token_cost(model, sparsity * readable).bound, 3),
-                achieved_sparsity=round(counter.weighted(weights), 4))
+    timed = {name: Timing.of(s) for name, s in steps.items()}
+    candidates = [name for name in runs if name != "sparse"]
+    dense_path = min(candidates, key=lambda name: timed[name].median)
+    dense, sparse = timed[dense_path], timed["sparse"]
+    rate = lambda t: round(1e3 / t.median, 2)
+    ratios = [d / s for d, s in zip(per_repeat[dense_path], per_repeat["sparse"])]
+    cost = token_cost(model, counter.weighted(model.skippable_params(spec.method if spec else "dense")))
+    speedup = dense.median / sparse.median
+    result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,
+                  device=str(model.device), backend=ops.describe_backends(), method=spec.method if spec else "dense",
+                  spec=spec.label if spec else "dense", new_tokens=new_tokens, repeats=repeats,
+                  dense_path=dense_path, dense_tok_s=rate(dense), sparse_tok_s=rate(sparse),
+                  dense_tok_s_iqr=[round(1e3 / dense.q3, 2), round(1e3 / dense.q1, 2)],
+                  sparse_tok_s_iqr=[round(1e3 / sparse.q3, 2), round(1e3 / sparse.q1, 2)],
+                  plain_hf_tok_s=rate(timed["hf"]) if "hf" in timed else None,
+                  dense_candidates_tok_s={name: rate(timed[name]) for name in candidates},
+                  speedup=round(speedup, 3),
+                  speedup_iqr=[round(q, 3) for q in _quartiles(ratios)],
+                  bound=round(cost.bound, 3), weight_reads_skipped=round(cost.reads_skipped, 4),
+                  flag=flag(speedup, cost.bound, dense, sparse))
+    return _DECODES.save(setting_key(model, spec), result)
 
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_arguments(parser):
     parser.add_argument("what", choices=["kernels", "decode"])
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true", help="machine-readable output (decode: one JSON object per line)")
     parser.add_argument("--quick", action="store_true", help="kernels: fewer sparsities and repeats (under a minute)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="decode: TEAL target sparsity")
+    parser.add_argument("--method", default="teal", choices=["teal", "cats", "topk"], help="decode: sparsity method")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="decode: target sparsities")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decode: model dtype")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per run")
+    parser.add_argument("--layout", default="inputs", choices=["inputs", "cats"], help="decode: weight layout")
+    parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS, help="decode: tokens generated per run")
+    parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="kernels: device")
 
 
@@ -170,11 +256,16 @@ def run(args) -> int:
             print(json.dumps({"backend": ops.describe_backends(), "device": device, "rows": rows}))
             return 0
         print(f"backend: {ops.describe_backends()}\ndevice: {device}")
-        print(f"{'out x in':>12} {'dtype':>9} {'s':>5} {'HF ms':>9} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'bound':>6}")
+        print(f"{'out x in':>12} {'dtype':>9} {'s':>5} {'dense':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'bound':>6}  flag")
         for r in rows:
-            print(f"{r['out_features']:>5}x{r['in_features']:<6} {r['dtype']:>9} {r['sparsity']:>5} {r['hf_dense_ms']:>9.3f} "
-                  f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f}")
+            print(f"{r['out_features']:>5}x{r['in_features']:<6} {r['dtype']:>9} {r['sparsity']:>5} {r['dense_path']:>6} "
+                  f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f}  {r['flag'] or ''}")
         return 0
-    result = decode_result(args.sparsity, args.new_tokens, args.dtype, progress=_bar("decode"))
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    from . import calibrate, models
+    model = models.load(dtype=args.dtype, layout=args.layout)
+    plain = models.load(dtype=args.dtype, layout="hf")
+    for target in args.sparsity:
+        spec = calibrate.calibrate(model, args.method, target)
+        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=_bar(f"decode {target:g}"))
+        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n", flush=True)
     return 0

@@ -12,9 +12,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .models import SparseModel, cache_dir, write_atomically
+from .models import SparseModel
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
+from .store import BoundedCache, cache_dir, digest, write_atomically
 from .trace import AbsHistogram
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -40,7 +41,7 @@ def token_chunks(model: SparseModel, text: str, chunk_tokens: int, max_tokens: i
     return [ids[i:i + chunk_tokens].unsqueeze(0).to(model.device) for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
 
 
-_HISTOGRAMS: dict[tuple, AbsHistogram] = {}
+_HISTOGRAMS = BoundedCache(32)  # a few MB each
 
 
 def score_histograms(model: SparseModel, method: str, text: str, running: SparsitySpec | None = None,
@@ -53,8 +54,9 @@ def score_histograms(model: SparseModel, method: str, text: str, running: Sparsi
     if running is None and method == "cats":
         running = SparsitySpec.from_tables("cats", model.dense_spec().values, model.fingerprint)
     key = (model.fingerprint, "cats" if method == "cats" else "teal", text_hash(text), running and running.values)
-    if key in _HISTOGRAMS:
-        return _HISTOGRAMS[key]
+    cached = _HISTOGRAMS.get(key)
+    if cached is not None:
+        return cached
     histogram = AbsHistogram(("mlp_mid",) if method == "cats" else GROUPS)
     chunks = token_chunks(model, text, chunk_tokens)
     with torch.inference_mode():
@@ -63,10 +65,7 @@ def score_histograms(model: SparseModel, method: str, text: str, running: Sparsi
                 model.model(ids, use_cache=False)
             if progress:
                 progress(done, len(chunks))
-    if len(_HISTOGRAMS) > 32:  # bounded: drop the oldest
-        _HISTOGRAMS.pop(next(iter(_HISTOGRAMS)))
-    _HISTOGRAMS[key] = histogram
-    return histogram
+    return _HISTOGRAMS.put(key, histogram)
 
 
 def calibrate(model: SparseModel, method: str, target: float | Sequence[Sequence[float]], text: str | None = None,
@@ -112,8 +111,7 @@ CALIBRATION_VERSION = 2  # bump when the calibration procedure changes, so cache
 
 
 def calibration_cache_path(model: SparseModel, method: str, table: list[list[float]], text: str, refine: int) -> Path:
-    key = repr((CALIBRATION_VERSION, model.fingerprint, method, table, text_hash(text), refine))
-    return cache_dir() / "calibrations" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    return cache_dir() / "calibrations" / f"{digest(CALIBRATION_VERSION, model.fingerprint, method, table, text_hash(text), refine)}.json"
 
 
 def _target_table(model: SparseModel, target: float | Sequence[Sequence[float]]) -> list[list[float]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Iterator
 
@@ -47,8 +48,9 @@ def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_to
 
 def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None, max_new_tokens: int = 64,
            temperature: float = 0.0, seed: int = 0, observers: tuple[Observer, ...] = (),
-           stop_at_eos: bool = True) -> Iterator[Token]:
-    """Yield generated tokens. The spec is set only around each forward pass, never across a yield."""
+           stop_at_eos: bool = True, dense_route: str | None = None) -> Iterator[Token]:
+    """Yield generated tokens. The spec is set only around each forward pass, never across a yield. `dense_route`
+    overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES)."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
     if temperature < 0 or temperature != temperature:
@@ -61,7 +63,7 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            with sparsity(spec, observers):
+            with sparsity(spec, observers, dense_route):
                 out = model.model(ids, cache=cache, use_cache=True)
             logits = out.logits[0, -1].float()
             if temperature > 0:
@@ -97,6 +99,28 @@ def generate(model: SparseModel, prompt: str | Prompt, spec: SparsitySpec | None
         prompt = encode_prompt(model, prompt, max_new_tokens=kwargs.get("max_new_tokens", 64))
     tokens = list(stream(model, prompt, spec, **kwargs))
     return Generation("".join(t.text for t in tokens), tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedRates:
+    """Dense and sparse decode rates over the same steps: 1 / the median step time of each."""
+    dense: float
+    sparse: float
+    steps: int
+
+    @property
+    def speedup(self) -> float:
+        return self.sparse / self.dense
+
+
+def paired_rates(dense: list[Token], sparse: list[Token]) -> PairedRates | None:
+    """Compare like with like: the decode steps both runs made (the prefill step left out), median step times.
+    None until both have made at least one decode step."""
+    steps = min(len(dense), len(sparse)) - 1
+    if steps < 1:
+        return None
+    median = lambda tokens: statistics.median(t.seconds for t in tokens[1:steps + 1])
+    return PairedRates(1.0 / median(dense), 1.0 / median(sparse), steps)
 
 
 def first_divergence(a: list[Token], b: list[Token]) -> int | None:

@@ -1,4 +1,8 @@
-"""What sparsity costs on a text: perplexity dense vs sparse, KL(dense || sparse), top-1 agreement, achieved sparsity."""
+"""What sparsity costs on a text: perplexity dense vs sparse, KL(dense || sparse), top-1 agreement, achieved sparsity.
+
+Every surface (Playground, Quality, Tuner, `eval --json`, the README) shows one measurement per setting: the
+default held-out text, its first QUALITY_TOKENS tokens in CHUNK_TOKENS-token chunks, kept on disk by `measured`.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +11,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .calibrate import Progress, default_text, token_chunks
+from .calibrate import Progress, default_text, text_hash, token_chunks
+from .cost import token_cost
 from .models import SparseModel
 from .patch import sparsity
 from .spec import SparsitySpec
+from .store import DiskStore, digest, setting_key
 from .trace import SparsityCounter
+
+QUALITY_TOKENS = 1024  # held-out tokens of the one quality measurement per setting
+CHUNK_TOKENS = 256     # context of each evaluated chunk; four chunks give the spread across the text
+_MEASURED = DiskStore("quality")
 
 
 @dataclasses.dataclass
@@ -23,18 +33,42 @@ class Evaluation:
     achieved_sparsity: float     # fraction of sparsifiable weight reads skipped, groups weighted by size
     per_layer_sparsity: list[float]
     tokens: int
+    weight_reads_skipped: float  # share of all weight bytes read per token that were skipped (the bound's s)
+    bound: float                 # 1 / (1 - weight_reads_skipped)
+    chunk_ppl_increase: list[float]  # sparse / dense perplexity - 1 in each chunk: the noise across the text
+
+    @property
+    def ppl_increase(self) -> float:
+        return self.ppl_sparse / self.ppl_dense - 1.0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = 2048,
-             chunk_tokens: int = 512, progress: Progress | None = None) -> Evaluation:
+def measured(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int = QUALITY_TOKENS,
+             progress: Progress | None = None) -> Evaluation:
+    """This setting's quality measurement: from disk when it was measured before on this machine, else evaluated
+    (deterministic on the same weights, so the stored figure is the figure)."""
+    text = default_text("evaluation") if text is None else text
+    key = digest(setting_key(model, spec), text_hash(text), max_tokens, CHUNK_TOKENS)
+    known = _MEASURED.load(key)
+    if known is not None:
+        try:
+            return Evaluation(**known)
+        except TypeError:  # written by an older version: measure again
+            pass
+    result = evaluate(model, spec, text=text, max_tokens=max_tokens, progress=progress)
+    _MEASURED.save(key, result.as_dict())
+    return result
+
+
+def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = QUALITY_TOKENS,
+             chunk_tokens: int = CHUNK_TOKENS, progress: Progress | None = None) -> Evaluation:
     model.check(spec)
     chunks = token_chunks(model, default_text("evaluation") if text is None else text, chunk_tokens, max_tokens)
     counter = SparsityCounter()
     nll_dense = nll_sparse = kl = agree = 0.0
-    count = 0
+    count, chunk_increase = 0, []
     with torch.inference_mode():
         for done, ids in enumerate(chunks, 1):
             with sparsity(None):
@@ -42,13 +76,18 @@ def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, ma
             with sparsity(spec, [counter]):
                 sparse = model.model(ids, use_cache=False).logits[0, :-1].double().log_softmax(-1)
             targets = ids[0, 1:]
-            nll_dense += float(F.nll_loss(dense, targets, reduction="sum"))
-            nll_sparse += float(F.nll_loss(sparse, targets, reduction="sum"))
+            chunk_dense = float(F.nll_loss(dense, targets, reduction="sum"))
+            chunk_sparse = float(F.nll_loss(sparse, targets, reduction="sum"))
+            chunk_increase.append(math.exp((chunk_sparse - chunk_dense) / len(targets)) - 1.0)
+            nll_dense += chunk_dense
+            nll_sparse += chunk_sparse
             kl += float(F.kl_div(sparse, dense, log_target=True, reduction="sum"))
             agree += float((dense.argmax(-1) == sparse.argmax(-1)).sum())
             count += len(targets)
             if progress:
                 progress(done, len(chunks))
     weights = model.skippable_params(spec.method)
+    cost = token_cost(model, counter.weighted(weights))
     return Evaluation(math.exp(nll_dense / count), math.exp(nll_sparse / count), kl / count, agree / count,
-                      counter.weighted(weights), counter.per_layer(weights), count)
+                      counter.weighted(weights), counter.per_layer(weights), count, cost.reads_skipped, cost.bound,
+                      chunk_increase)

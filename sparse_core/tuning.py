@@ -14,10 +14,11 @@ import pandas as pd
 import torch
 
 from . import calibrate as calibration
-from .metrics import evaluate
+from .metrics import QUALITY_TOKENS, measured
 from .models import SparseModel, decoder_layers
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
+from .store import BoundedCache
 from .trace import AbsHistogram
 
 Progress = Callable[[int, int], None]
@@ -136,18 +137,19 @@ class SweepPoint:
     kl: float
     top1_agreement: float
     achieved_sparsity: float
+    weight_reads_skipped: float
     bound: float
 
 
-_SWEEPS: dict[tuple, pd.DataFrame] = {}
 MAX_CACHED_SWEEPS = 16  # sweeps are small tables, but visitors can ask for many; the oldest goes first
+_SWEEPS = BoundedCache(MAX_CACHED_SWEEPS)
 
 
 def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
-          text: str | None = None, max_tokens: int = 1024, progress: Progress | None = None,
+          text: str | None = None, max_tokens: int = QUALITY_TOKENS, progress: Progress | None = None,
           cancel: threading.Event | None = None) -> pd.DataFrame:
-    """Quality against sparsity: one row per (method, allocation, target) on held-out text; cached per inputs."""
-    from .report import token_cost
+    """Quality against sparsity: one row per (method, allocation, target) on held-out text, each point the
+    setting's own stored measurement (metrics.measured); the table is cached per inputs."""
     text = calibration.default_text("evaluation") if text is None else text
     key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
     cached = _SWEEPS.get(key)
@@ -159,14 +161,11 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
     for done, (method, allocation, target) in enumerate(plan):
         _check(cancel)
         spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(model, method, target)
-        result = evaluate(model, spec, text=text, max_tokens=max_tokens)
+        result = measured(model, spec, text=text, max_tokens=max_tokens)
         rows.append(SweepPoint(method, allocation, target, result.ppl_dense, result.ppl_sparse,
                                result.ppl_sparse / result.ppl_dense, result.kl, result.top1_agreement,
-                               result.achieved_sparsity, token_cost(model, result.achieved_sparsity).bound))
+                               result.achieved_sparsity, result.weight_reads_skipped, result.bound))
         if progress:
             progress(done + 1, len(plan))
     frame = pd.DataFrame([dataclasses.asdict(r) for r in rows])
-    if len(_SWEEPS) >= MAX_CACHED_SWEEPS:
-        _SWEEPS.pop(next(iter(_SWEEPS), None), None)  # two sessions evicting at once must not raise
-    _SWEEPS[key] = frame
-    return frame
+    return _SWEEPS.put(key, frame)

@@ -1,37 +1,83 @@
-"""Smoke tests of the benchmark functions on tiny settings (no timing assertions: timings vary by machine)."""
+"""The benchmarks' bookkeeping on tiny settings: the honest dense (fastest of three, named), spreads, flags and the
+stored measurement. No timing assertions: timings vary by machine."""
 import json
 
-from sparse_core import bench
+import numpy as np
+import pytest
+
+from sparse_core import bench, calibrate, cost, models
 from sparse_core.__main__ import main
 
-KEYS = {"out_features", "in_features", "dtype", "sparsity", "hf_dense_ms", "dense_ms", "sparse_ms", "speedup", "bound"}
+ROW_KEYS = {"out_features", "in_features", "dtype", "sparsity", "hf_dense_ms", "linear_dense_ms", "kernel_dense_ms",
+            "dense_path", "dense_ms", "dense_iqr_ms", "sparse_ms", "sparse_iqr_ms", "speedup", "bound", "dense_gbs",
+            "sparse_gbs", "flag"}
 
 
-def test_kernel_rows_report_every_setting_with_progress():
+def test_kernel_rows_compare_against_the_fastest_of_three_dense_products():
     seen = []
-    rows = bench.kernel_rows(shapes=((48, 80),), dtypes=("float32", "bfloat16"), sparsities=(0.0, 0.5), repeats=2,
+    rows = bench.kernel_rows(shapes=((48, 80),), dtypes=("float32", "bfloat16"), sparsities=(0.0, 0.5), repeats=3,
                              progress=lambda done, total: seen.append((done, total)))
     assert [(r["dtype"], r["sparsity"]) for r in rows] == [("float32", 0.0), ("float32", 0.5), ("bfloat16", 0.0), ("bfloat16", 0.5)]
-    assert all(set(r) == KEYS and r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        candidates = {path: r[f"{path}_dense_ms"] for path in bench.DENSE_PATHS}
+        assert r["dense_ms"] == min(candidates.values()) and candidates[r["dense_path"]] == r["dense_ms"]
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"], rel=0.05)  # ms rounded to 0.1 us
+        assert r["dense_iqr_ms"] >= 0 and r["sparse_iqr_ms"] >= 0
+        assert r["flag"] is None or r["flag"].startswith(("noisy", "invalid"))
     assert rows[1]["bound"] == 2.0 and seen[-1] == (4, 4)
 
 
-def test_decode_result_fields_and_model_bound(smollm2, capsys):
-    result = bench.decode_result(0.5, new_tokens=3, repeats=1, model=smollm2)
-    assert set(result) == {"model", "dtype", "backend", "new_tokens", "dense_tok_s", "sparse_tok_s", "speedup",
-                           "bound", "achieved_sparsity"}
-    assert 1.5 < result["bound"] < 1.8 and 0.3 < result["achieved_sparsity"] < 0.7
-    total, sparsifiable = bench.model_bytes(smollm2)
+def test_timing_quartiles_match_numpy():
+    seconds = [0.010, 0.012, 0.011, 0.030, 0.009, 0.010, 0.013]
+    timing = bench.Timing.of(seconds)
+    q1, median, q3 = np.percentile(seconds, [25, 50, 75]) * 1e3
+    assert (timing.q1, timing.median, timing.q3) == pytest.approx((q1, median, q3))
+    assert timing.spread == pytest.approx((q3 - q1) / median)
+
+
+def test_a_speedup_above_its_bound_or_with_a_wide_spread_is_flagged():
+    calm, busy = bench.Timing(10.0, 9.8, 10.2), bench.Timing(10.0, 7.0, 13.0)
+    assert bench.flag(1.9, 2.0, calm, calm) is None
+    assert bench.flag(2.0 * 1.05, 2.0, calm) is None  # at 1.05 x the bound: still within
+    assert bench.flag(2.2, 2.0, calm, calm).startswith("invalid: x2.20 is above the bound x2.00")
+    assert bench.flag(1.5, 2.0, calm, busy).startswith("noisy: interquartile range 60%")
+    assert bench.flag(3.0, 2.0, busy).startswith("invalid")  # above the bound outranks noise
+
+
+@pytest.fixture(scope="module")
+def plain_hf():
+    return models.load(layout="hf")
+
+
+def test_decode_result_is_against_the_fastest_dense_and_is_the_stored_measurement(smollm2, plain_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the user's stored measurements stay untouched
+    spec = calibrate.calibrate(smollm2, "teal", 0.5)
+    assert bench.stored_decode(smollm2, spec) is None
+    result = bench.decode_result(smollm2, spec, new_tokens=3, repeats=2, plain=plain_hf)
+    assert set(result["dense_candidates_tok_s"]) == {"hf", "linear", "kernel"}
+    assert result["dense_tok_s"] == max(result["dense_candidates_tok_s"].values())
+    assert result["dense_candidates_tok_s"][result["dense_path"]] == result["dense_tok_s"]
+    assert result["plain_hf_tok_s"] == result["dense_candidates_tok_s"]["hf"]
+    assert result["speedup"] == pytest.approx(result["sparse_tok_s"] / result["dense_tok_s"], rel=1e-2)
+    assert result["speedup_iqr"][0] <= result["speedup_iqr"][1]
+    assert (result["method"], result["spec"], result["layout"], result["dtype"]) == ("teal", "TEAL 50%", "inputs", "float32")
+    assert 1.5 < result["bound"] < 1.8 and result["bound"] == pytest.approx(1 / (1 - result["weight_reads_skipped"]), rel=1e-3)
+    assert result["flag"] is None or result["flag"].startswith(("noisy", "invalid"))
+    assert bench.stored_decode(smollm2, spec) == json.loads(json.dumps(result))  # what every page reads back
+    total, sparsifiable = cost.model_bytes(smollm2)
     assert 0.6 < sparsifiable / total < 0.9  # the tied head/embedding is read once per token and not sparsified
 
 
-def test_decode_bound_in_the_cats_layout_leaves_out_up(smollm2):
+def test_decode_bound_in_the_cats_layout_leaves_out_up(smollm2, tmp_path, monkeypatch):
     """TEAL reads all of up in the cats layout, so its bound and measured skipped share count only the rest."""
-    from sparse_core import models
     cats = models.load(layout="cats")
-    result = bench.decode_result(0.5, new_tokens=3, repeats=1, model=cats)
-    default = bench.decode_result(0.5, new_tokens=3, repeats=1, model=smollm2)
-    assert 1.0 < result["bound"] < default["bound"] and result["achieved_sparsity"] < default["achieved_sparsity"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # after loading: the converted model stays where it is
+    result = bench.decode_result(cats, calibrate.calibrate(cats, "teal", 0.5), new_tokens=3, repeats=1)
+    default = bench.decode_result(smollm2, calibrate.calibrate(smollm2, "teal", 0.5), new_tokens=3, repeats=1)
+    assert 1.0 < result["bound"] < default["bound"]
+    assert result["weight_reads_skipped"] < default["weight_reads_skipped"]
+    assert set(result["dense_candidates_tok_s"]) == {"linear", "kernel"}  # no plain model given
 
 
 def test_cli_kernels_json_shape(monkeypatch, capsys):
@@ -40,3 +86,4 @@ def test_cli_kernels_json_shape(monkeypatch, capsys):
     assert main(["bench", "kernels", "--json", "--quick"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"backend", "device", "rows"} and len(report["rows"]) == 3
+    assert all(set(r) == ROW_KEYS for r in report["rows"])

@@ -1,14 +1,26 @@
 """The CLI end to end on the embedded model: JSON that scripts can rely on, one-line errors."""
 import json
 
+import pytest
+
+from sparse_core import calibrate, metrics
 from sparse_core.__main__ import main
 
 
-def test_eval_json_has_the_promised_fields(capsys):
-    assert main(["eval", "--json", "--method", "teal", "--sparsity", "0.25", "--max-tokens", "128"]) == 0
+def test_eval_json_is_the_one_stored_quality_measurement(smollm2, capsys):
+    """`eval --json` by default reports the setting's one measurement: the held-out text's first QUALITY_TOKENS
+    tokens, the same figures every page shows (metrics.measured), labelled with the setting."""
+    assert main(["eval", "--json", "--method", "teal", "--sparsity", "0.25"]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert {"ppl_dense", "ppl_sparse", "kl", "top1_agreement", "achieved_sparsity"} <= row.keys()
+    assert {"ppl_dense", "ppl_sparse", "kl", "top1_agreement", "achieved_sparsity", "weight_reads_skipped", "bound",
+            "ppl_increase", "chunk_ppl_increase"} <= row.keys()
+    assert (row["spec"], row["dtype"], row["layout"], row["device"]) == ("TEAL 25%", "float32", "inputs", "cpu")
+    assert row["tokens"] == metrics.QUALITY_TOKENS - metrics.QUALITY_TOKENS // metrics.CHUNK_TOKENS  # one target less per chunk
     assert abs(row["achieved_sparsity"] - 0.25) < 0.05 and row["ppl_sparse"] >= row["ppl_dense"] * 0.98
+    shown = metrics.measured(smollm2, calibrate.calibrate(smollm2, "teal", 0.25))
+    assert (row["ppl_sparse"], row["kl"], row["weight_reads_skipped"]) == (
+        round(shown.ppl_sparse, 4), round(shown.kl, 4), round(shown.weight_reads_skipped, 4))
+    assert row["bound"] == pytest.approx(1 / (1 - row["weight_reads_skipped"]), rel=1e-3)
 
 
 def test_calibrate_writes_a_spec_that_eval_reads_back(tmp_path, capsys):

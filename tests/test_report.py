@@ -6,6 +6,7 @@ import torch
 import transformers as T
 
 from sparse_core import generate, models, report
+from sparse_core.cost import token_cost
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
 
@@ -35,14 +36,14 @@ def tiny():
 
 
 def test_dense_cost_counts_every_weight_read_once(tiny):
-    cost = report.token_cost(tiny, 0.0)
+    cost = token_cost(tiny, 0.0)
     assert (cost.dense_bytes, cost.sparse_bytes, cost.bytes_per_element) == (4 * TOTAL, 4 * TOTAL, 4)
     assert cost.dense_macs == cost.sparse_macs == TOTAL
     assert cost.bound == 1.0
 
 
 def test_half_sparse_cost_bound_and_energy(tiny):
-    cost = report.token_cost(tiny, 0.5, pj_per_byte=20.0)
+    cost = token_cost(tiny, 0.5, pj_per_byte=20.0)
     assert cost.sparse_macs == TOTAL - SPARSIFIABLE // 2 == 392
     assert cost.sparse_bytes == 4 * 392 == 1568
     assert cost.bound == pytest.approx(2720 / 1568)
@@ -54,7 +55,7 @@ def test_half_sparse_cost_bound_and_energy(tiny):
 
 def test_bfloat16_halves_the_bytes_not_the_multiply_adds(tiny):
     half = models.wrap(T.AutoModelForCausalLM.from_config(tiny.model.config).to(torch.bfloat16), _Tokenizer(), "tiny16")
-    cost = report.token_cost(half, 0.25)
+    cost = token_cost(half, 0.25)
     assert (cost.dense_bytes, cost.dense_macs) == (2 * TOTAL, TOTAL)
     assert cost.sparse_macs == TOTAL - SPARSIFIABLE // 4
 
@@ -85,6 +86,31 @@ def test_trace_heatmap_data_agrees_with_the_threshold(tiny):
 def test_dense_trace_has_no_threshold_marker(tiny):
     traced = report.trace_tokens(tiny, None, [1, 2, 3, 4], layer=0)
     assert report.threshold_marker(traced, "attn_in") == (None, 0.0)
+
+
+def test_neuron_view_puts_hot_neurons_first_only_when_asked(tiny):
+    traced = report.trace_tokens(tiny, _teal(tiny, 0.05), list(range(1, 10)) * 4, layer=0)
+    values, _ = traced.trace.activation_matrix()
+    hot = report.neuron_view(traced, hot_first=True)
+    strength = values.mean(0).numpy()[hot.neurons]
+    ranked = list(zip(hot.active_share, strength))
+    assert ranked == sorted(ranked, reverse=True)  # most often active first, the stronger first among equals
+    assert sorted(hot.neurons) == list(range(16))
+    assert list(report.neuron_view(traced, hot_first=False, max_neurons=10).neurons) == list(range(10))
+
+
+def test_token_labels_show_whitespace_and_shorten_long_words():
+    tokens = [" the", "\n", " lighthouse", "\tkeeper", " the"]
+    assert report.token_labels(tokens) == ["·the", "↵", "·lighth…", "⇥keeper", "·the"]  # 8 characters at most
+    assert report.token_labels(tokens, max_chars=None)[2] == "·lighthouse"
+
+
+def test_color_range_ignores_outliers_and_skipped_cells():
+    values = np.append(np.linspace(0.0, 1.0, 99), [8.0, np.nan])
+    low, high = report.color_range(values, 1, 99)
+    assert 0.0 <= low < 0.02 and 0.98 < high < 1.1  # the 8 would have squashed everything else into one colour
+    assert report.color_range(np.zeros(5), 2, 98) == (None, None)
+    assert report.color_range(np.full(3, np.nan), 2, 98) == (None, None)
 
 
 def test_per_layer_frame_and_decode_breakdown(tiny):

@@ -15,14 +15,16 @@ QUESTION = "What is the capital of France?"
 
 
 def test_zero_sparsity_matches_plain_hf_logits_and_tokens(smollm2):
-    """Exactly HF's own forward on the same weight storage; against a freshly loaded HF model (its weights in HF's
-    layout, so the BLAS sums in another order) within float32 rounding, with the same greedy tokens."""
+    """On the "linear" dense route, exactly HF's own forward on the same weight storage; against a freshly loaded HF
+    model (its weights in HF's layout, so the BLAS sums in another order) within float32 rounding, with the same
+    greedy tokens, on either dense route."""
     pristine = AutoModelForCausalLM.from_pretrained(models.default_model_dir(), dtype=torch.float32).eval()
     zero = calibrate.calibrate(smollm2, "teal", 0.0)
     prompt = generate.encode_prompt(smollm2, QUESTION)
     ids = torch.tensor([prompt.ids])
-    ours = [t.id for t in generate.stream(smollm2, prompt, zero, max_new_tokens=12)]
-    with torch.no_grad(), sparsity(zero):
+    ours = [t.id for t in generate.stream(smollm2, prompt, zero, max_new_tokens=12, dense_route="linear")]
+    kernel_route = [t.id for t in generate.stream(smollm2, prompt, zero, max_new_tokens=12, dense_route="kernel")]
+    with torch.no_grad(), sparsity(zero, dense_route="linear"):
         logits = smollm2.model(ids).logits
     with torch.no_grad():
         fresh = pristine(ids).logits
@@ -31,7 +33,7 @@ def test_zero_sparsity_matches_plain_hf_logits_and_tokens(smollm2):
         assert torch.equal(logits, plain(ids).logits)
         plain_tokens = plain.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     torch.testing.assert_close(logits, fresh, rtol=0, atol=1e-3)
-    assert ours == plain_tokens == fresh_tokens
+    assert ours == plain_tokens == fresh_tokens == kernel_route
 
 
 @pytest.mark.parametrize("method, target", [("teal", 0.25), ("teal", 0.5), ("cats", 0.5), ("topk", 0.4)])
@@ -135,3 +137,18 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(smollm2):
     with pytest.raises(models.ModelLoadError, match=r"needs about 0\.5 GiB for its float32 weights but only 0\.1 GiB"):
         models.check_fits(folder, "float32", available=100 * 2**20)
     models.check_fits(folder, "float32", available=8 * 2**30)
+
+
+def test_quality_is_measured_once_per_setting_and_comes_back_from_disk(smollm2, tmp_path, monkeypatch):
+    """metrics.measured evaluates a setting once, keeps it on disk, and from then on every caller gets exactly that
+    measurement; the overall perplexity change lies within the spread of its chunks."""
+    spec = calibrate.calibrate(smollm2, "teal", 0.4)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = metrics.measured(smollm2, spec, max_tokens=512)
+    assert first == metrics.evaluate(smollm2, spec, max_tokens=512)
+    monkeypatch.setattr(metrics, "evaluate", lambda *args, **kwargs: pytest.fail("measured twice"))
+    assert metrics.measured(smollm2, spec, max_tokens=512) == first
+    chunks = first.chunk_ppl_increase
+    assert first.tokens == 512 - 2 and len(chunks) == 2
+    assert min(chunks) <= first.ppl_increase <= max(chunks)
+    assert first.bound == pytest.approx(1 / (1 - first.weight_reads_skipped))

@@ -15,11 +15,10 @@
 
 namespace {
 
-// Measured crossovers (docs/PERFORMANCE.md): up to 8 tokens the gather beats MKL's masked dense matmul even when
-// the union keeps every row (for 2..8 tokens MKL packs the whole weight first); from 16 tokens dense wins. One
-// token: dense gemv streams as fast as the gather, so gather only when it skips at least 5 % of the rows.
+// Measured crossover (docs/PERFORMANCE.md): up to 8 tokens the gather beats MKL's masked dense matmul even when
+// the union keeps every row (one token: 1.3-2x faster than at::linear on either layout, float32 and bfloat16;
+// for 2..8 tokens MKL packs the whole weight first); from 16 tokens dense wins.
 constexpr int64_t kMaxUnionTokens = 8;
-constexpr double kMaxActiveFractionOneToken = 0.95;
 constexpr int64_t kParallelBytes = 1 << 18;   // below ~256 KiB of rows a thread fork costs more than it saves
 
 inline float widen(float v) { return v; }
@@ -60,33 +59,21 @@ void accumulate_rows(const W* wt, int64_t out, const int64_t* idx, const float* 
   }
 }
 
-// The union of the tokens' masks as row indices, and each token's masked values compacted onto them. When the rows
-// are too many to be worth gathering, returns the dense matmul on the masked input instead (defined `dense`).
+// The union of the tokens' masks as row indices, and each token's masked values compacted onto them, then the
+// gather of those rows.
 template <typename W>
-at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& wt,
-                       const std::optional<at::Tensor>& bias, const float* thr, bool per_token) {
+at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
+                       const float* thr, bool per_token) {
   const int64_t tokens = x2.size(0), in = x2.size(1), out = wt.size(1);
   const W* x = x2.data_ptr<W>();
   std::vector<int64_t> idx;
   idx.reserve(in);
-  int64_t kept = 0;
   for (int64_t i = 0; i < in; ++i) {
     int64_t live = 0;
     for (int64_t t = 0; t < tokens; ++t) live += std::fabs(widen(x[t * in + i])) > thr[per_token ? t : 0];
-    kept += live;
     if (live) idx.push_back(i);
   }
   const int64_t n = static_cast<int64_t>(idx.size());
-  // float32 only: at::linear on the (in, out) layout is as fast as on HF's, while oneDNN's bfloat16 one is 1.5-2x
-  // slower than on HF's here, and slower than gathering every row (docs/PERFORMANCE.md).
-  if (std::is_same_v<W, float> && tokens == 1 && n > static_cast<int64_t>(kMaxActiveFractionOneToken * in)) {
-    if (kept == tokens * in) return at::linear(x2, weight, bias);  // nothing masked: skip building a copy
-    at::Tensor xm = at::empty_like(x2);
-    W* m = xm.data_ptr<W>();
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t i = 0; i < in; ++i) m[t * in + i] = std::fabs(widen(x[t * in + i])) > thr[per_token ? t : 0] ? x[t * in + i] : W(0.0f);
-    return at::linear(xm, weight, bias);
-  }
   std::vector<float> xs(tokens * n);
   for (int64_t t = 0; t < tokens; ++t) {
     const float limit = thr[per_token ? t : 0];
@@ -123,7 +110,7 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& weight, const at:
 }
 
 // y = F.linear(x * (|x| > threshold), weight, bias); threshold is per token (tokens, 1) when given, else scalar.
-// `weight` (out, in) serves the masked dense fallback, `wt` (the same values as (in, out)) the row gather.
+// `weight` (out, in) serves the masked dense matmul beyond kMaxUnionTokens, `wt` (the same values as (in, out)) the gather.
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& wt,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& threshold, double scalar_threshold) {
@@ -143,8 +130,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
   }
   at::Tensor y;
   if (tokens <= kMaxUnionTokens) {
-    y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, weight, wt, bias, thr.data(), per_token)
-                                         : gather_rows<float>(x2, weight, wt, bias, thr.data(), per_token);
+    y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, wt, bias, thr.data(), per_token)
+                                         : gather_rows<float>(x2, wt, bias, thr.data(), per_token);
   } else {
     const at::Tensor limit = per_token ? threshold->reshape({tokens, 1}) : at::scalar_tensor(scalar_threshold, x.options());
     y = at::linear(x2 * (x2.abs() > limit), weight, bias);

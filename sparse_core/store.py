@@ -1,0 +1,89 @@
+"""Where results are kept so each is measured once per setting: a bounded in-memory cache shared by threads, and
+JSON files in the user's cache for measurements (quality, speed) that must come back identical on every surface."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Hashable
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def digest(*parts: Any) -> str:
+    """A short stable name for a key made of plain values (repr of numbers, strings, tuples)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+
+def setting_key(model, spec) -> str:
+    """What a speed or quality measurement belongs to: the model (weights, dtype, layout, device, dense route) and
+    the spec's method and values (not its name or date: two specs with equal values measure the same)."""
+    return digest(model.fingerprint, str(model.dtype), model.layout, str(model.device), model.dense_route,
+                  None if spec is None else (spec.method, spec.values))
+
+
+class BoundedCache:
+    """A dict that forgets its oldest entry beyond `limit` entries; safe to share between threads (sessions)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        return self._items.get(key, default)
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        with self._lock:
+            self._items.pop(key, None)
+            while len(self._items) >= self.limit:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = value
+        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+
+class DiskStore:
+    """One JSON file per key under the cache folder `kind`. A file that cannot be read counts as missing."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def path(self, key: str) -> Path:
+        return cache_dir() / self.kind / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def save(self, key: str, value: dict) -> dict:
+        write_atomically(self.path(key), json.dumps(value))
+        return value
