@@ -5,14 +5,18 @@ Not registered in app.py's navigation, so it never shows as a page.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
+import os
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pandas as pd
 import streamlit as st
 
-from sparse_core import bench, calibrate, metrics, models, report
+from sparse_core import bench, calibrate, metrics, models, report, warmup
 from sparse_core.spec import SparsitySpec, SpecError
 from sparse_core.store import BoundedCache
 
@@ -90,10 +94,49 @@ def _calibrated_specs() -> BoundedCache:
     return BoundedCache(MAX_SHARED_SPECS)
 
 
+@contextlib.contextmanager
+def progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for long work, gone when the work ends: yields the (done, total) callback the engine reports
+    to, which moves the bar and estimates the time left from the pace so far."""
+    bar = st.progress(0.0, text=label)
+    started = time.monotonic()
+
+    def update(done: int, total: int) -> None:
+        left = (time.monotonic() - started) / done * (total - done) if 0 < done < total else None
+        bar.progress(min(done / max(total, 1), 1.0),
+                     text=f"{label} {done}/{total}" + (f" · about {left:.0f} s left" if left is not None else ""))
+    try:
+        yield update
+    finally:
+        bar.empty()
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _warmup(_model: models.SparseModel, key: tuple) -> warmup.Warmup:
+    return warmup.Warmup(_model)
+
+
+def prepare_ahead(model: models.SparseModel) -> warmup.Warmup | None:
+    """Start (once per model) calibrating and measuring every slider step in the background; off when
+    SPARSE_LAB_WARMUP=0 (the tests, which time things, switch it off)."""
+    if os.environ.get("SPARSE_LAB_WARMUP", "1") == "0":
+        return None
+    return _warmup(model, model_key(model)).start()
+
+
+@contextlib.contextmanager
+def foreground(model: models.SparseModel) -> Iterator[None]:
+    """Work a visitor waits for, or that is timed: the background preparation holds still meanwhile."""
+    prepared = prepare_ahead(model)
+    with prepared.paused() if prepared else contextlib.nullcontext():
+        yield
+
+
 def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation:
     """The setting's one quality measurement (metrics.measured): from disk when known, else measured once here."""
-    with st.spinner(f"Measuring the quality cost on {metrics.QUALITY_TOKENS} held-out tokens (once per setting)…"):
-        return metrics.measured(model, spec)
+    with foreground(model), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS} held-out tokens "
+                                     "(once per setting)…") as update:
+        return metrics.measured(model, spec, progress=update)
 
 
 def measure_decode(current: Settings, progress=None) -> dict:
@@ -101,7 +144,8 @@ def measure_decode(current: Settings, progress=None) -> dict:
     model = current.model
     plain = None if model.layout == "hf" else load_model(model.name, str(model.dtype).replace("torch.", ""), "hf",
                                                          st.session_state.get("trust_remote_code", False))
-    return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain, progress=progress)
+    with foreground(model):
+        return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain, progress=progress)
 
 
 def model_key(model: models.SparseModel) -> tuple:
@@ -115,9 +159,8 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     spec = store.get(key)
     if spec is None:
         label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
-        bar = st.progress(0.0, text=label)
-        spec = calibrate.calibrate(model, method, target, progress=lambda done, total: bar.progress(done / total, text=label))
-        bar.empty()
+        with foreground(model), progress(label) as update:
+            spec = calibrate.calibrate(model, method, target, progress=update)
         store.put(key, spec)  # the oldest goes beyond MAX_SHARED_SPECS (on disk: back in milliseconds)
     return spec
 
@@ -157,6 +200,10 @@ def sidebar() -> Settings:
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")
         model = _resolve_model(name, dtype, layout, trust)
+        prepared = prepare_ahead(model)
+        if prepared is not None and not prepared.finished:
+            st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "
+                       "calibrated and measured, so the slider answers in seconds.")
         st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
 
         st.header("Sparsity")
@@ -257,8 +304,8 @@ def headline(current: Settings) -> None:
             st.warning(f"The last decode measurement of this setting is not shown as a result: {speed['flag']}.")
         if not valid and st.button("Measure decode speed", key="measure_headline",
                                    help="Times dense and sparse decoding of this setting, interleaved (about half a minute)."):
-            bar = st.progress(0.0, text="Timing dense and sparse decoding…")
-            measure_decode(current, progress=lambda done, total: bar.progress(done / total, text=f"Timing dense and sparse decoding… {done}/{total}"))
+            with progress("Timing dense and sparse decoding…") as update:
+                measure_decode(current, progress=update)
             st.rerun()
 
 

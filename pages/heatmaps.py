@@ -1,15 +1,11 @@
 """Heatmaps: where the skipping happens, per layer and token, per neuron, and against the |x| distribution."""
-import math
-
 import plotly.graph_objects as go
 import streamlit as st
 
 from pages import common
-from sparse_core import report
+from sparse_core import figures, report
 from sparse_core.spec import GROUPS
 
-GROUP_TITLES = {"attn_in": "Attention input (q, k, v)", "attn_out": "Attention output (o)",
-                "mlp_in": "MLP input (gate, up)", "mlp_mid": "MLP intermediate (down)"}
 SOURCES = ["Last generation", "Example text", "Pasted text"]
 # What the page traces until there is a generation or a paste: plain prose, 61 tokens, so every word fits on the axis.
 EXAMPLE_TEXT = ("The old lighthouse stood at the end of a narrow road, where the fields gave way to rocks and sea. "
@@ -17,16 +13,6 @@ EXAMPLE_TEXT = ("The old lighthouse stood at the end of a narrow road, where the
                 "Ships passing in the dark could not see him, but they trusted his light all the same.")
 EXAMPLE_REASONS = {"Last generation": "No generation yet (make one on the Playground), so this traces",
                    "Pasted text": "Nothing pasted yet, so this traces"}
-MAX_TOKEN_TICKS = 64  # word labels that fit under a full-width chart; beyond this every n-th token is labelled
-SKIPPED_GREY = "#9ca3af"  # plot background, so the NaN (skipped) cells of the neuron view show as grey
-
-
-def token_axis(labels: list[str]) -> dict:
-    """An x axis with the token words under their columns (every n-th when there are many). The values stay
-    token positions, so a word that occurs twice keeps two columns."""
-    shown = range(0, len(labels), max(1, math.ceil(len(labels) / MAX_TOKEN_TICKS)))
-    return dict(title="token", tickmode="array", tickvals=list(shown), ticktext=[labels[i] for i in shown],
-                tickangle=-60, tickfont=dict(size=10), automargin=True)
 
 
 current = common.sidebar()
@@ -64,36 +50,19 @@ if len(ids) > report.MAX_TRACE_TOKENS:
 
 layer = st.slider("Layer for the neuron and histogram views", 0, model.num_layers - 1, model.num_layers // 2, key="heatmap_layer")
 trace = common.traced(model, spec, ids, layer)
-words = report.token_labels(trace.tokens, max_chars=None)  # in full, for hovering
-axis = token_axis(report.token_labels(trace.tokens))
 
 st.subheader("Skipped inputs per layer and token")
 st.caption("Colours span the 2nd to 98th percentile of each chart, so a few extreme tokens do not flatten the rest; "
            "· marks a space, ↵ a line break.")
-for group, tab in zip(GROUPS, st.tabs([GROUP_TITLES[g] for g in GROUPS])):
+for group, tab in zip(GROUPS, st.tabs([figures.GROUP_TITLES[g] for g in GROUPS])):
     with tab:
-        matrix = report.skipped_matrix(trace, group)
-        zmin, zmax = report.color_range(matrix.values, 2, 98)
-        figure = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=zmin, zmax=zmax,
-                                      customdata=[words] * len(matrix.index), colorscale="Teal",
-                                      colorbar=dict(title="skipped", tickformat=".0%"),
-                                      hovertemplate="layer %{y}, token %{x} %{customdata}<br>skipped %{z:.0%}<extra></extra>"))
-        if first_generated is not None and first_generated > 0:
-            figure.add_vline(x=first_generated - 0.5, line_dash="dash", annotation_text="generated →")
-        figure.update_layout(height=420, margin=dict(t=30, b=10), xaxis=axis, yaxis_title="layer")
-        st.plotly_chart(figure, width="stretch", key=f"layers-{group}")
+        matrix = report.skipped_matrix(trace, group).values
+        st.plotly_chart(figures.skipped_heatmap(matrix, trace.tokens, first_generated), width="stretch", key=f"layers-{group}")
 
 st.subheader(f"MLP neurons of layer {layer}")
 hot_first = st.toggle("Hot neurons first (most often active)", value=True, key="hot_first")
 neurons = report.neuron_view(trace, hot_first=hot_first)
-zmin, zmax = report.color_range(neurons.activations, 1, 99)
-figure = go.Figure(go.Heatmap(z=neurons.activations.T, x=list(range(len(words))), y=[str(n) for n in neurons.neurons],
-                              zmin=zmin, zmax=zmax, customdata=[words] * len(neurons.neurons), colorscale="Viridis",
-                              colorbar=dict(title="|activation|<br>1st–99th pct"),
-                              hovertemplate="neuron %{y}, token %{x} %{customdata}<br>|activation| %{z:.3g}<extra></extra>"))
-figure.update_layout(height=520, margin=dict(t=30, b=10), xaxis=axis, plot_bgcolor=SKIPPED_GREY,
-                     yaxis=dict(title="neuron", type="category", autorange="reversed"))
-st.plotly_chart(figure, width="stretch", key="neurons")
+st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens), width="stretch", key="neurons")
 shown, width = len(neurons.neurons), model.group_widths["mlp_mid"]
 st.caption("|activation| of the MLP intermediate; grey = skipped at the current threshold. Colours stop at the "
            "1st and 99th percentile of the kept values, so a few outliers do not wash out the rest. "
@@ -101,7 +70,7 @@ st.caption("|activation| of the MLP intermediate; grey = skipped at the current 
               else f"Neurons 0 to {shown - 1} of {width}, in index order from the top."))
 
 st.subheader(f"Distribution of |x| in layer {layer}")
-group = st.selectbox("Projection group", GROUPS, format_func=GROUP_TITLES.get, index=2, key="histogram_group")
+group = st.selectbox("Projection group", GROUPS, format_func=figures.GROUP_TITLES.get, index=2, key="histogram_group")
 bins = trace.trace.histogram.frame(layer, group)
 threshold, below = report.threshold_marker(trace, group)
 nonzero = bins[bins["abs_high"] > 0]

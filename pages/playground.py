@@ -1,52 +1,25 @@
-"""Playground: the same prompt through the dense and the sparse model, side by side, streamed token by token."""
+"""Playground: the same prompt through the dense and the sparse model, side by side, streamed token by token, with
+the skipping drawn live as it happens."""
 from __future__ import annotations
-
-import dataclasses
 
 import plotly.express as px
 import streamlit as st
 
-from pages import common
-from sparse_core import cost, generate, models, ops, report
-from sparse_core.spec import SparsitySpec
+from pages import common, live
+from sparse_core import cost, figures, generate, ops, report
 from sparse_core.trace import SparsityCounter
 
-RUNS = ("dense", "sparse")
-
-
-@dataclasses.dataclass
-class Result:
-    """One Generate click: both runs' tokens and what the sparse run skipped, with the setting that produced them.
-    Kept in session state for the Heatmaps page and so the panes survive reruns."""
-    model: models.SparseModel
-    prompt: generate.Prompt
-    tokens: dict[str, list[generate.Token]]
-    spec: SparsitySpec
-    method: str
-    name: str      # Settings.name at generation time
-    setting: str   # Settings.setting at generation time
-    achieved: float  # share of the sparsifiable weight reads skipped (SparsityCounter.weighted)
-    per_layer: object  # pandas DataFrame from report.per_layer_frame
-
-    def text(self, run: str) -> str:
-        return "".join(t.text for t in self.tokens[run])
-
-    @property
-    def rates(self) -> generate.PairedRates | None:
-        return generate.paired_rates(self.tokens["dense"], self.tokens["sparse"])
-
-    @property
-    def divergence(self) -> int | None:
-        return generate.first_divergence(self.tokens["dense"], self.tokens["sparse"])
+RUNS = live.RUNS
 
 
 def _use_preset() -> None:
     st.session_state.prompt = common.PRESETS[st.session_state.preset]
 
 
-def _generate(current: common.Settings, prompt_text: str, panes: dict) -> Result | None:
-    """Interleave the dense and the sparse stream one token at a time, each pane updating live. Both runs carry a
-    SparsityCounter, so observer overhead is the same on both sides of the speed comparison."""
+def _generate(current: common.Settings, prompt_text: str, panes: dict, view: live.LiveView | None) -> live.Result | None:
+    """Interleave the dense and the sparse stream one token at a time: the text panes update every token, the live
+    view between forward passes (never inside the timed ones). Both runs carry a SparsityCounter, so observer
+    overhead is the same on both sides of the speed comparison. The result is saved after every token."""
     model = current.model
     try:
         prompt = generate.encode_prompt(model, prompt_text, max_new_tokens=current.max_new_tokens)
@@ -57,21 +30,29 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict) -> Result
     streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
                                     observers=(counters[run],))
                for run, spec in zip(RUNS, (None, current.spec))}
-    tokens = {run: [] for run in RUNS}
+    result = live.Result(model, prompt, {run: [] for run in RUNS}, current.spec, current.method, current.name,
+                         current.setting, counters["sparse"])
+    st.session_state.generation = result
+    with common.foreground(model):
+        _stream(streams, result, panes, view)
+    result.partial = False
+    return result
+
+
+def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:
     while streams:
         for run in list(streams):
             token = next(streams[run], None)
             if token is None:
                 del streams[run]
                 continue
-            tokens[run].append(token)
-            panes[run]["text"].markdown(common.text_block("".join(t.text for t in tokens[run])), unsafe_allow_html=True)
-    skippable = model.skippable_params(current.method)
-    return Result(model, prompt, tokens, current.spec, current.method, current.name, current.setting,
-                  counters["sparse"].weighted(skippable), report.per_layer_frame(model, counters["sparse"], current.method))
+            result.tokens[run].append(token)
+            panes[run]["text"].markdown(common.text_block(result.text(run)), unsafe_allow_html=True)
+        if view is not None and streams:
+            view.update(result)
 
 
-def _fill_panes(result: Result, panes: dict) -> None:
+def _fill_panes(result: live.Result, panes: dict) -> None:
     divergence = result.divergence
     rates = result.rates
     for run in RUNS:
@@ -80,12 +61,21 @@ def _fill_panes(result: Result, panes: dict) -> None:
             highlight = len("".join(t.text for t in result.tokens[run][:divergence]))
         panes[run]["text"].markdown(common.text_block(result.text(run), highlight), unsafe_allow_html=True)
         if rates is None:
-            panes[run]["rate"].caption("One token: no decode step to time.")
+            panes[run]["rate"].caption("Fewer than two tokens: no decode step to time.")
             continue
-        delta = common.speedup_delta(rates.speedup) if run == "sparse" else {}
+        delta = {}
+        if run == "sparse":
+            delta = common.speedup_delta(rates.speedup) if not result.flag else dict(
+                delta=f"ratio flagged: {result.flag.split(':')[0]}", delta_color="gray", delta_arrow="off")
         panes[run]["rate"].metric(f"{run.capitalize()} tokens/s", f"{getattr(rates, run):.1f}", **delta,
                                   help=f"1 / the median time of the {rates.steps} decode steps both runs made (the "
                                        "prompt's prefill left out), so both sides compare the same steps.")
+    if result.flag:
+        st.warning(f"This generation's speed ratio is not a result: {result.flag}. The headline's decode measurement "
+                   "times the setting properly.")
+    if result.partial:
+        st.warning(f"Partial result: the run was stopped after {len(result.tokens['sparse'])} sparse and "
+                   f"{len(result.tokens['dense'])} dense tokens.")
     if divergence is None:
         st.success(f"The sparse run produced the same {len(result.tokens['sparse'])} tokens as dense.")
     else:
@@ -95,12 +85,24 @@ def _fill_panes(result: Result, panes: dict) -> None:
                    f"continue from different text, so later differences are expected.")
     lengths = {run: len(result.tokens[run]) for run in RUNS}
     if lengths["dense"] != lengths["sparse"] and rates is not None:
-        st.caption(f"Dense made {lengths['dense']} tokens and sparse {lengths['sparse']} (one stopped at its end-of-text "
-                   f"token); their rates compare the first {rates.steps} decode steps of each.")
+        st.caption(f"Dense made {lengths['dense']} tokens and sparse {lengths['sparse']}; their rates compare the "
+                   f"first {rates.steps} decode steps of each.")
 
 
-def _show_details(result: Result) -> None:
-    token = cost.token_cost(result.model, result.achieved)
+def _neuron_view(result: live.Result) -> None:
+    """After the run: one layer's MLP neurons over the prompt and the generated tokens, right under the heatmap."""
+    model = result.model
+    layer = st.slider("Layer for the neuron view", 0, model.num_layers - 1, model.num_layers // 2, key="playground_layer")
+    ids = result.prompt.ids + tuple(t.id for t in result.tokens["sparse"])
+    trace = common.traced(model, result.spec, ids, layer)
+    neurons = report.neuron_view(trace, hot_first=True)
+    st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens, height=440), width="stretch", key="playground_neurons")
+    st.caption(f"MLP neurons of layer {layer}, the most often active at the top; grey = skipped. The Heatmaps page has "
+               "the |x| histograms and more views.")
+
+
+def _show_details(result: live.Result) -> None:
+    token = result.cost
     st.subheader("What this generation skipped")
     chart = px.bar(result.per_layer, x="layer", y="skipped", hover_data=["attn_in", "attn_out", "mlp_in", "mlp_mid"],
                    labels={"skipped": "share of the layer's weight reads skipped"})
@@ -134,7 +136,12 @@ common.headline(current)
 
 st.selectbox("Preset", list(common.PRESETS), index=None, key="preset", on_change=_use_preset, placeholder="Pick a preset prompt…")
 prompt_text = st.text_area("Prompt", common.PRESETS["Chat question"], key="prompt", height=100)
-clicked = st.button("Generate", type="primary")
+buttons = st.columns([1, 1, 3])
+clicked = buttons[0].button("Generate", type="primary")
+buttons[1].button("Stop", key="stop", help="Stops a running generation; what it made so far is kept, marked partial.")
+live_on = buttons[2].toggle("Live charts", value=True, key="live_charts",
+                            help="Draw the heatmap and the running rates while tokens stream (redrawn at most every "
+                                 f"{live.DRAW_EVERY_S * 1000:.0f} ms, between forward passes). Off: drawn once at the end.")
 result = st.session_state.get("generation")
 columns = dict(zip(RUNS, st.columns(2, border=True)))
 panes = {}
@@ -144,11 +151,21 @@ for run, column in columns.items():
         st.markdown(f"**{run.capitalize()}**" + ("" if run == "dense" else f" · {shown}"))
         panes[run] = {"rate": st.empty(), "text": st.empty()}
         panes[run]["text"].caption("Press Generate to compare.")
+st.subheader("Live: where the sparse run skips, token by token")
+view = live.LiveView()
 if clicked:
-    fresh = _generate(current, prompt_text, panes)
+    fresh = _generate(current, prompt_text, panes, view if live_on else None)
     if fresh is not None:
-        st.session_state.generation = result = fresh
-if result is not None:
+        result = fresh
+if result is None:
+    view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
+else:
+    view.update(result, final=True)
     common.stale_note(result.setting, current)
+    st.download_button("Download report", lambda: live.report_html(result),
+                       file_name="sparsity-lab-report.html", mime="text/html", key="download_report",
+                       help="One HTML file that opens offline: the setting, the headline numbers, both texts with the "
+                            "divergence marked, the charts with the bound, and this machine.")
     _fill_panes(result, panes)
+    _neuron_view(result)
     _show_details(result)

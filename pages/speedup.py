@@ -11,12 +11,6 @@ from sparse_core import bench, generate, ops, report
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _progress(label: str):
-    """A progress bar and the (done, total) callback the benchmarks report to."""
-    bar = st.progress(0.0, text=label)
-    return bar, lambda done, total: bar.progress(done / total, text=f"{label} {done}/{total}")
-
-
 def _kernel_chart(kernels: pd.DataFrame) -> None:
     """Valid rows as lines against the bound; flagged rows only as grey crosses, never as points of a line."""
     kernels = kernels.assign(shape=kernels["out_features"].astype(str) + "×" + kernels["in_features"].astype(str))
@@ -59,10 +53,9 @@ dtypes = middle.multiselect("Dtypes", list(bench.DTYPES), default=list(bench.DTY
 full = right.toggle("Full run", key="bench_full",
                     help="On: 5 sparsities, 30 repeats. Off: the quick run, 3 sparsities and 8 repeats.")
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
-    bar, progress = _progress("Timing dense vs sparse kernels…")
-    rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
-                             repeats=30 if full else bench.QUICK_REPEATS, device=DEVICE, progress=progress)
-    bar.empty()
+    with common.foreground(current.model), common.progress("Timing dense vs sparse kernels…") as update:
+        rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
+                                 repeats=30 if full else bench.QUICK_REPEATS, device=DEVICE, progress=update)
     st.session_state.kernel_rows = pd.DataFrame(rows)
 kernels = st.session_state.get("kernel_rows")
 if kernels is not None:
@@ -74,7 +67,7 @@ st.subheader("One decode step, layer by layer")
 st.caption("Wall time of each decoder layer while generating a few tokens, dense vs the current sidebar setting "
            "(median over the steps; the first step, which reads the whole prompt, is left out).")
 if current.spec is not None and st.button("Time the layers", key="time_layers"):
-    with st.status("Timing decode steps dense and sparse…") as status:
+    with common.foreground(current.model), st.status("Timing decode steps dense and sparse…") as status:
         prompt = generate.encode_prompt(current.model, bench.PROMPT)
         st.session_state.layer_times = (report.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
                                         current.setting)
@@ -95,9 +88,8 @@ st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.
            "dense candidate and of the current setting. This is the setting's one speed measurement: the Playground's "
            "headline shows the same figures.")
 if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
-    bar, progress = _progress("Decoding dense and sparse…")
-    common.measure_decode(current, progress=progress)
-    bar.empty()
+    with common.progress("Decoding dense and sparse…") as update:
+        common.measure_decode(current, progress=update)
 decode = None if current.spec is None else bench.stored_decode(current.model, current.spec)
 if decode is None:
     st.info("Not measured for this setting yet: press “Measure tokens/s”.")

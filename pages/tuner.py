@@ -36,14 +36,13 @@ method = current.method
 
 cols = st.columns(3)
 if cols[0].button(f"Calibrate uniform {current.target:.0%}", width="stretch"):
-    bar = st.progress(0.0, text="Calibrating…")
-    keep(f"{method} uniform {current.target:.0%}", calibrate.calibrate(
-        model, method, current.target, text=text, progress=lambda d, n: bar.progress(d / n, text="Calibrating…")))
+    with common.progress("Calibrating…") as update:
+        uniform = calibrate.calibrate(model, method, current.target, text=text, progress=update)
+    keep(f"{method} uniform {current.target:.0%}", uniform)
 if cols[1].button(f"Calibrate greedy {current.target:.0%}", width="stretch",
                   help="Greedy allocation: each block reaches the target, the projections where skipping hurts least first."):
-    bar = st.progress(0.0, text="Allocating greedily, block by block…")
-    specs = tuning.greedy_specs(model, method, [current.target], text=text,
-                                progress=lambda d, n: bar.progress(d / n, text=f"Allocating… block {d}/{n}"))
+    with common.progress("Allocating greedily, block by block…") as update:
+        specs = tuning.greedy_specs(model, method, [current.target], text=text, progress=update)
     keep(f"{method} greedy {current.target:.0%}", specs[current.target])
 upload = cols[2].file_uploader("Upload a spec (JSON)", type=["json"], key="spec_upload")
 if upload is not None:
@@ -74,10 +73,8 @@ cols = st.columns(3)
 if cols[0].button("Calibrate the edited table", width="stretch"):
     table = edited[list(GROUPS)].astype(float).values.tolist()
     try:
-        bar = st.progress(0.0, text="Calibrating the edited table…")
-        edited_spec = calibrate.calibrate(model, spec.method, table, text=text,
-                                          progress=lambda d, n: bar.progress(d / n, text="Calibrating the edited table…"))
-        bar.empty()
+        with common.progress("Calibrating the edited table…") as update:
+            edited_spec = calibrate.calibrate(model, spec.method, table, text=text, progress=update)
     except SpecError as err:
         st.error(str(err))
     else:

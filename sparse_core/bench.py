@@ -154,6 +154,39 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class PairedRates:
+    """Dense and sparse decode rates over the same steps of one generation: 1 / the median step time of each."""
+    dense_steps: Timing
+    sparse_steps: Timing
+    steps: int
+
+    @property
+    def dense(self) -> float:
+        return 1e3 / self.dense_steps.median
+
+    @property
+    def sparse(self) -> float:
+        return 1e3 / self.sparse_steps.median
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_steps.median / self.sparse_steps.median
+
+    def flag(self, bound: float) -> str | None:
+        return flag(self.speedup, bound, self.dense_steps, self.sparse_steps)
+
+
+def paired_rates(dense: list, sparse: list) -> PairedRates | None:
+    """Compare like with like: the decode steps both runs made (each run's prefill step left out), median step
+    times. None until both have made at least one decode step."""
+    steps = min(len(dense), len(sparse)) - 1
+    if steps < 1:
+        return None
+    timing = lambda tokens: Timing.of([t.seconds for t in tokens[1:steps + 1]])
+    return PairedRates(timing(dense), timing(sparse), steps)
+
+
 DENSE_PATHS = ("hf", "linear", "kernel")
 _DECODES = DiskStore("decode")
 

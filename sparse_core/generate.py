@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Iterator
 
@@ -99,28 +98,6 @@ def generate(model: SparseModel, prompt: str | Prompt, spec: SparsitySpec | None
         prompt = encode_prompt(model, prompt, max_new_tokens=kwargs.get("max_new_tokens", 64))
     tokens = list(stream(model, prompt, spec, **kwargs))
     return Generation("".join(t.text for t in tokens), tokens)
-
-
-@dataclasses.dataclass(frozen=True)
-class PairedRates:
-    """Dense and sparse decode rates over the same steps: 1 / the median step time of each."""
-    dense: float
-    sparse: float
-    steps: int
-
-    @property
-    def speedup(self) -> float:
-        return self.sparse / self.dense
-
-
-def paired_rates(dense: list[Token], sparse: list[Token]) -> PairedRates | None:
-    """Compare like with like: the decode steps both runs made (the prefill step left out), median step times.
-    None until both have made at least one decode step."""
-    steps = min(len(dense), len(sparse)) - 1
-    if steps < 1:
-        return None
-    median = lambda tokens: statistics.median(t.seconds for t in tokens[1:steps + 1])
-    return PairedRates(1.0 / median(dense), 1.0 / median(sparse), steps)
 
 
 def first_divergence(a: list[Token], b: list[Token]) -> int | None:

@@ -20,15 +20,24 @@ def _skipped(score: torch.Tensor, threshold: ops.Threshold) -> torch.Tensor:
 
 
 class SparsityCounter:
-    """Counts skipped and total inputs per (layer, group): the achieved sparsity of a run."""
+    """Counts skipped and total inputs per (layer, group): the achieved sparsity of a run, and the share skipped in
+    each forward pass (one generated token each while decoding), for the live layer x token heatmap."""
 
     def __init__(self):
         self.skipped: dict[tuple[int, str], int] = defaultdict(int)
         self.total: dict[tuple[int, str], int] = defaultdict(int)
+        self.per_pass: dict[tuple[int, str], list[float]] = defaultdict(list)
 
     def observe(self, layer, group, score, threshold):
-        self.skipped[layer, group] += int(_skipped(score, threshold).sum())
+        skipped = int(_skipped(score, threshold).sum())
+        self.skipped[layer, group] += skipped
         self.total[layer, group] += score.numel()
+        self.per_pass[layer, group].append(skipped / max(score.numel(), 1))
+
+    def pass_matrix(self, group: str, num_layers: int) -> list[list[float]]:
+        """Layers x forward passes: the share of `group`'s inputs each pass skipped (the passes seen so far)."""
+        passes = min((len(self.per_pass.get((layer, group), ())) for layer in range(num_layers)), default=0)
+        return [self.per_pass[layer, group][:passes] for layer in range(num_layers)]
 
     def fraction(self, layer: int, group: str) -> float:
         total = self.total.get((layer, group), 0)

@@ -5,6 +5,7 @@ from pathlib import Path
 # Tests keep their own cache (converted model, kernel build, calibrations, stored measurements), so the quick
 # measurements they make never become the figures a user's app shows. The browser test's server inherits it.
 os.environ["XDG_CACHE_HOME"] = str(Path.home() / ".cache" / "sparse-lab-tests")
+os.environ["SPARSE_LAB_WARMUP"] = "0"  # no background calibration beside tests that time things (test_warmup runs it)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

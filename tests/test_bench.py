@@ -45,6 +45,19 @@ def test_a_speedup_above_its_bound_or_with_a_wide_spread_is_flagged():
     assert bench.flag(3.0, 2.0, busy).startswith("invalid")  # above the bound outranks noise
 
 
+def test_paired_rates_compare_the_same_decode_steps_and_flag_the_impossible():
+    from sparse_core.generate import Token
+    steps = lambda *seconds: [Token(0, "", s) for s in seconds]
+    dense = steps(5.0, 0.10, 0.10, 0.12, 0.10, 0.10)   # prefill first, then five decode steps
+    sparse = steps(4.0, 0.08, 0.09, 0.08)               # stopped early: three decode steps
+    rates = bench.paired_rates(dense, sparse)
+    assert rates.steps == 3  # only the steps both made, prefill left out
+    assert rates.dense == pytest.approx(10.0) and rates.sparse == pytest.approx(12.5)
+    assert rates.speedup == pytest.approx(1.25) and rates.flag(bound=1.25) is None
+    assert rates.flag(bound=1.1).startswith("invalid")
+    assert bench.paired_rates(steps(1.0), sparse) is None
+
+
 @pytest.fixture(scope="module")
 def plain_hf():
     return models.load(layout="hf")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from pages.common import PRESETS
+
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -100,34 +102,97 @@ def _slider(page, label: str):
     return page.locator("[data-testid=stSlider]", has_text=label).locator("input[type=range]")
 
 
+LIVE_COLUMNS = """() => {
+    const chart = [...document.querySelectorAll('.js-plotly-plot')]
+        .find(e => e.layout && e.layout.title && String(e.layout.title.text).startsWith('Skipped while producing'));
+    return chart && chart.data.length ? chart.data[0].z[0].length : 0;
+}"""
+
+
+def _sparse_text(page) -> str:
+    texts = page.locator(".generated").all_inner_texts()
+    return texts[1] if len(texts) == 2 else ""
+
+
+def _set_slider(page, label: str, presses: int | None) -> str:
+    """Home, then ArrowRight `presses` times (None: End); the value it lands on."""
+    slider = _slider(page, label)
+    slider.focus()
+    slider.press("Home" if presses is not None else "End")
+    _settle(page)
+    for _ in range(presses or 0):
+        slider.press("ArrowRight")
+    _settle(page)
+    return slider.input_value()
+
+
 def test_every_page_in_a_real_browser(server, page):
     page.goto(server)
-    _metric(page, "Perplexity").wait_for(timeout=FIRST_LOAD_MS)  # TEAL at 25 % calibrated and its quality measured
+    _metric(page, "Perplexity change").wait_for(timeout=FIRST_LOAD_MS)  # TEAL 25 % calibrated, its quality measured
+    _settle(page)
+    page.locator(".st-key-headline").screenshot(path=ARTIFACTS / "headline_card.png")
+
+    page.locator("[data-testid=stSidebarNav] a", has_text="Heatmaps").click()  # first visit: no generation yet
+    page.get_by_role("heading", name="Heatmaps").wait_for()
+    _settle(page)
+    expect(page.locator(".js-plotly-plot")).to_have_count(6, timeout=STEP_MS)  # the example text, traced
+    page.screenshot(path=ARTIFACTS / "heatmaps_first_visit.png")
+    page.locator("[data-testid=stSidebarNav] a", has_text="Playground").click()
+    page.get_by_role("heading", name="Playground").wait_for()
     _settle(page)
 
     page.locator("[data-testid=stSidebar] label", has_text="top-k").click()
     _settle(page)
-    target = _slider(page, "Share of inputs skipped")
+    target = _slider(page, "Inputs skipped (target)")
     target.focus()
     target.press("ArrowRight")  # 25 % -> 30 %
     _settle(page)
     assert target.input_value() == "0.3"
-    tokens = _slider(page, "Max new tokens")
-    tokens.focus()
-    tokens.press("Home")  # 1 token
-    _settle(page)
-    for _ in range(9):
-        tokens.press("ArrowRight")
-    _settle(page)
-    assert 1 < int(tokens.input_value()) <= 10  # keep the browser test short
+    assert 30 <= int(_set_slider(page, "Max new tokens", 39)) <= 48
 
+    page.get_by_label("Prompt").fill(PRESETS["A story"])  # a long answer: the live chart has time to grow
     page.get_by_role("button", name="Generate").click()
+    samples, mid_shot = [], False
+    deadline = time.monotonic() + STEP_MS / 1000
+    while time.monotonic() < deadline:
+        done = page.get_by_text("Produced by: top-k at 30%").count() > 0
+        samples.append((page.evaluate(LIVE_COLUMNS), len(_sparse_text(page)), done))
+        if not done and samples[-1][0] >= 4 and not mid_shot:
+            page.screenshot(path=ARTIFACTS / "live_heatmap_mid_generation.png")
+            mid_shot = True
+        if done:
+            break
+        page.wait_for_timeout(100)
+    growing = [(columns, length) for columns, length, done in samples if not done and columns > 0]
+    assert len({columns for columns, _ in growing}) >= 2, samples  # the chart changed while tokens streamed
+    assert growing[-1][1] > growing[0][1]  # ... and the text was still growing meanwhile
     _metric(page, "Sparse tokens/s").wait_for()
     _settle(page)
     texts = page.locator(".generated").all_inner_texts()
     assert len(texts) == 2 and all(t.strip() for t in texts)
-    page.locator(".js-plotly-plot").first.wait_for()
-    page.screenshot(path=ARTIFACTS / "playground.png")
+    page.screenshot(path=ARTIFACTS / "live_heatmap_end.png", full_page=True)
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download report").click()
+    report = ARTIFACTS / "report.html"
+    download.value.save_as(report)
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "top-k at 30%" in text and text.count("Plotly.newPlot(") == 3
+    opened = page.context.new_page()
+    opened.goto(report.as_uri())
+    expect(opened.locator(".js-plotly-plot")).to_have_count(3)
+    opened.screenshot(path=ARTIFACTS / "report_opened.png", full_page=True)
+    opened.close()
+
+    assert _set_slider(page, "Max new tokens", None) == "256"  # a long run, then Stop
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator(".generated").nth(1)).to_contain_text(" ", timeout=STEP_MS)
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("Partial result: the run was stopped after").wait_for()
+    _settle(page)
+    assert len(page.locator(".generated").all_inner_texts()[1]) > 0  # what it made is kept
+    assert _set_slider(page, "Max new tokens", 7) == "8"
 
     page.locator("[data-testid=stSidebarNav] a", has_text="Heatmaps").click()
     page.get_by_role("heading", name="Heatmaps").wait_for()
@@ -138,7 +203,7 @@ def test_every_page_in_a_real_browser(server, page):
     page.locator("[data-testid=stSidebarNav] a", has_text="Speedup").click()
     page.get_by_role("heading", name="Speedup").wait_for()
     _settle(page)
-    assert _slider(page, "Share of inputs skipped").input_value() == "0.3"  # kept across pages
+    assert _slider(page, "Inputs skipped (target)").input_value() == "0.3"  # kept across pages
     page.get_by_role("button", name="Time the layers").click()
     page.locator(".js-plotly-plot").first.wait_for()
     _settle(page)
@@ -147,7 +212,7 @@ def test_every_page_in_a_real_browser(server, page):
     page.locator("[data-testid=stSidebarNav] a", has_text="Quality").click()
     page.get_by_role("heading", name="Quality").wait_for()
     _settle(page)
-    page.get_by_role("button", name="Run sweep").click()  # TEAL uniform at 25-60 % on 256 held-out tokens
+    page.get_by_role("button", name="Run sweep").click()  # TEAL uniform at 25-60 % on the held-out tokens
     expect(page.locator(".js-plotly-plot")).to_have_count(2, timeout=STEP_MS)
     _settle(page)
     page.screenshot(path=ARTIFACTS / "quality.png")
@@ -168,7 +233,6 @@ def test_two_visitors_generating_at_once_each_get_their_own_result(server, brows
     """Two browser contexts are two Streamlit sessions sharing one model: one on top-k, one on TEAL, both press
     Generate together; each sparse pane must hold exactly what the engine generates alone for that setting."""
     from sparse_core import calibrate, generate
-    from pages.common import PRESETS
 
     contexts = [browser.new_context(viewport={"width": 1400, "height": 1600}) for _ in range(2)]  # two sessions
     try:
@@ -176,7 +240,7 @@ def test_two_visitors_generating_at_once_each_get_their_own_result(server, brows
         for tab, method in zip(tabs, ["top-k", "TEAL thresholds"]):
             tab.set_default_timeout(STEP_MS)
             tab.goto(server)
-            _metric(tab, "Perplexity").wait_for(timeout=FIRST_LOAD_MS)
+            _metric(tab, "Perplexity change").wait_for(timeout=FIRST_LOAD_MS)
             _settle(tab)
             tab.locator("[data-testid=stSidebar] label", has_text=method).click()
             _settle(tab)

@@ -1,0 +1,20 @@
+"""The background preparation of slider steps: it waits while foreground work holds it, then leaves every planned
+setting calibrated and measured on disk, so a slider step later costs no calibration and no evaluation."""
+import pytest
+
+from sparse_core import calibrate, metrics, warmup
+
+
+def test_warmup_prepares_every_step_on_disk_and_holds_while_paused(smollm2, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing prepared yet
+    prepared = warmup.Warmup(smollm2, methods=("teal", "cats"), grid=(0.15, 0.2, 0.35), first=0.2)
+    assert prepared.plan[:2] == [("teal", 0.2), ("cats", 0.2)] and len(prepared.plan) == 6  # nearest the default first
+    with prepared.paused():
+        prepared.start()
+        assert not prepared.wait(timeout=2.0) and prepared.done == 0  # held while a visitor's work runs
+    assert prepared.wait(timeout=600) and prepared.error is None and prepared.done == 6
+
+    monkeypatch.setattr(calibrate, "score_histograms", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("measured again"))
+    for method, target in prepared.plan:  # what a slider step now does: both come back from disk
+        metrics.measured(smollm2, calibrate.calibrate(smollm2, method, target))
