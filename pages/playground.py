@@ -124,12 +124,12 @@ def _show_details(result: live.Result) -> None:
                "arithmetic and caches out. Multiply-adds count one per weight read; attention over the context is not included.")
 
 
-current = common.sidebar()
 st.title("Playground")
 st.caption("Most inputs to a language model's weight matrices are close to zero at any given token. Activation "
            "sparsity skips the weights those inputs would multiply: a **threshold** decides, per input, whether it is "
            "small enough to skip. Fewer weights read means faster decoding, but every skipped input slightly changes "
            "the answer, so the quality cost is always shown next to the speed.")
+current = common.sidebar()
 if current.spec is None:
     st.stop()
 common.headline(current)

@@ -34,13 +34,13 @@ def _kernel_chart(kernels: pd.DataFrame) -> None:
                    + "; ".join(sorted(set(flagged["flag"].str.split(":").str[0]))) + ". Run again on a quieter machine.")
 
 
-current = common.sidebar()
 st.title("Speedup")
 st.caption("Decoding one token at a time is limited by how fast the weights stream from memory, so skipping a share "
            "s of the weight reads can at best make it 1/(1−s) times faster: that is the **bound** drawn on every "
            "chart. Every speedup is over the fastest dense product measured in the same run (HF's own layout, "
            "F.linear on the stored rows, or the kernel with nothing skipped), with its spread; one above 1.05 × its "
            f"bound or with a wide spread is flagged, not shown as a result. Active backend: {ops.describe_backends()}.")
+current = common.sidebar()
 if current.method == "cats" and current.model.layout == "inputs":
     st.caption("CATS in the **inputs** weight layout skips only the down projection's reads; pick the **cats** "
                "layout in the sidebar to skip the up rows of inactive neurons too.")

@@ -7,12 +7,12 @@ from pages import common
 from sparse_core import calibrate, tuning
 from sparse_core.spec import GROUPS, SparsitySpec, SpecError
 
-current = common.sidebar()
-model = current.model
 st.title("Tuner")
 st.caption("A spec holds one target per layer and projection group: the share of that group's inputs to skip. "
            "Calibration turns targets into magnitude thresholds on the calibration text. Edit the table, calibrate "
            "it, compare it with another spec, download it, or apply it to the Playground.")
+current = common.sidebar()
+model = current.model
 
 library: dict[str, SparsitySpec] = st.session_state.setdefault("spec_library", {})
 if "tuner_select" in st.session_state:  # a spec kept on the last run: select it before the selectbox exists

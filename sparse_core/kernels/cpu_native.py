@@ -1,4 +1,5 @@
-"""CPU backend: the C++/OpenMP row-gather kernel (csrc/sparse_gemv.cpp), built once into the user's cache.
+"""CPU backend: the C++/OpenMP row-gather kernel (csrc/sparse_gemv.cpp), built once: by `make setup` into the
+virtual environment, else on the first CPU call into the user's cache.
 
 Without a working compiler the same op runs a pure-torch row gather, `F.embedding_bag` over the active rows of the
 (in, out) weight, which also skips the inactive rows' reads, only with more overhead per call.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,12 +24,39 @@ MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in t
 
 
 def build_dir() -> Path:
+    """Where the kernel is built and loaded from: inside the virtual environment when running in a writable one
+    (the install step builds it there, so a fresh user cache does not wait for a compile), else the user's cache."""
+    if sys.prefix != sys.base_prefix:
+        folder = Path(sys.prefix) / "sparse-lab-kernels"
+        if os.access(folder if folder.is_dir() else sys.prefix, os.W_OK):  # torch writes its lock file there
+            return folder
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-lab" / "torch_extensions"
 
 
+def native() -> bool:
+    """Build (first time) and load the kernel: True when it is loaded, else False, with the embedding_bag fallback
+    registered in its place and the reason in `native_failure()`."""
+    return _load() is None
+
+
+def native_failure() -> str | None:
+    """Why the native kernel is unavailable ("no compiler", "build failed: ..."), or None when it is loaded."""
+    return _load()
+
+
+def build() -> bool:
+    """The install step (`make setup`): build the kernel into build_dir() now and say where, or why not (the app
+    then runs the fallback; a missing compiler is not an install failure)."""
+    if native():
+        print(f"sparse_core: native CPU kernel ready in {build_dir()}")
+    else:
+        print(f"sparse_core: native CPU kernel unavailable ({native_failure()}); the app will use the fallback")
+    return native()
+
+
 @functools.cache
-def native() -> str | None:
-    """Build (first time) and load the kernel; None when it works, else why not (then the fallback is registered)."""
+def _load() -> str | None:
+    """Build (first time) and load the kernel, once per process: None when it works, else why not."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         reason = "no compiler"
     else:
@@ -65,10 +94,9 @@ def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def describe() -> str:
-    reason = native()
-    if reason is None:
+    if native():
         return "native C++/OpenMP row gather (float32, bfloat16)"
-    return f"fallback ({reason}): pure-torch embedding_bag row gather"
+    return f"fallback ({native_failure()}): pure-torch embedding_bag row gather"
 
 
 def backend():
