@@ -76,6 +76,11 @@ class Settings:
         return f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
 
 
+def model_setting(model: models.SparseModel) -> str:
+    """What a result that covers several specs (a sweep) was measured on."""
+    return f"{model.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
+
+
 LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguously: TEAL and top-k skip reads in all "
                           "seven projections; CATS skips only down's.",
                "cats": "up_proj keeps its rows: CATS also skips the up rows of inactive neurons; TEAL and top-k then "

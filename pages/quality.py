@@ -6,14 +6,14 @@ from plotly.subplots import make_subplots
 from pages import common
 from sparse_core import metrics, tuning
 
-current = common.sidebar()
-model = current.model
 st.title("Quality")
 st.caption("Sparsity trades quality for speed. A sweep measures, on held-out text the thresholds never saw, how far "
            "the sparse model drifts from the dense one: perplexity (how surprised it is by the text; ×1.00 means no "
            "loss), KL divergence (how different its next-token probabilities are) and top-1 agreement (how often it "
            "picks the same next token). Greedy allocation gives each layer and projection its own share of the "
            "sparsity where it hurts least; uniform gives every one the same.")
+current = common.sidebar()
+model = current.model
 
 with st.form("sweep_form"):
     cols = st.columns(4)
@@ -27,25 +27,65 @@ with st.form("sweep_form"):
     run = st.form_submit_button("Run sweep", type="primary")
 
 chosen = [common.METHODS[m] for m in methods]
+job = st.session_state.get("sweep_job")
 if run:
     if not chosen or not allocations or not targets:
         st.error("Pick at least one method, one allocation and one target.")
     elif "cats" in chosen and not model.gated:
         st.error("CATS needs a gated MLP, and this model's MLP is not gated; drop CATS from the sweep.")
     else:
-        bar = st.progress(0.0, text="Sweeping… (any click on the page stops it)")
-        try:
-            st.session_state.sweep = tuning.sweep(model, chosen, sorted(targets), allocations, text=text, max_tokens=tokens,
-                                                  progress=lambda done, total: bar.progress(done / total, text=f"Sweeping… {done}/{total} points"))
-        except ValueError as err:
-            st.error(str(err))
-        bar.empty()
+        if job is not None and job.running:
+            job.stop()  # a new request replaces the running sweep, which stops at its next step
+        # The sweep runs in its own thread with the model captured now; reruns of this page (any click) find it
+        # in the session and show its progress instead of killing it.
+        job = st.session_state.sweep_job = tuning.start_sweep(model, chosen, sorted(targets), allocations,
+                                                              text=text, max_tokens=tokens)
+
+
+@st.fragment(run_every=1.0)
+def watch_sweep() -> None:
+    """The running sweep's progress, time left and Stop button, redrawn every second without rerunning the page;
+    when the sweep ends, the whole page reruns to draw its results."""
+    running = st.session_state.get("sweep_job")
+    if running is None or not running.running:
+        st.rerun()
+    stopping = running.cancel.is_set()
+    done, total, left = running.done, running.total, None if stopping else running.seconds_left()
+    label = "Stopping after the current step…" if stopping else "Sweeping…"
+    st.progress(min(done / total, 1.0) if total else 0.0,
+                text=f"{label} {done}/{total}" + (f" · about {left:.0f} s left" if left is not None else ""))
+    st.caption(f"{len(running.points)} of {running.planned} points finished. The sweep keeps running while you use "
+               f"the page; stopping it keeps the points finished so far.")
+    st.button("Stop sweep", key="stop_sweep", on_click=running.stop)  # before this run: its bar says so at once
+
+
+if job is not None and job.running:
+    watch_sweep()
+    st.stop()
+if job is not None and st.session_state.get("sweep_from") is not job:  # collect the outcome once
+    st.session_state.sweep_from = job
+    st.session_state.sweep_on = common.model_setting(job.model)
+    if job.state == "finished":
+        st.session_state.sweep, st.session_state.sweep_note = job.frame, None
+    elif job.state == "stopped":
+        st.session_state.sweep = job.frame
+        st.session_state.sweep_note = (f"Partial sweep: stopped after {len(job.frame)} of {job.planned} points."
+                                       if len(job.frame) else "Sweep stopped before its first point was finished.")
+if job is not None and job.state == "failed":
+    st.error(job.error)
+if st.session_state.get("sweep_note"):
+    st.warning(st.session_state.sweep_note)
 
 frame = st.session_state.get("sweep")
 if frame is None or frame.empty:
     st.info("Choose methods, allocations and targets, then run a sweep.")
     st.stop()
 
+swept_on = st.session_state.get("sweep_on", common.model_setting(model))
+if swept_on == common.model_setting(model):
+    st.caption(f"Produced by: a sweep on {swept_on}.")
+else:
+    st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {common.model_setting(model)}. Run the sweep again.")
 frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
 figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats", "Top-1 agreement"))
 for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):
@@ -66,7 +106,11 @@ pareto.update_traces(textposition="top center")
 pareto.update_layout(height=380, margin=dict(t=20, b=10), xaxis_tickformat=".0%", legend_title_text="")
 st.plotly_chart(pareto, width="stretch")
 
-common.table_with_download(frame.drop(columns=["setting"]).round(4), "sweep.csv")
+table = frame.drop(columns=["setting"]).round(4)
+if st.session_state.get("sweep_note"):
+    st.caption("Partial sweep: only the points finished before it was stopped (marked in the partial column).")
+    table = table.assign(partial=True)
+common.table_with_download(table, "sweep.csv")
 st.markdown("""
 **Reading guide.** Perplexity rises slowly at first and then sharply: the knee is where the thresholds start cutting
 inputs that carry signal, and it sits lower for small models than for large ones; read it off the curves above

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Callable, Sequence
+import time
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -113,16 +114,39 @@ def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], id
     return tables
 
 
+HISTOGRAM_CHUNK_TOKENS = 512  # score_histograms' default chunk: one progress step each
+
+
+def greedy_steps(model: SparseModel, method: str, targets: Sequence[float], text: str | None = None) -> int:
+    """How many progress steps greedy_specs reports: each chunk of the histogram pass (none for top-k), each
+    block's walk, each target's thresholds."""
+    text = calibration.default_text("calibration") if text is None else text
+    chunks = 0 if method == "topk" else len(calibration.token_chunks(model, text, HISTOGRAM_CHUNK_TOKENS))
+    return chunks + model.num_layers + len(set(float(t) for t in targets))
+
+
 def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text: str | None = None,
                  tokens: int = 128, step: float = 0.1, progress: Progress | None = None,
                  cancel: threading.Event | None = None) -> dict[float, SparsitySpec]:
-    """Greedy allocation on the calibration text, then thresholds for each table (with calibration's refinement)."""
+    """Greedy allocation on the calibration text, then thresholds for each table (with calibration's refinement).
+    Progress counts greedy_steps(...) steps: the histogram pass's chunks, each block, each target's calibration."""
     text = calibration.default_text("calibration") if text is None else text
+    total = greedy_steps(model, method, targets, text)
+    chunks = total - model.num_layers - len(set(float(t) for t in targets))
+    report = progress or (lambda done, total: None)
     ids = calibration.token_chunks(model, text, tokens)[0]
-    histogram = None if method == "topk" else calibration.score_histograms(model, method, text)
-    tables = greedy_targets(model, method, targets, ids, histogram, step, progress, cancel)
-    return {t: calibration.calibrate(model, method, table, text=text).with_provenance(allocation="greedy", target=f"{t:g}")
-            for t, table in tables.items()}
+    _check(cancel)
+    histogram = None if method == "topk" else calibration.score_histograms(
+        model, method, text, chunk_tokens=HISTOGRAM_CHUNK_TOKENS, progress=lambda done, _: report(done, total))
+    report(chunks, total)  # also when the histogram was cached
+    tables = greedy_targets(model, method, targets, ids, histogram, step,
+                            lambda done, _: report(chunks + done, total), cancel)
+    specs = {}
+    for done, (t, table) in enumerate(tables.items(), chunks + model.num_layers + 1):
+        _check(cancel)
+        specs[t] = calibration.calibrate(model, method, table, text=text).with_provenance(allocation="greedy", target=f"{t:g}")
+        report(done, total)
+    return specs
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------
@@ -145,27 +169,126 @@ MAX_CACHED_SWEEPS = 16  # sweeps are small tables, but visitors can ask for many
 _SWEEPS = BoundedCache(MAX_CACHED_SWEEPS)
 
 
+def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
+                 allocations: Sequence[str] = ("uniform",), text: str | None = None, max_tokens: int = QUALITY_TOKENS,
+                 progress: Progress | None = None, cancel: threading.Event | None = None) -> Iterator[SweepPoint]:
+    """The sweep's points, one (method, allocation, target) at a time, as each is measured. Progress counts one
+    done/total over the whole sweep, greedy allocation's steps first (greedy_steps per method) and then one step per
+    point, so it moves from the start; `cancel` stops it with Cancelled between steps."""
+    text = calibration.default_text("evaluation") if text is None else text
+    plan = [(m, a, t) for m in methods for a in allocations for t in targets]
+    greedy_methods = [m for m in methods if "greedy" in allocations]
+    steps = [greedy_steps(model, m, targets) for m in greedy_methods]
+    total = sum(steps) + len(plan)
+    report = progress or (lambda done, total: None)
+    report(0, total)
+    greedy, offset = {}, 0
+    for method, method_steps in zip(greedy_methods, steps):
+        greedy[method] = greedy_specs(model, method, targets, cancel=cancel,
+                                      progress=lambda done, _, offset=offset: report(offset + done, total))
+        offset += method_steps
+    for done, (method, allocation, target) in enumerate(plan, 1):
+        _check(cancel)
+        spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(model, method, target)
+        result = measured(model, spec, text=text, max_tokens=max_tokens)
+        point = SweepPoint(method, allocation, target, result.ppl_dense, result.ppl_sparse,
+                           result.ppl_sparse / result.ppl_dense, result.kl, result.top1_agreement,
+                           result.achieved_sparsity, result.weight_reads_skipped, result.bound)
+        report(offset + done, total)
+        yield point
+
+
+def points_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
+    """A sweep's table: one row per point, the SweepPoint fields as columns (also for a partial sweep)."""
+    columns = [field.name for field in dataclasses.fields(SweepPoint)]
+    return pd.DataFrame([dataclasses.asdict(p) for p in points], columns=columns)
+
+
 def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
           text: str | None = None, max_tokens: int = QUALITY_TOKENS, progress: Progress | None = None,
-          cancel: threading.Event | None = None) -> pd.DataFrame:
+          cancel: threading.Event | None = None, on_point: Callable[[SweepPoint], None] | None = None) -> pd.DataFrame:
     """Quality against sparsity: one row per (method, allocation, target) on held-out text, each point the
-    setting's own stored measurement (metrics.measured); the table is cached per inputs."""
+    setting's own stored measurement (metrics.measured); the table is cached per inputs. `on_point` receives each
+    point as it is finished, so a caller that cancels (Cancelled is raised) keeps the points done so far; only a
+    whole sweep is cached (a cached one returns at once, without calling progress or on_point)."""
     text = calibration.default_text("evaluation") if text is None else text
     key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
     cached = _SWEEPS.get(key)
     if cached is not None:
         return cached
-    plan = [(m, a, t) for m in methods for a in allocations for t in targets]
-    greedy = {m: greedy_specs(model, m, targets, cancel=cancel) for m in methods if "greedy" in allocations}
-    rows = []
-    for done, (method, allocation, target) in enumerate(plan):
-        _check(cancel)
-        spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(model, method, target)
-        result = measured(model, spec, text=text, max_tokens=max_tokens)
-        rows.append(SweepPoint(method, allocation, target, result.ppl_dense, result.ppl_sparse,
-                               result.ppl_sparse / result.ppl_dense, result.kl, result.top1_agreement,
-                               result.achieved_sparsity, result.weight_reads_skipped, result.bound))
-        if progress:
-            progress(done + 1, len(plan))
-    frame = pd.DataFrame([dataclasses.asdict(r) for r in rows])
-    return _SWEEPS.put(key, frame)
+    points = []
+    for point in sweep_points(model, methods, targets, allocations, text, max_tokens, progress, cancel):
+        points.append(point)
+        if on_point:
+            on_point(point)
+    return _SWEEPS.put(key, points_frame(points))
+
+
+@dataclasses.dataclass(eq=False)
+class SweepJob:
+    """A sweep running in a background thread (start_sweep), for a page that must stay responsive: the thread only
+    updates this object (never the UI), and whoever holds it reads the progress, the points finished so far and the
+    outcome. state: running, then finished (frame: the whole, cached table), stopped (cancel was set; frame: the
+    points finished so far, not cached) or failed (error: one sentence)."""
+    planned: int  # points the sweep will measure
+    model: SparseModel | None = dataclasses.field(default=None, repr=False)  # what it measures on
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    done: int = 0
+    total: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    points: list[SweepPoint] = dataclasses.field(default_factory=list)
+    state: str = "running"
+    error: str | None = None
+    frame: pd.DataFrame | None = None
+    thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def stop(self) -> None:
+        """Ask the sweep to stop at its next step; the points finished so far are kept."""
+        self.cancel.set()
+
+    def seconds_left(self) -> float | None:
+        """From the pace so far; None before the first step and after the last."""
+        done, total = self.done, self.total
+        return (time.monotonic() - self.started) / done * (total - done) if 0 < done < total else None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the sweep ends or `timeout` passes; True when it has ended."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return not self.running
+
+
+def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
+                allocations: Sequence[str] = ("uniform",), text: str | None = None,
+                max_tokens: int = QUALITY_TOKENS) -> SweepJob:
+    """Run sweep(...) in a daemon thread and return its job at once (see SweepJob)."""
+    methods, targets, allocations = list(methods), list(targets), list(allocations)
+    job = SweepJob(planned=len(methods) * len(allocations) * len(targets), model=model)
+
+    def progress(done: int, total: int) -> None:
+        job.total, job.done = total, done
+
+    def work() -> None:
+        try:
+            frame = sweep(model, methods, targets, allocations, text=text, max_tokens=max_tokens,
+                          progress=progress, cancel=job.cancel, on_point=job.points.append)
+            job.total = job.total or job.planned  # a cached sweep reports no progress
+            job.done, job.frame = job.total, frame
+            job.state = "finished"
+        except Cancelled:
+            job.frame = points_frame(list(job.points))
+            job.state = "stopped"
+        except ValueError as err:  # a text too short to evaluate, a spec the model refuses: said in one sentence
+            job.error = str(err)
+            job.state = "failed"
+        except Exception as err:  # noqa: BLE001 - the thread has no one to raise to: the page shows one sentence
+            job.error = f"The sweep failed ({type(err).__name__}: {err})."
+            job.state = "failed"
+
+    job.thread = threading.Thread(target=work, name="quality-sweep", daemon=True)
+    job.thread.start()
+    return job

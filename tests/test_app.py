@@ -1,11 +1,15 @@
 """Every page through Streamlit's AppTest, with the real embedded model. The model, calibrated specs and quality
 numbers are cached in-process, so only the first test pays for loading and calibrating TEAL at 25 %."""
 import gc
+import html
 import json
+import shutil
 import weakref
 
 import pytest
 from streamlit.testing.v1 import AppTest
+
+from sparse_core import report
 
 TIMEOUT = 300  # seconds per script run; importing torch and the first calibration take a while on 2 cores
 
@@ -91,12 +95,22 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     assert rates.steps == min(len(generation.tokens["dense"]), len(generation.tokens["sparse"])) - 1
     assert _metric(at, "Dense tokens/s") == f"{rates.dense:.1f}" and _metric(at, "Sparse tokens/s") == f"{rates.sparse:.1f}"
     sparse_metric = next(m for m in at.metric if m.label == "Sparse tokens/s")
-    assert sparse_metric.delta == f"×{rates.speedup:.2f}: {'faster' if rates.speedup >= 1 else 'slower'}"
+    if generation.flag:  # above this generation's bound or too noisy: never presented as a ratio
+        assert sparse_metric.delta.startswith("ratio flagged") and any("is not a result" in w.value for w in at.warning)
+    else:
+        assert sparse_metric.delta == f"×{rates.speedup:.2f}: {'faster' if rates.speedup >= 1 else 'slower'}"
+    assert not generation.partial and len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(generation.tokens["sparse"])
+    live = json.loads(next(c for c in at.get("plotly_chart") if "Skipped while producing" in c.proto.spec).proto.spec)
+    z = live["data"][0]["z"]  # plotly sends numeric arrays as {"bdata", "shape"}
+    rows, columns = map(int, z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
+    assert len(live["data"]) == 4 and rows == 30  # four groups, one row per layer
+    assert columns == len(generation.tokens["sparse"])  # one column per generated token
+    assert live["layout"]["xaxis"]["ticktext"][0] == report.token_labels([generation.tokens["sparse"][0].text])[0]
     assert at.success or at.warning  # same tokens, or where they diverge
     assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu." in [c.value for c in at.caption]
     labels = {m.label for m in at.metric}
-    assert "Bound for this generation's weight reads" in labels
-    assert len(at.get("plotly_chart")) == 1  # per-layer sparsity of this generation
+    assert {"Bound for this generation's weight reads", "Running speedup", "Bound so far"} <= labels
+    assert len(at.get("plotly_chart")) == 3  # live heatmap, neuron view, per-layer sparsity of this generation
     cost = at.dataframe[0].value.set_index("per token")
     assert cost.loc["weight bytes read", "sparse"] < cost.loc["weight bytes read", "dense"]
     assert len(generation.tokens["dense"]) <= 8 and generation.achieved > 0.15
@@ -107,6 +121,24 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     assert any(m.value == "**Sparse** · TEAL thresholds at 25%" for m in at.markdown)
 
 
+def test_the_report_download_is_one_offline_html_file_of_the_generation(tmp_path):
+    from pages import live
+    at = _generate(_ok(_app()))
+    assert any(b.label == "Download report" for b in at.get("download_button"))
+    generation = at.session_state["generation"]
+    path = tmp_path / "report.html"
+    path.write_text(live.report_html(generation), encoding="utf-8")  # what the button hands the browser
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot(") == 3  # heatmap, speed, quality
+    assert "<script src=" not in page and "<link" not in page  # nothing to fetch: opens offline
+    for shown in ("SmolLM2-135M-Instruct", "TEAL thresholds at 25%", "float32", "inputs", "Weight reads skipped",
+                  "Speedup bound", "Perplexity change", "Top-1 agreement", "CPU cores", "Skipped share per layer"):
+        assert shown in page, shown
+    assert html.escape(generation.text("dense")) in page
+    if generation.divergence is not None:
+        assert "<mark>" in page
+
+
 def test_a_slowdown_reads_as_one():
     from pages.common import speedup_delta
     assert speedup_delta(0.95) == dict(delta="×0.95: slower", delta_color="red", delta_arrow="down")
@@ -114,10 +146,11 @@ def test_a_slowdown_reads_as_one():
 
 
 def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_same(monkeypatch):
-    from sparse_core import bench
+    from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)  # the page passes these at call time: a short measurement
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
-    at = _ok(_app(target=0.35))  # a setting no other test measures
+    shutil.rmtree(store.cache_dir() / "decode", ignore_errors=True)  # the tests' own cache (conftest): measure anew
+    at = _ok(_app(target=0.35))
     assert _metric(at, "Decode speedup") == "—"
     assert any(m.value.endswith("decode speed not measured yet.") for m in at.markdown)
     at.button(key="measure_headline").click()
@@ -143,7 +176,7 @@ def test_user_errors_are_one_sentence_and_the_app_keeps_running():
     _ok(at.run())
     assert at.error[0].value.startswith("Could not find model 'no-such-org/no-such-model'")
     assert "Still using SmolLM2-135M-Instruct (float32)." in [c.value for c in at.sidebar.caption]
-    assert _metric(at, "Perplexity")  # the page still works on the last model that loaded
+    assert _metric(at, "Perplexity change")  # the page still works on the last model that loaded
 
 
 def _figures(at: AppTest) -> list[dict]:
@@ -198,9 +231,10 @@ def test_heatmaps_page_opens_with_charts_on_first_visit():
 
 
 def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
-    from sparse_core import bench
+    from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
+    shutil.rmtree(store.cache_dir() / "decode", ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
     _ok(at.switch_page("pages/speedup.py").run())
     assert at.title[0].value == "Speedup"
@@ -257,6 +291,8 @@ def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     at.multiselect[2].set_value([0.25, 0.5])
     next(b for b in at.button if b.label == "Run sweep").click()
     _ok(at.run())
+    _until_the_sweep_ends(at)
+    assert at.session_state["sweep_job"].state == "finished" and not at.warning
     sweep = at.session_state["sweep"]
     assert len(sweep) == 4 and set(sweep.method) == {"teal", "topk"}
     assert (sweep[sweep.target == 0.5].ppl_ratio.values > sweep[sweep.target == 0.25].ppl_ratio.values).all()
@@ -266,6 +302,91 @@ def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     measured = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25))  # what the Playground shows
     assert (teal_25.ppl_sparse, teal_25.kl, teal_25.weight_reads_skipped) == (measured.ppl_sparse, measured.kl,
                                                                             measured.weight_reads_skipped)
+
+
+def _until_the_sweep_ends(at: AppTest, timeout: float = 300) -> AppTest:
+    """Rerun the page (AppTest runs fragments only with the script, never on their timer) until the background
+    sweep has ended, then once more: the run that finds it ended draws its results."""
+    import time
+    deadline = time.monotonic() + timeout
+    while at.session_state["sweep_job"].running:
+        assert time.monotonic() < deadline, "the sweep did not end in time"
+        time.sleep(0.5)
+        _ok(at.run())
+    return _ok(at.run())
+
+
+def test_a_sweep_runs_beside_clicks_and_stops_with_its_finished_points(monkeypatch):
+    """The sweep runs in the background: a rerun from another widget leaves it running with its progress shown;
+    "Stop sweep" ends it at its next step, and the points finished so far are drawn and labelled partial, uncached."""
+    import threading
+    import time
+    from sparse_core import tuning
+    release, measured_calls = threading.Event(), []
+    real_measured = tuning.measured
+
+    def held(model, spec, **kwargs):  # the second point waits until the test has clicked around and pressed Stop
+        if measured_calls:
+            release.wait(timeout=300)
+        measured_calls.append(spec)
+        return real_measured(model, spec, **kwargs)
+    monkeypatch.setattr(tuning, "measured", held)
+    try:
+        at = _ok(_app())
+        _ok(at.switch_page("pages/quality.py").run())
+        at.multiselect[0].set_value(["TEAL thresholds", "top-k"])
+        at.multiselect[2].set_value([0.25, 0.4, 0.5])
+        at.select_slider[0].set_value(256)
+        cached_before = set(tuning._SWEEPS)
+        next(b for b in at.button if b.label == "Run sweep").click()
+        _ok(at.run())
+        job = at.session_state["sweep_job"]
+        assert job.running and job.planned == 6
+        deadline = time.monotonic() + 300
+        while len(job.points) < 1 and job.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(job.points) == 1 and job.running  # the second point is held
+
+        at.slider(key="max_new_tokens").set_value(16)  # a rerun from a widget that does not change the model
+        _ok(at.run())
+        assert at.session_state["sweep_job"] is job and job.running and not job.cancel.is_set()
+        bar = at.get("progress")[0].proto
+        assert bar.text.startswith("Sweeping… 1/6") and "s left" in bar.text
+        assert any(c.value.startswith("1 of 6 points finished") for c in at.caption)
+        assert not at.get("plotly_chart")  # no charts of an earlier sweep while this one runs
+
+        next(b for b in at.button if b.label == "Stop sweep").click()
+        _ok(at.run())
+        assert job.cancel.is_set() and at.get("progress")[0].proto.text.startswith("Stopping after the current step…")
+    finally:
+        release.set()
+    _until_the_sweep_ends(at)
+    assert job.state == "stopped" and not job.running
+    assert [w.value for w in at.warning] == ["Partial sweep: stopped after 2 of 6 points."]
+    table = at.dataframe[0].value
+    assert 0 < len(table) == len(job.points) < job.planned and table.partial.all()
+    assert len(at.get("plotly_chart")) == 2
+    assert set(tuning._SWEEPS) == cached_before  # asked again, a partial sweep is computed again
+
+
+def test_a_failed_sweep_says_why_in_one_sentence(monkeypatch):
+    """An error inside the background sweep (here a text it cannot evaluate) shows as one sentence, no traceback."""
+    from sparse_core import tuning
+
+    def refuse(model, spec, **kwargs):
+        raise ValueError("The text is empty; give some text to calibrate or evaluate on.")
+    monkeypatch.setattr(tuning, "measured", refuse)
+    at = _ok(_app())
+    _ok(at.switch_page("pages/quality.py").run())
+    at.multiselect[0].set_value(["top-k"])
+    at.multiselect[2].set_value([0.35])
+    at.select_slider[0].set_value(256)
+    next(b for b in at.button if b.label == "Run sweep").click()
+    _ok(at.run())
+    _until_the_sweep_ends(at)
+    assert at.session_state["sweep_job"].state == "failed"
+    assert [e.value for e in at.error] == ["The text is empty; give some text to calibrate or evaluate on."]
+    assert at.info and not at.get("plotly_chart")  # nothing half-drawn
 
 
 def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
@@ -298,7 +419,7 @@ def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
     library = at.session_state["spec_library"]
     assert at.selectbox(key="tuner_spec").value == "teal uniform 40% (edited)"
     edited = library["teal uniform 40% (edited)"]
-    assert edited.values[0] == (0.0, 0.0, 0.0, 0.0) and edited.values[1] == library["teal uniform 40%"].values[1]
+    assert edited.values[0] == (0.0, 0.0, 0.0, 0.0) and edited.targets[1] == library["teal uniform 40%"].targets[1]
     assert {b.label for b in at.button} >= {"Apply to the Playground"} and at.get("download_button")
 
     next(b for b in at.button if b.label == "Apply to the Playground").click()

@@ -1,4 +1,5 @@
 """Scale: one copy of the weights, long work beside generation, cancellation, and a model split by accelerate."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -99,6 +100,80 @@ def test_sweep_results_are_cached_up_to_a_limit(smollm2):
         run(0.2 + step / 100)
         assert len(tuning._SWEEPS) <= tuning.MAX_CACHED_SWEEPS
     assert run(0.1) is not first  # the oldest was dropped and is computed again
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer: a whole sweep, greedy allocation included, in seconds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(11)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(smollm2.tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return models.wrap(AutoModelForCausalLM.from_config(config), tokenizer=smollm2.tokenizer, name="tiny-sweep-llama")
+
+
+def test_a_sweep_reports_progress_from_its_greedy_phase_to_its_last_point(tiny_llama):
+    """One done/total over the whole sweep: greedy allocation's steps (histogram, each block, each target's
+    thresholds) move it before any point is measured, every point moves it once more, and it ends at (total, total);
+    each point reaches on_point as it is finished."""
+    targets, events = [0.3, 0.5], []
+    frame = tuning.sweep(tiny_llama, ["teal"], targets, ["uniform", "greedy"], max_tokens=64,
+                         progress=lambda done, total: events.append(("progress", done, total)),
+                         on_point=lambda point: events.append(("point", point)))
+    greedy = tuning.greedy_steps(tiny_llama, "teal", targets)
+    total = greedy + 4
+    reports = [e[1:] for e in events if e[0] == "progress"]
+    assert {t for _, t in reports} == {total} and reports[-1] == (total, total)
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports)  # it never goes back
+    first_point = next(i for i, e in enumerate(events) if e[0] == "point")
+    before = [e[1] for e in events[:first_point] if e[0] == "progress" and e[1] > 0]
+    assert before[0] == 1 and before[-1] >= greedy  # the bar moved through the greedy phase first
+    points = [e[1] for e in events if e[0] == "point"]
+    assert len(points) == len(frame) == 4 and tuning.points_frame(points).equals(frame)
+    calls = []
+    assert tuning.sweep(tiny_llama, ["teal"], targets, ["uniform", "greedy"], max_tokens=64,
+                        progress=lambda *a: calls.append(a)) is frame and calls == []  # cached: back at once
+
+
+def test_a_cancelled_sweep_keeps_its_finished_points_and_caches_nothing(tiny_llama):
+    cancel, points = threading.Event(), []
+
+    def finished(point):
+        points.append(point)
+        cancel.set()  # stop after the first point
+
+    cached_before = set(tuning._SWEEPS)
+    with pytest.raises(tuning.Cancelled):
+        tuning.sweep(tiny_llama, ["teal", "topk"], [0.2, 0.4], max_tokens=64, cancel=cancel, on_point=finished)
+    assert len(points) == 1 and (points[0].method, points[0].target) == ("teal", 0.2)
+    assert set(tuning._SWEEPS) == cached_before  # no half sweep cached
+    partial = tuning.points_frame(points)
+    assert len(partial) == 1 and list(partial.columns) == [f.name for f in dataclasses.fields(tuning.SweepPoint)]
+    assert len(tuning.sweep(tiny_llama, ["teal", "topk"], [0.2, 0.4], max_tokens=64)) == 4  # asked again: recomputed
+
+
+def test_a_sweep_job_runs_in_its_thread_stops_on_request_and_reports_errors_in_one_sentence(tiny_llama):
+    """What the Quality page holds: the sweep runs in a background thread; stop() ends it at its next step with the
+    points finished so far (uncached); a bad text fails it with one sentence; a whole sweep finishes with its table."""
+    cached_before = set(tuning._SWEEPS)
+    job = tuning.start_sweep(tiny_llama, ["teal", "topk"], [0.15, 0.35, 0.55], ["uniform"], max_tokens=64)
+    assert job.running and job.planned == 6 and job.thread.name == "quality-sweep"
+    deadline = time.monotonic() + 120
+    while not job.points and job.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.stop()
+    assert job.wait(timeout=120)
+    assert job.state == "stopped" and job.error is None and 0 < len(job.frame) == len(job.points) < job.planned
+    assert set(tuning._SWEEPS) == cached_before
+
+    failed = tuning.start_sweep(tiny_llama, ["topk"], [0.5], text="   ", max_tokens=64)
+    assert failed.wait(timeout=120) and failed.state == "failed" and failed.frame is None
+    assert failed.error == "The text is empty; give some text to calibrate or evaluate on."
+
+    whole = tuning.start_sweep(tiny_llama, ["topk"], [0.25, 0.45], max_tokens=64)
+    assert whole.wait(timeout=120) and whole.state == "finished"
+    assert len(whole.frame) == 2 and (whole.done, whole.total) == (2, 2) and whole.seconds_left() is None
 
 
 def test_a_progress_callback_that_raises_stops_calibration_and_leaves_no_cache(smollm2):
