@@ -38,8 +38,10 @@ if run:
             job.stop()  # a new request replaces the running sweep, which stops at its next step
         # The sweep runs in its own thread with the model captured now; reruns of this page (any click) find it
         # in the session and show its progress instead of killing it.
+        prepared = common.prepare_ahead(model)
         job = st.session_state.sweep_job = tuning.start_sweep(model, chosen, sorted(targets), allocations,
-                                                              text=text, max_tokens=tokens)
+                                                              text=text, max_tokens=tokens,
+                                                              hold=prepared.paused() if prepared else None)
 
 
 @st.fragment(run_every=1.0)

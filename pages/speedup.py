@@ -51,7 +51,8 @@ left, middle, right = st.columns([2, 1, 1])
 shapes = left.multiselect("Weight shapes (out × in)", list(shape_names), default=list(shape_names), key="bench_shapes")
 dtypes = middle.multiselect("Dtypes", list(bench.DTYPES), default=list(bench.DTYPES), key="bench_dtypes")
 full = right.toggle("Full run", key="bench_full",
-                    help="On: 5 sparsities, 30 repeats. Off: the quick run, 3 sparsities and 8 repeats.")
+                    help=f"On: {len(bench.SPARSITIES)} sparsities, 30 repeats. Off: the quick run, "
+                         f"{len(bench.QUICK_SPARSITIES)} sparsities and {bench.QUICK_REPEATS} repeats.")
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
     with common.foreground(current.model), common.progress("Timing dense vs sparse kernels…") as update:
         rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,

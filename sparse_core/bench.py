@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,11 +31,12 @@ from .store import DiskStore, setting_key
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
-QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 8  # --quick: the whole run in under a minute on 2 cores
+QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 24  # --quick: the whole run in well under a minute on 2 cores
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 Progress = Callable[[int, int], None]
 BOUND_SLACK = 1.05   # a speedup above 1.05 x its bound is a broken measurement, never a result
 NOISY_SPREAD = 0.25  # an interquartile range above a quarter of the median: the machine was busy
+MIN_SECONDS_PER_CALL = 0.05  # small shapes repeat until each call has run this long: 24 samples of 0.1 ms drift by 10 %
 DECODE_TOKENS, DECODE_REPEATS = 32, 5  # the setting's decode measurement, as the app and the CLI take it
 
 
@@ -98,10 +100,14 @@ def _sync(device: str) -> None:
 
 
 def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, Timing]:
-    """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike."""
+    """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike, in an order that
+    rotates every repeat: a call that follows its own twin (the kernel at s = 0 after the kernel as dense) finds
+    warm branch predictors and would otherwise win by a few percent on small shapes."""
     seconds = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    names = list(calls)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            call = calls[name]
             _sync(device)
             start = time.perf_counter()
             call()
@@ -134,8 +140,9 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                              "linear": lambda: F.linear(x, stored[next(turn) % copies]),
                              "kernel": lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, 0.0),
                              "sparse": lambda: ops.sparse_linear(x, stored[next(turn) % copies], None, threshold)}
-                    _timings(calls, copies + 2, device)  # warm-up
-                    timed = _timings(calls, repeats, device)
+                    warm = _timings(calls, copies + 2, device)  # warm-up, and the pace for the repeats below
+                    slowest = max(t.median for t in warm.values()) / 1e3
+                    timed = _timings(calls, max(repeats, math.ceil(MIN_SECONDS_PER_CALL / slowest)), device)
                     dense_path = min(DENSE_PATHS, key=lambda name: timed[name].median)
                     dense, sparse = timed[dense_path], timed["sparse"]
                     bound = 1.0 / (1.0 - sparsity)

@@ -6,6 +6,7 @@ reaches the target. Each block is replayed alone on its recorded dense input, so
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -264,8 +265,9 @@ class SweepJob:
 
 def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
                 allocations: Sequence[str] = ("uniform",), text: str | None = None,
-                max_tokens: int = QUALITY_TOKENS) -> SweepJob:
-    """Run sweep(...) in a daemon thread and return its job at once (see SweepJob)."""
+                max_tokens: int = QUALITY_TOKENS, hold: contextlib.AbstractContextManager | None = None) -> SweepJob:
+    """Run sweep(...) in a daemon thread and return its job at once (see SweepJob); the thread runs inside `hold`
+    (the app passes its background preparation's pause, so the two do not share the cores)."""
     methods, targets, allocations = list(methods), list(targets), list(allocations)
     job = SweepJob(planned=len(methods) * len(allocations) * len(targets), model=model)
 
@@ -274,8 +276,9 @@ def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[fl
 
     def work() -> None:
         try:
-            frame = sweep(model, methods, targets, allocations, text=text, max_tokens=max_tokens,
-                          progress=progress, cancel=job.cancel, on_point=job.points.append)
+            with hold or contextlib.nullcontext():
+                frame = sweep(model, methods, targets, allocations, text=text, max_tokens=max_tokens,
+                              progress=progress, cancel=job.cancel, on_point=job.points.append)
             job.total = job.total or job.planned  # a cached sweep reports no progress
             job.done, job.frame = job.total, frame
             job.state = "finished"
