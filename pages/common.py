@@ -299,9 +299,28 @@ def speedup_delta(ratio: float) -> dict:
                 delta_arrow="up" if faster else "down")
 
 
+@st.fragment(run_every=1.0)
+def _await_quality(model: models.SparseModel, spec: SparsitySpec) -> None:
+    """Reruns the page once the background measurement of this setting's quality is on disk."""
+    if metrics.stored(model, spec) is not None:
+        st.rerun()
+
+
 def headline(current: Settings) -> None:
-    """The Playground's first card: what the current setting skips, gains and costs, each measured once for it."""
-    quality_now = quality(current.model, current.spec)
+    """The Playground's first card: what the current setting skips, gains and costs, each measured once for it.
+    With the background preparation on, a setting not measured yet is measured there, first in line, while the
+    page stays usable; the card fills in when it is done."""
+    prepared = prepare_ahead(current.model)
+    quality_now = metrics.stored(current.model, current.spec)
+    if quality_now is None and prepared is not None:
+        prepared.request(current.spec)
+        with st.container(border=True, key="headline"):
+            st.markdown(f"**{current.setting}**")
+            st.info(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS} held-out tokens in the background "
+                    "(a few seconds; paused while you generate). Generate works meanwhile.")
+            _await_quality(current.model, current.spec)
+        return
+    quality_now = quality_now or quality(current.model, current.spec)
     speed = bench.stored_decode(current.model, current.spec)
     valid = speed is not None and not speed["flag"]
     with st.container(border=True, key="headline"):

@@ -49,17 +49,26 @@ def measured(model: SparseModel, spec: SparsitySpec, text: str | None = None, ma
              progress: Progress | None = None) -> Evaluation:
     """This setting's quality measurement: from disk when it was measured before on this machine, else evaluated
     (deterministic on the same weights, so the stored figure is the figure)."""
-    text = default_text("evaluation") if text is None else text
-    key = digest(setting_key(model, spec), text_hash(text), max_tokens, CHUNK_TOKENS)
-    known = _MEASURED.load(key)
+    known = stored(model, spec, text, max_tokens)
     if known is not None:
-        try:
-            return Evaluation(**known)
-        except TypeError:  # written by an older version: measure again
-            pass
+        return known
     result = evaluate(model, spec, text=text, max_tokens=max_tokens, progress=progress)
-    _MEASURED.save(key, result.as_dict())
+    _MEASURED.save(_key(model, spec, text, max_tokens), result.as_dict())
     return result
+
+
+def stored(model: SparseModel, spec: SparsitySpec, text: str | None = None,
+           max_tokens: int = QUALITY_TOKENS) -> Evaluation | None:
+    """This setting's quality measurement if it was made before on this machine, without measuring."""
+    try:
+        return Evaluation(**(_MEASURED.load(_key(model, spec, text, max_tokens)) or {}))
+    except TypeError:  # nothing stored (no fields), or written by an older version: measure again
+        return None
+
+
+def _key(model: SparseModel, spec: SparsitySpec, text: str | None, max_tokens: int) -> str:
+    text = default_text("evaluation") if text is None else text
+    return digest(setting_key(model, spec), text_hash(text), max_tokens, CHUNK_TOKENS)
 
 
 def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = QUALITY_TOKENS,

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 Threshold = float | torch.Tensor
+# Up to this many tokens (a decode step is one) a dense product may go through the kernel with nothing skipped; the
+# kernels run a masked dense matmul beyond it, which plain F.linear beats when nothing is masked (prefill).
+DENSE_GATHER_TOKENS = 4
 
 
 def keep_mask(score: torch.Tensor, threshold: Threshold) -> torch.Tensor:

@@ -104,8 +104,10 @@ class SparseLinear(nn.Module):
 
     def dense(self, x: torch.Tensor, route: str | None = None) -> torch.Tensor:
         """The dense product by `route` (default: this linear's measured one). "linear" is HF's own forward,
-        bit-identical to HF on this storage; "kernel" reads every row through the kernel, where one runs."""
-        if (route or self.dense_route) == "kernel" and self.kernels and ops.backend_for(x, self.weight) != "reference":
+        bit-identical to HF on this storage; "kernel" reads every row through the kernel, where one runs, for
+        decode steps (up to ops.DENSE_GATHER_TOKENS tokens; a prefill runs F.linear either way)."""
+        if ((route or self.dense_route) == "kernel" and self.kernels and x.numel() <= ops.DENSE_GATHER_TOKENS * x.shape[-1]
+                and ops.backend_for(x, self.weight) != "reference"):
             return self.run(ops.sparse_linear, x, 0.0)
         return self.inner(x)
 

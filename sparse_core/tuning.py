@@ -122,7 +122,8 @@ def greedy_steps(model: SparseModel, method: str, targets: Sequence[float], text
     """How many progress steps greedy_specs reports: each chunk of the histogram pass (none for top-k), each
     block's walk, each target's thresholds."""
     text = calibration.default_text("calibration") if text is None else text
-    chunks = 0 if method == "topk" else len(calibration.token_chunks(model, text, HISTOGRAM_CHUNK_TOKENS))
+    chunks = 0 if method == "topk" else len(calibration.token_chunks(model, text, HISTOGRAM_CHUNK_TOKENS,
+                                                                      calibration.CALIBRATION_TOKENS))
     return chunks + model.num_layers + len(set(float(t) for t in targets))
 
 

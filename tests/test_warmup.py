@@ -18,3 +18,21 @@ def test_warmup_prepares_every_step_on_disk_and_holds_while_paused(smollm2, tmp_
     monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("measured again"))
     for method, target in prepared.plan:  # what a slider step now does: both come back from disk
         metrics.measured(smollm2, calibrate.calibrate(smollm2, method, target))
+
+
+def test_a_requested_setting_is_measured_first_and_after_the_plan(smollm2, tmp_path, monkeypatch):
+    """What the visitor is looking at jumps the queue; a request after the plan is done starts the thread again."""
+    spec = calibrate.calibrate(smollm2, "topk", 0.3)  # no calibration pass: only the measurement
+    later = calibrate.calibrate(smollm2, "topk", 0.45)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prepared = warmup.Warmup(smollm2, methods=("teal",), grid=(0.2,), first=0.2)
+    order = []
+    measured = metrics.measured
+    monkeypatch.setattr(metrics, "measured", lambda model, s, **kw: order.append(s.label) or measured(model, s, **kw))
+    with prepared.paused():
+        prepared.start()
+        prepared.request(spec)
+    assert prepared.wait(timeout=600) and order == ["TOPK 30%", "TEAL 20%"]
+    prepared.request(later)
+    prepared.wait(timeout=600)
+    assert order[-1] == "TOPK 45%" and metrics.stored(smollm2, later) is not None
