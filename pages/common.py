@@ -351,7 +351,8 @@ def headline(current: Settings) -> None:
         if speed is not None and speed["flag"]:
             st.warning(f"The last decode measurement of this setting is not shown as a result: {speed['flag']}.")
         if not valid and st.button("Measure decode speed", key="measure_headline",
-                                   help="Times dense and sparse decoding of this setting, interleaved (about half a minute)."):
+                                   help="Times dense and sparse decoding of this setting, interleaved; the progress bar "
+                                        "estimates the time left."):
             with progress("Timing dense and sparse decoding…") as update:
                 measure_decode(current, progress=update)
             st.rerun()

@@ -19,7 +19,8 @@ with st.form("sweep_form"):
     cols = st.columns(4)
     methods = cols[0].multiselect("Methods", list(common.METHODS), default=["TEAL thresholds"])
     allocations = cols[1].multiselect("Allocation", ["uniform", "greedy"], default=["uniform"],
-                                      help="Greedy replays each block on calibration text: about a minute per method on SmolLM2.")
+                                      help="Greedy replays each block on calibration text, the slowest part of a sweep; the progress "
+                                           "bar estimates the time left from its pace.")
     targets = cols[2].multiselect("Targets", [round(0.05 * i, 2) for i in range(1, 19)], default=[0.25, 0.4, 0.5, 0.6])
     tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=metrics.QUALITY_TOKENS,
                                    help=f"{metrics.QUALITY_TOKENS} is the one quality measurement every page shows for a setting.")

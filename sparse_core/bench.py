@@ -217,7 +217,8 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
 
     Dense candidates: "hf" (`plain`, the same model loaded with HF's own layout, when given), and this model's dense
     path through F.linear ("linear") or through the kernel with nothing skipped ("kernel"). Rates are 1 / the
-    median step time; the speedup's spread is the interquartile range of the paired per-repeat ratios."""
+    median step time over all runs; the speedup is the median of the paired per-run ratios (each run against the
+    dense run beside it, so drift in the machine's pace cancels) and its spread their interquartile range."""
     from . import generate
     from .trace import SparsityCounter
 
@@ -248,9 +249,9 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     dense_path = min(candidates, key=lambda name: timed[name].median)
     dense, sparse = timed[dense_path], timed["sparse"]
     rate = lambda t: round(1e3 / t.median, 2)
-    ratios = [d / s for d, s in zip(per_repeat[dense_path], per_repeat["sparse"])]
+    ratios = [d / s for d, s in zip(per_repeat[dense_path], per_repeat["sparse"])]  # paired: each run with its twin
     cost = token_cost(model, counter.weighted(model.skippable_params(spec.method if spec else "dense")))
-    speedup = dense.median / sparse.median
+    speedup = statistics.median(ratios)
     result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,
                   device=str(model.device), backend=ops.describe_backends(), method=spec.method if spec else "dense",
                   spec=spec.label if spec else "dense", new_tokens=new_tokens, repeats=repeats,

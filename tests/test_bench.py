@@ -72,8 +72,7 @@ def test_decode_result_is_against_the_fastest_dense_and_is_the_stored_measuremen
     assert result["dense_tok_s"] == max(result["dense_candidates_tok_s"].values())
     assert result["dense_candidates_tok_s"][result["dense_path"]] == result["dense_tok_s"]
     assert result["plain_hf_tok_s"] == result["dense_candidates_tok_s"]["hf"]
-    assert result["speedup"] == pytest.approx(result["sparse_tok_s"] / result["dense_tok_s"], rel=1e-2)
-    assert result["speedup_iqr"][0] <= result["speedup_iqr"][1]
+    assert result["speedup_iqr"][0] <= result["speedup"] <= result["speedup_iqr"][1]  # the median of the paired ratios
     assert (result["method"], result["spec"], result["layout"], result["dtype"]) == ("teal", "TEAL 50%", "inputs", "float32")
     assert 1.5 < result["bound"] < 1.8 and result["bound"] == pytest.approx(1 / (1 - result["weight_reads_skipped"]), rel=1e-3)
     assert result["flag"] is None or result["flag"].startswith(("noisy", "invalid"))
