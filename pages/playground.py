@@ -2,6 +2,8 @@
 the skipping drawn live as it happens."""
 from __future__ import annotations
 
+import itertools
+
 import plotly.express as px
 import streamlit as st
 
@@ -40,8 +42,12 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
 
 
 def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:
-    while streams:
-        for run in list(streams):
+    """One token of each run per round, the run that goes first alternating: the pass right after a page update
+    (the browser redrawing, on this machine's cores too) is the slower one, and it must not always be the same run."""
+    for round_ in itertools.count():
+        if not streams:
+            return
+        for run in sorted(streams, key=RUNS.index, reverse=bool(round_ % 2)):
             token = next(streams[run], None)
             if token is None:
                 del streams[run]

@@ -50,14 +50,12 @@ def live_heatmaps(matrices: dict[str, np.ndarray], tokens: Sequence[str], height
                            horizontal_spacing=0.06, vertical_spacing=0.22)
     everything = np.concatenate([np.asarray(m, dtype=float).ravel() for m in matrices.values()]) if matrices else np.empty(0)
     zmin, zmax = color_range(everything, 2, 98)
-    words = token_labels(tokens, max_chars=None)
-    for index, group in enumerate(GROUPS):
+    for index, group in enumerate(GROUPS):  # no per-cell hover text: this figure is resent several times a second
         matrix = np.asarray(matrices.get(group, []), dtype=float)
         row, col = divmod(index, 2)
         figure.add_trace(go.Heatmap(z=matrix, zmin=zmin, zmax=zmax, colorscale="Teal", showscale=index == 0,
                                     colorbar=dict(title="skipped", tickformat=".0%"),
-                                    customdata=[words] * len(matrix),
-                                    hovertemplate="layer %{y}, %{customdata}<br>skipped %{z:.0%}<extra></extra>"),
+                                    hovertemplate="layer %{y}, token %{x}<br>skipped %{z:.0%}<extra></extra>"),
                          row=row + 1, col=col + 1)
         figure.update_xaxes(token_axis(tokens, max_ticks=24), row=row + 1, col=col + 1)
         figure.update_yaxes(title_text="layer" if col == 0 else None, row=row + 1, col=col + 1)
