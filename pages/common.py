@@ -212,8 +212,11 @@ def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool, 
 
 def sidebar() -> Settings:
     """Draw the settings (same keys on every page) and resolve them to a model and a spec."""
-    for key, value in DEFAULTS.items():  # re-assigned every run: keeps each choice when the visitor changes page
-        st.session_state[key] = st.session_state.get(key, value)
+    # Re-assigned every run, from a copy in a plain (non-widget) key: Streamlit drops a widget's state after a run
+    # that did not draw it (a page change that interrupts a run can be one), and the visitor's choices must survive.
+    kept = st.session_state.setdefault("sidebar_kept", {})
+    for key, value in DEFAULTS.items():
+        st.session_state[key] = st.session_state.get(key, kept.get(key, value))
     st.logo(str(LOGO), size="large")
     notice = st.empty()  # in the main area, under the page's title: what is being prepared
     with st.sidebar:
@@ -243,6 +246,7 @@ def sidebar() -> Settings:
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
         temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature") if sample else 0.0
         seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed")) if sample else 0
+    kept.update({key: st.session_state[key] for key in DEFAULTS})
     applied = st.session_state.get("applied_spec")
     use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.sidebar.toggle(
         f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
