@@ -99,6 +99,11 @@ def _calibrated_specs() -> BoundedCache:
     return BoundedCache(MAX_SHARED_SPECS)
 
 
+def progress_text(label: str, done: int, total: int, left: float | None) -> str:
+    """What every progress bar says: the steps done, and the time left when it is known."""
+    return f"{label} {done}/{total}" + (f" · about {left:.0f} s left" if left is not None else "")
+
+
 @contextlib.contextmanager
 def progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar for long work, gone when the work ends: yields the (done, total) callback the engine reports
@@ -108,8 +113,7 @@ def progress(label: str) -> Iterator[Callable[[int, int], None]]:
 
     def update(done: int, total: int) -> None:
         left = (time.monotonic() - started) / done * (total - done) if 0 < done < total else None
-        bar.progress(min(done / max(total, 1), 1.0),
-                     text=f"{label} {done}/{total}" + (f" · about {left:.0f} s left" if left is not None else ""))
+        bar.progress(min(done / max(total, 1), 1.0), text=progress_text(label, done, total, left))
     try:
         yield update
     finally:

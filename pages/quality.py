@@ -55,8 +55,7 @@ def watch_sweep() -> None:
     stopping = running.cancel.is_set()
     done, total, left = running.done, running.total, None if stopping else running.seconds_left()
     label = "Stopping after the current step…" if stopping else "Sweeping…"
-    st.progress(min(done / total, 1.0) if total else 0.0,
-                text=f"{label} {done}/{total}" + (f" · about {left:.0f} s left" if left is not None else ""))
+    st.progress(min(done / total, 1.0) if total else 0.0, text=common.progress_text(label, done, total, left))
     st.caption(f"{len(running.points)} of {running.planned} points finished. The sweep keeps running while you use "
                f"the page; stopping it keeps the points finished so far.")
     st.button("Stop sweep", key="stop_sweep", on_click=running.stop)  # before this run: its bar says so at once

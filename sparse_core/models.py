@@ -235,13 +235,18 @@ def choose_dense_route(model: SparseModel, repeats: int = 5) -> str:
     return route
 
 
+def cpu_name() -> str:
+    """The CPU's model as Linux names it ("cpu" where /proc/cpuinfo is not there)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "cpu")
+
+
 def _machine(device: torch.device) -> str:
     """The device a measurement is valid on: the GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), "cpu") if Path("/proc/cpuinfo").is_file() else "cpu"
-    return f"{model_name}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 # ---- loading -----------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import datetime
 import html
 import os
 import platform
-from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+
+from .models import cpu_name
 
 FIGURE_HEIGHT = "420px"  # a bare to_html div is sized 100% of a parent with no height; give each chart a real one
 
@@ -42,16 +43,12 @@ mark { background: #ffe08a; }
 
 def machine_info() -> dict[str, str]:
     """Where the report was made: a speed figure means little without the hardware and software behind it."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     return {
         "Platform": platform.platform(),
         "Python": platform.python_version(),
         "PyTorch": torch.__version__,
-        "CPU": cpu,
+        "CPU": cpu if cpu != "cpu" else platform.processor() or platform.machine(),
         "CPU cores": str(os.cpu_count()),
         "Torch threads": str(torch.get_num_threads()),
         "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
