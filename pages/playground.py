@@ -168,8 +168,9 @@ if result is None:
 else:
     view.update(result, final=True)
     common.stale_note(result.setting, current)
+    # Built on click, with no rerun: a rerun retires the file id the browser is about to fetch (CI lost a download so).
     st.download_button("Download report", lambda: live.report_html(result),
-                       file_name="sparsity-lab-report.html", mime="text/html", key="download_report",
+                       file_name="sparsity-lab-report.html", mime="text/html", key="download_report", on_click="ignore",
                        help="One HTML file that opens offline: the setting, the headline numbers, both texts with the "
                             "divergence marked, the charts with the bound, and this machine.")
     _fill_panes(result, panes)
