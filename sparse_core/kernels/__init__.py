@@ -17,8 +17,35 @@ LIBRARY.define("sparse_linear(Tensor x, Tensor weight, Tensor weight_t, Tensor? 
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
 
 
+class OpContractError(ValueError):
+    """A call to the op that its kernels cannot run correctly; the message is one sentence."""
+
+
+def check_call(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor | None:
+    """The op's contract, enforced by every backend (the C++ kernel mirrors it): `weight_t` is a contiguous
+    (in, out) matrix, since the kernels stream its rows by pointer arithmetic (ops.sparse_linear routes any other
+    layout to the reference before it gets here); `threshold` is None (the scalar), one value for every token, or
+    one per token. Returns the threshold as one float32 value per token, or None for the scalar."""
+    if weight_t.dim() != 2 or not weight_t.is_contiguous() or x.shape[-1] != weight_t.shape[0]:
+        raise OpContractError(f"sparse_linear needs weight_t as a contiguous (in, out) matrix with in = {x.shape[-1]}, "
+                              f"got shape {tuple(weight_t.shape)}, strides {weight_t.stride()}; call ops.sparse_linear, "
+                              "which routes other layouts to the reference.")
+    if threshold is None:
+        return None
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if threshold.dim() == 0:  # torch compares x with a 0-dim tensor in x's dtype, as with a Python float
+        threshold = threshold.to(x.dtype)
+    if threshold.numel() == 1:
+        return threshold.reshape(1).float().expand(tokens)
+    if threshold.numel() != tokens:
+        raise OpContractError(f"sparse_linear needs one threshold for all tokens or one per token; got "
+                              f"{threshold.numel()} values for {tokens} tokens.")
+    return threshold.reshape(tokens).float()
+
+
 @torch.library.register_fake("sparse_lab::sparse_linear")
 def _sparse_linear_fake(x, weight, weight_t, bias, threshold, scalar_threshold):
+    check_call(x, weight_t, threshold)
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import LIBRARY, kernel_ready, sparse_linear
+from . import LIBRARY, check_call, kernel_ready, sparse_linear
 
 SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -77,8 +77,9 @@ def _load() -> str | None:
 
 def _embedding_bag_sparse_linear(x, weight, weight_t, bias, threshold, scalar_threshold):
     """Pure-torch row gather: one bag per token of its active rows of weight_t, weighted by their inputs."""
+    per_token = check_call(x, weight_t, threshold)
     x2 = x.reshape(-1, x.shape[-1])
-    limit = threshold.reshape(-1, 1) if threshold is not None else torch.tensor(scalar_threshold, dtype=x.dtype)
+    limit = per_token.reshape(-1, 1) if per_token is not None else torch.tensor(scalar_threshold, dtype=x.dtype)
     keep = x2.abs() > limit
     if x2.shape[0] > MAX_UNION_TOKENS:
         return F.linear(x2 * keep, weight, bias).reshape(*x.shape[:-1], -1)

@@ -109,21 +109,29 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::op
   return y;
 }
 
-// y = F.linear(x * (|x| > threshold), weight, bias); threshold is per token (tokens, 1) when given, else scalar.
+// y = F.linear(x * (|x| > threshold), weight, bias); threshold, when given, holds one value or one per token, else
+// scalar_threshold applies.
 // `weight` (out, in) serves the masked dense matmul beyond kMaxUnionTokens, `wt` (the same values as (in, out)) the gather.
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& wt,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& threshold, double scalar_threshold) {
-  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "sparse_linear: weight_t must be a contiguous (in, out) matrix");
-  TORCH_CHECK(x.size(-1) == wt.size(0) && x.scalar_type() == wt.scalar_type(), "sparse_linear: x/weight mismatch");
-  const bool per_token = threshold.has_value() && threshold->defined();
+  // The op's contract, as kernels.check_call states it for the other backends.
+  TORCH_CHECK_VALUE(wt.dim() == 2 && wt.is_contiguous() && x.size(-1) == wt.size(0),
+                    "sparse_linear needs weight_t as a contiguous (in, out) matrix with in = ", x.size(-1),
+                    "; call ops.sparse_linear, which routes other layouts to the reference.");
+  TORCH_CHECK_VALUE(x.scalar_type() == wt.scalar_type(), "sparse_linear needs x and weight_t in one dtype.");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t tokens = x2.size(0);
+  const bool given = threshold.has_value() && threshold->defined();
+  TORCH_CHECK_VALUE(!given || threshold->numel() == 1 || threshold->numel() == tokens,
+                    "sparse_linear needs one threshold for all tokens or one per token; got ",
+                    given ? threshold->numel() : 0, " values for ", tokens, " tokens.");
+  const bool per_token = given && threshold->numel() == tokens && tokens > 1;
   std::vector<float> thr(per_token ? tokens : 1);
-  if (per_token) {
-    const at::Tensor t = threshold->reshape({-1}).to(at::kFloat).contiguous();
-    TORCH_CHECK(t.numel() == tokens, "sparse_linear: per-token threshold must have one value per token");
-    std::memcpy(thr.data(), t.data_ptr<float>(), tokens * sizeof(float));
+  if (given) {  // a 0-dim threshold compares in x's dtype, as torch compares x with it
+    const at::Tensor rounded = threshold->dim() == 0 ? threshold->to(x.scalar_type()) : *threshold;
+    const at::Tensor t = rounded.reshape({-1}).to(at::kFloat).contiguous();
+    std::memcpy(thr.data(), t.data_ptr<float>(), thr.size() * sizeof(float));
   } else {  // compared in x's dtype, like the reference `x.abs() > threshold`
     thr[0] = x.scalar_type() == at::kBFloat16 ? static_cast<float>(c10::BFloat16(static_cast<float>(scalar_threshold)))
                                               : static_cast<float>(scalar_threshold);
@@ -133,7 +141,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
     y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, wt, bias, thr.data(), per_token)
                                          : gather_rows<float>(x2, wt, bias, thr.data(), per_token);
   } else {
-    const at::Tensor limit = per_token ? threshold->reshape({tokens, 1}) : at::scalar_tensor(scalar_threshold, x.options());
+    const at::Tensor limit = given ? (per_token ? threshold->reshape({tokens, 1}) : *threshold)
+                                   : at::scalar_tensor(scalar_threshold, x.options());
     y = at::linear(x2 * (x2.abs() > limit), weight, bias);
   }
   auto shape = x.sizes().vec();

@@ -1,0 +1,73 @@
+"""The op's own contract, on every backend: a threshold of one value broadcasts over the tokens (0-dim, (1,) and
+(1, 1) alike), a threshold of any other wrong size is refused, and a weight_t that is not a contiguous (in, out)
+matrix is refused (ops.sparse_linear routes such weights to the reference instead)."""
+import pytest
+import torch
+
+from kernel_reference import check, input_rows_weight, reference
+from sparse_core import ops
+from sparse_core.kernels import check_call, cpu_native, triton_sparse_gemv
+
+BACKENDS = {
+    "cpu-native": torch.ops.sparse_lab.sparse_linear,  # the registered op on CPU tensors
+    "triton-interpret": triton_sparse_gemv.sparse_linear,
+    "embedding-bag-fallback": cpu_native._embedding_bag_sparse_linear,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_native.native(), cpu_native.native_failure()  # the op's CPU implementation is the C++ kernel
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_one_threshold_value_broadcasts_over_the_tokens(backend, dtype, shape, tokens):
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 48, generator=generator).to(dtype)
+    weight, bias = input_rows_weight(40, 48, dtype, generator), torch.randn(40, generator=generator).to(dtype)
+    threshold = torch.full(shape, 0.61)  # float32, as a calibration table holds it; x may be bfloat16
+    y = BACKENDS[backend](x, weight, weight.t(), bias, threshold, 0.0)
+    check(y, reference(x, weight, bias, threshold), dtype)
+    assert (y[1:] != 0).any()  # the tokens after the first were computed, not read past the threshold
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_threshold_of_another_size_is_refused(backend):
+    x, weight = torch.randn(3, 32), input_rows_weight(16, 32, torch.float32)
+    with pytest.raises(ValueError, match="one threshold for all tokens or one per token"):
+        BACKENDS[backend](x, weight, weight.t(), None, torch.full((2, 1), 0.5), 0.0)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_weight_t_that_is_not_contiguous_rows_is_refused(backend):
+    x = torch.randn(2, 32)
+    weight = torch.randn(16, 32)  # HF's (out, in) storage: its .t() is a strided view
+    with pytest.raises(ValueError, match="contiguous \\(in, out\\) matrix"):
+        BACKENDS[backend](x, weight, weight.t(), None, None, 0.5)
+
+
+def test_the_fake_implementation_checks_the_same_contract():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, weight = torch.randn(3, 32), torch.randn(16, 32)
+        with pytest.raises(ValueError, match="contiguous"):
+            torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None, None, 0.5)
+        wt = weight.t().contiguous()
+        with pytest.raises(ValueError, match="one per token"):
+            torch.ops.sparse_lab.sparse_linear(x, wt.t(), wt, None, torch.ones(2), 0.0)
+
+
+def test_the_python_entry_routes_other_layouts_to_the_reference():
+    x, weight = torch.randn(2, 32), torch.randn(16, 32)
+    assert ops.backend_for(x, weight) == "reference"
+    check(ops.sparse_linear(x, weight, None, torch.tensor(0.4)), reference(x, weight, None, torch.tensor(0.4)), torch.float32)
+
+
+def test_check_call_returns_one_float32_value_per_token():
+    x, wt = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    assert check_call(x, wt, None) is None
+    assert check_call(x, wt, torch.tensor(0.3)).tolist() == [torch.tensor(0.3, dtype=torch.bfloat16).item()] * 6
+    assert check_call(x, wt, torch.arange(6.0).reshape(2, 3, 1)).tolist() == list(range(6))
