@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import pandas as pd
 import streamlit as st
+import torch
 
 from sparse_core import bench, calibrate, metrics, models, report, warmup
 from sparse_core.spec import SparsitySpec, SpecError
@@ -26,7 +27,7 @@ METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a cal
                "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights in down, and in "
                "up too with the cats weight layout). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
-DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", layout="inputs", method_label="TEAL thresholds", target=0.25,
+DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", device="auto", layout="inputs", method_label="TEAL thresholds", target=0.25,
                 max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
 # Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
 PRESETS = {
@@ -88,8 +89,10 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def load_model(name: str, dtype: str, layout: str = "inputs", trust_remote_code: bool = False) -> models.SparseModel:
-    return models.load(name, dtype=dtype, trust_remote_code=trust_remote_code, layout=layout)
+def load_model(name: str, dtype: str, layout: str = "inputs", device: str = models.resolve_device("auto"),
+               trust_remote_code: bool = False) -> models.SparseModel:
+    """One model per name, dtype, layout and (resolved, never "auto") device, shared by every visitor."""
+    return models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, layout=layout)
 
 
 @st.cache_resource(show_spinner=False)
@@ -151,14 +154,15 @@ def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation
 def measure_decode(current: Settings, progress=None) -> dict:
     """The setting's decode measurement (bench.decode_result, stored): against the fastest dense, plain HF included."""
     model = current.model
-    plain = None if model.layout == "hf" else load_model(model.name, str(model.dtype).replace("torch.", ""), "hf",
-                                                         st.session_state.get("trust_remote_code", False))
+    plain = None if model.layout == "hf" else load_model(
+        model.name, str(model.dtype).replace("torch.", ""), "hf", model.device.type,
+        trust_remote_code=st.session_state.get("trust_remote_code", False))
     with foreground(model):
         return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain, progress=progress)
 
 
 def model_key(model: models.SparseModel) -> tuple:
-    return model.name, str(model.dtype), model.layout, model.fingerprint
+    return model.name, str(model.dtype), model.layout, str(model.device), model.fingerprint
 
 
 def spec_for(model: models.SparseModel, method: str, target: float) -> SparsitySpec:
@@ -177,9 +181,9 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
 _LOAD_SECONDS = DiskStore("load_seconds")
 
 
-def _loading(name: str, dtype: str, layout: str, trust_remote_code: bool, notice) -> models.SparseModel:
+def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool, notice) -> models.SparseModel:
     """load_model, announced in the main area (`notice`) with the time the same load last took on this machine."""
-    key = digest(name, dtype, layout)
+    key = digest(name, dtype, layout, device)
     last = _LOAD_SECONDS.load(key)
     if last:
         estimate = f"about {last['seconds']:.0f} s last time"
@@ -188,30 +192,41 @@ def _loading(name: str, dtype: str, layout: str, trust_remote_code: bool, notice
     else:
         estimate = "the first time it is downloaded (safetensors only) and patched"
     started = time.monotonic()
-    with notice.container(), st.spinner(f"Preparing {name} ({dtype}, {layout} layout): loading the weights and storing "
-                                        f"them for the kernels — {estimate}…", show_time=True):
-        model = load_model(name, dtype, layout, trust_remote_code)
+    with notice.container(), st.spinner(f"Preparing {name} ({dtype}, {layout} layout, {device}): loading the weights "
+                                        f"and storing them for the kernels — {estimate}…", show_time=True):
+        model = load_model(name, dtype, layout, device, trust_remote_code)
     seconds = time.monotonic() - started
     if seconds > 1.0:  # a real load, not a cache hit
         _LOAD_SECONDS.save(key, {"seconds": round(seconds, 1)})
     return model
 
 
-def _resolve_model(name: str, dtype: str, layout: str, trust_remote_code: bool, notice) -> models.SparseModel:
+def _resolve_model(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool,
+                   notice) -> models.SparseModel:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
     name = name.strip() or models.DEFAULT_MODEL
     try:
-        model = _loading(name, dtype, layout, trust_remote_code, notice)
+        device = models.resolve_device(device)
+        model = _loading(name, dtype, layout, device, trust_remote_code, notice)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
         message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
-        fallback = st.session_state.get("last_loaded", (models.DEFAULT_MODEL, "float32", "inputs"))
-        if fallback == (name, dtype, layout):
+        fallback = st.session_state.get("last_loaded", (models.DEFAULT_MODEL, "float32", "inputs", models.resolve_device("auto")))
+        if fallback == (name, dtype, layout, device):
             st.stop()
-        st.sidebar.caption(f"Still using {fallback[0]} ({fallback[1]}).")
+        st.sidebar.caption(f"Still using {fallback[0]} ({fallback[1]}, {fallback[3]}).")
         return load_model(*fallback)
-    st.session_state.last_loaded = (name, dtype, layout)
+    st.session_state.last_loaded = (name, dtype, layout, device)
     return model
+
+
+def _device_label(device: str) -> str:
+    """The Device select's options, saying what each means on this machine."""
+    if device == "auto":
+        return f"auto ({models.resolve_device('auto')} here)"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda (none on this machine)"
+    return device
 
 
 def sidebar() -> Settings:
@@ -228,6 +243,9 @@ def sidebar() -> Settings:
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
+        device = st.selectbox("Device", models.DEVICES, key="device", format_func=_device_label,
+                              help="Where the model runs. auto takes the GPU when torch sees one (the Triton kernels), "
+                                   "else the CPU (the native C++ kernel).")
         layout = st.selectbox("Weight layout", list(LAYOUT_HELP), key="layout",
                               help="How the model's one copy of the weights is stored for the kernels; each layout "
                                    "in use is its own model in memory, shared by all visitors. " + " ".join(
@@ -235,7 +253,7 @@ def sidebar() -> Settings:
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")
-        model = _resolve_model(name, dtype, layout, trust, notice)
+        model = _resolve_model(name, dtype, layout, device, trust, notice)
         prepared = prepare_ahead(model)
         if prepared is not None and not prepared.finished:
             st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "

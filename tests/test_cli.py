@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from sparse_core import calibrate, metrics
 from sparse_core.__main__ import main
@@ -41,6 +42,15 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error: The spec is not valid JSON") and "\n" not in err
     assert main(["generate", "--prompt", "   "]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        for command in (["info"], ["bench", "kernels", "--quick"]):
+            assert main([*command, "--device", "cuda"]) == 2
+            assert capsys.readouterr().err.startswith("error: CUDA was asked for, but torch sees no usable CUDA device")
+
+
+def test_auto_device_is_the_cpu_without_a_gpu(capsys):
+    assert main(["info", "--json", "--device", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def test_bfloat16_loads_and_generates(capsys):
