@@ -129,7 +129,8 @@ def report_html(result: Result) -> str:
     if valid:
         charts[f"Decode speed against the bound ({speed['new_tokens']} steps × {speed['repeats']} runs, "
                f"dense path “{speed['dense_path']}”)"] = stakeholder_report.speed_figure(
-            speed["dense_tok_s"], speed["sparse_tok_s"], speed["bound"], speed["speedup"])
+            speed["dense_tok_s"], speed["sparse_tok_s"], speed["bound"], speed["speedup"],
+            stakeholder_report.bandwidth_limits(speed))
     elif result.rates is not None:
         rates = result.rates
         charts[f"This generation's rates against the bound ({rates.steps} equal steps; not the setting's "

@@ -3,12 +3,9 @@ the fastest dense product measured in the same run, each next to its bound, flag
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-import torch
 
 from pages import common
-from sparse_core import bench, generate, ops, report
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from sparse_core import bench, generate, ops, report, stakeholder_report
 
 
 def _kernel_chart(kernels: pd.DataFrame) -> None:
@@ -29,6 +26,21 @@ def _kernel_chart(kernels: pd.DataFrame) -> None:
                                hovertemplate="%{text}<extra></extra>", showlegend=column == 1, row=1, col=column)
     figure.update_layout(height=380, margin=dict(t=40, b=10))
     st.plotly_chart(figure, width="stretch", key="kernel_chart")
+    bandwidth = kernels["bandwidth_gbs"].iloc[0]
+    reads = valid.melt(id_vars=["shape", "dtype", "sparsity"], value_vars=["dense_gbs", "sparse_gbs"], var_name="run",
+                       value_name="GB/s").replace({"dense_gbs": "dense", "sparse_gbs": "sparse"})
+    figure = px.line(reads, x="sparsity", y="GB/s", color="shape", line_dash="run", facet_col="dtype", markers=True,
+                     category_orders={"dtype": sorted(kernels["dtype"].unique())},
+                     labels={"GB/s": "weight bytes read / s (GB/s)"})
+    figure.add_shape(type="line", xref="paper", x0=0, x1=1, y0=bandwidth, y1=bandwidth,  # drawn with no valid row too
+                     line=dict(color="#111827", dash="dot"))
+    figure.add_annotation(xref="paper", x=0, y=bandwidth, text=f"measured read bandwidth {bandwidth:.0f} GB/s",
+                          showarrow=False, xanchor="left", yshift=10)
+    figure.update_yaxes(rangemode="tozero")
+    figure.update_layout(height=340, margin=dict(t=40, b=10))
+    st.plotly_chart(figure, width="stretch", key="kernel_bandwidth_chart")
+    st.caption("Achieved read rate of the weight bytes each product needs (sparse: only the kept rows), against the "
+               "machine's read bandwidth measured in the same run: how close each is to the memory limit.")
     if len(flagged):
         st.warning(f"{len(flagged)} of {len(kernels)} rows are flagged and drawn as grey crosses, not as results: "
                    + "; ".join(sorted(set(flagged["flag"].str.split(":").str[0]))) + ". Run again on a quieter machine.")
@@ -56,12 +68,13 @@ full = right.toggle("Full run", key="bench_full",
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
     with common.foreground(current.model), common.progress("Timing dense vs sparse kernels…") as update:
         rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
-                                 repeats=30 if full else bench.QUICK_REPEATS, device=DEVICE, progress=update)
+                                 repeats=30 if full else bench.QUICK_REPEATS, device=current.model.device.type,
+                                 progress=update)
     st.session_state.kernel_rows = pd.DataFrame(rows)
 kernels = st.session_state.get("kernel_rows")
 if kernels is not None:
     _kernel_chart(kernels)
-    st.caption(f"Random inputs and weights on {DEVICE}; the sidebar's setting plays no part here.")
+    st.caption(f"Random inputs and weights on {current.model.device.type}; the sidebar's setting plays no part here.")
     common.table_with_download(kernels, "kernel_benchmark.csv")
 
 st.subheader("One decode step, layer by layer")
@@ -111,6 +124,15 @@ else:
                    "output head are read in full either way.")
     if decode["flag"]:
         st.warning(f"This measurement is not a result: {decode['flag']}. Measure again with nothing else running.")
+    limits = stakeholder_report.bandwidth_limits(decode)
+    st.plotly_chart(stakeholder_report.speed_figure(decode["dense_tok_s"], decode["sparse_tok_s"], decode["bound"],
+                                                    None if decode["flag"] else decode["speedup"], limits),
+                    width="stretch", key="decode_chart")
+    st.caption(f"The dotted lines are the memory-bandwidth limits: this machine's measured read bandwidth "
+               f"({decode['bandwidth_gbs']:.0f} GB/s) over the weight bytes per token ({decode['weight_bytes_per_token'] / 1e6:.0f} MB "
+               f"dense, {decode['sparse_weight_bytes_per_token'] / 1e6:.0f} MB sparse). Dense reaches "
+               f"{decode['dense_fraction_of_limit']:.0%} of its limit, sparse {decode['sparse_fraction_of_limit']:.0%}; "
+               "the rest is per-token overhead (docs/PERFORMANCE.md).")
     st.caption(f"Measured for {current.setting}: {decode['model']}, dense path “{decode['dense_path']}”, "
                f"plain HF {decode['plain_hf_tok_s'] or '—'} tok/s.")
     common.table_with_download(pd.DataFrame([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in decode.items()}]),

@@ -56,6 +56,25 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
     return max(sizes, default=64 << 20)
 
 
+BANDWIDTH_BYTES = 256 << 20  # the read-bandwidth probe: far beyond any CPU's last-level cache
+
+
+def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10) -> float:
+    """This machine's measured memory read bandwidth in GB/s: the median of `repeats` sums over a 256 MiB tensor
+    (1 GiB on a GPU, beyond its L2), with torch's threads. The limit batch-1 decoding runs against: every weight
+    byte is read once per token, so tok/s x weight bytes per token can at best reach it."""
+    size = BANDWIDTH_BYTES * (4 if device == "cuda" else 1)
+    data = torch.ones(size // 4, dtype=torch.float32, device=device)
+    seconds = []
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        data.sum()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return round(size / statistics.median(seconds[1:]) / 1e9, 2)
+
+
 def _sparse_input(width: int, sparsity: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, float]:
     """A random input and the threshold that skips exactly `sparsity` of it."""
     x = torch.randn(1, width, dtype=dtype, device=device)
@@ -123,6 +142,7 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
     (in, out) rows a patched model stores) and "kernel" (the sparse op with nothing skipped on those rows)."""
     rows, total = [], len(shapes) * len(dtypes) * len(sparsities)
     cache = last_level_cache_bytes(device)
+    bandwidth = read_bandwidth_gbs(device)
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -146,13 +166,15 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                     dense, sparse = timed[dense_path], timed["sparse"]
                     bound = 1.0 / (1.0 - sparsity)
                     speedup = dense.median / sparse.median
+                    dense_gbs, sparse_gbs = weight_bytes / dense.median / 1e6, weight_bytes / bound / sparse.median / 1e6
                     rows.append(dict(out_features=out_features, in_features=in_features, dtype=dtype_name,
                                      sparsity=sparsity, **{f"{name}_dense_ms": round(timed[name].median, 4) for name in DENSE_PATHS},
                                      dense_path=dense_path, dense_ms=round(dense.median, 4),
                                      dense_iqr_ms=round(dense.q3 - dense.q1, 4), sparse_ms=round(sparse.median, 4),
                                      sparse_iqr_ms=round(sparse.q3 - sparse.q1, 4), speedup=round(speedup, 3),
-                                     bound=round(bound, 3), dense_gbs=round(weight_bytes / dense.median / 1e6, 2),
-                                     sparse_gbs=round(weight_bytes / bound / sparse.median / 1e6, 2),
+                                     bound=round(bound, 3), dense_gbs=round(dense_gbs, 2), sparse_gbs=round(sparse_gbs, 2),
+                                     bandwidth_gbs=bandwidth, dense_fraction_of_limit=round(dense_gbs / bandwidth, 3),
+                                     sparse_fraction_of_limit=round(sparse_gbs / bandwidth, 3),
                                      flag=flag(speedup, bound, dense, sparse)))
                     if progress:
                         progress(len(rows), total)
@@ -194,7 +216,7 @@ def paired_rates(dense: list, sparse: list) -> PairedRates | None:
 
 
 DENSE_PATHS = ("hf", "linear", "kernel")
-_DECODES = DiskStore("decode")
+_DECODES = DiskStore("decode-v2")  # v2 added the bandwidth fields: an older measurement is taken again
 
 
 def stored_decode(model, spec) -> dict | None:
@@ -251,6 +273,8 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     ratios = [d / s for d, s in zip(per_repeat[dense_path], per_repeat["sparse"])]  # paired: each run with its twin
     cost = token_cost(model, counter.weighted(model.skippable_params(spec.method if spec else "dense")))
     speedup = statistics.median(ratios)
+    bandwidth = read_bandwidth_gbs(model.device.type)
+    fraction = lambda t, weight_bytes: round(1e3 / t.median * weight_bytes / 1e9 / bandwidth, 3)
     result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,
                   device=str(model.device), backend=ops.describe_backends(), method=spec.method if spec else "dense",
                   spec=spec.label if spec else "dense", new_tokens=new_tokens, repeats=repeats,
@@ -262,6 +286,9 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
                   speedup=round(speedup, 3),
                   speedup_iqr=[round(q, 3) for q in _quartiles(ratios)],
                   bound=round(cost.bound, 3), weight_reads_skipped=round(cost.reads_skipped, 4),
+                  weight_bytes_per_token=cost.dense_bytes, sparse_weight_bytes_per_token=cost.sparse_bytes,
+                  bandwidth_gbs=bandwidth, dense_fraction_of_limit=fraction(dense, cost.dense_bytes),
+                  sparse_fraction_of_limit=fraction(sparse, cost.sparse_bytes),
                   flag=flag(speedup, cost.bound, dense, sparse))
     return _DECODES.save(setting_key(model, spec), result)
 
@@ -294,13 +321,16 @@ def run(args) -> int:
                            progress=_bar("kernels"))
         device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
         if args.json:
-            print(json.dumps({"backend": ops.describe_backends(), "device": device, "rows": rows}))
+            print(json.dumps({"backend": ops.describe_backends(), "device": device,
+                              "bandwidth_gbs": rows[0]["bandwidth_gbs"], "rows": rows}))
             return 0
-        print(f"backend: {ops.describe_backends()}\ndevice: {device}")
-        print(f"{'out x in':>12} {'dtype':>9} {'s':>5} {'dense':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'bound':>6}  flag")
+        print(f"backend: {ops.describe_backends()}\ndevice: {device}\nread bandwidth: {rows[0]['bandwidth_gbs']} GB/s")
+        print(f"{'out x in':>12} {'dtype':>9} {'s':>5} {'dense':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} "
+              f"{'bound':>6} {'dense GB/s':>10} {'sparse GB/s':>11}  flag")
         for r in rows:
             print(f"{r['out_features']:>5}x{r['in_features']:<6} {r['dtype']:>9} {r['sparsity']:>5} {r['dense_path']:>6} "
-                  f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f}  {r['flag'] or ''}")
+                  f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f} "
+                  f"{r['dense_gbs']:>10.1f} {r['sparse_gbs']:>11.1f}  {r['flag'] or ''}")
         return 0
     from . import calibrate
     model = models.load(dtype=args.dtype, layout=args.layout, device=device)

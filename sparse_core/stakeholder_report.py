@@ -56,17 +56,31 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def speed_figure(dense_tok_s: float, sparse_tok_s: float, bound: float, speedup: float | None = None) -> go.Figure:
+def speed_figure(dense_tok_s: float, sparse_tok_s: float, bound: float, speedup: float | None = None,
+                 limits: tuple[float, float] | None = None) -> go.Figure:
     """Dense and sparse decode rates next to the best sparse rate the bound allows (dense × bound), so a reader sees
     both the gain and how far it is from what skipping those weight reads could give at most. Pass `speedup` only when
-    it is a valid measurement: it then labels the sparse bar; a missing or flagged one leaves the bar unlabelled."""
+    it is a valid measurement: it then labels the sparse bar; a missing or flagged one leaves the bar unlabelled.
+    `limits` (dense, sparse tok/s) are the memory-bandwidth limits, each drawn as a line over its bar: the measured
+    read bandwidth over the weight bytes that run reads per token."""
     figure = go.Figure(go.Bar(x=["dense", "sparse"], y=[dense_tok_s, sparse_tok_s], marker_color=["#8da0b3", "#2f7ed8"],
                               text=["", "" if speedup is None else f"×{speedup:.2f}"], textposition="outside"))
     figure.add_hline(y=dense_tok_s * bound, line_dash="dash", line_color="#d62728",
                      annotation_text=f"bound ×{bound:.2f}", annotation_position="top left")
-    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, max(dense_tok_s * bound, sparse_tok_s) * 1.15],
-                         margin=dict(t=30, b=10), showlegend=False)
+    top = max(dense_tok_s * bound, sparse_tok_s)
+    for column, limit in enumerate(limits or ()):
+        figure.add_shape(type="line", x0=column - 0.45, x1=column + 0.45, y0=limit, y1=limit,
+                         line=dict(color="#111827", dash="dot"))
+        figure.add_annotation(x=column, y=limit, text=f"bandwidth limit {limit:.0f} tok/s", showarrow=False, yshift=10)
+        top = max(top, limit)
+    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, top * 1.15], margin=dict(t=30, b=10), showlegend=False)
     return figure
+
+
+def bandwidth_limits(decode: dict) -> tuple[float, float]:
+    """(dense, sparse) tok/s at the measured read bandwidth, from a decode measurement (bench.decode_result)."""
+    return tuple(decode["bandwidth_gbs"] * 1e9 / decode[key]
+                 for key in ("weight_bytes_per_token", "sparse_weight_bytes_per_token"))
 
 
 def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -> go.Figure:

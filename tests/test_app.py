@@ -150,7 +150,7 @@ def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_
     from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)  # the page passes these at call time: a short measurement
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
-    shutil.rmtree(store.cache_dir() / "decode", ignore_errors=True)  # the tests' own cache (conftest): measure anew
+    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)  # the tests' own cache (conftest): measure anew
     at = _ok(_app(target=0.35))
     assert _metric(at, "Decode speedup") == "—"
     assert any(m.value.endswith("decode speed not measured yet.") for m in at.markdown)
@@ -242,7 +242,7 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
-    shutil.rmtree(store.cache_dir() / "decode", ignore_errors=True)
+    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
     _ok(at.switch_page("pages/speedup.py").run())
     assert at.title[0].value == "Speedup"
@@ -253,6 +253,8 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     kernels = at.dataframe[0].value
     assert list(kernels["sparsity"]) == [0.0, 0.5, 0.9] and (kernels["speedup"] > 0).all()
     assert set(kernels["dense_path"]) <= {"hf", "linear", "kernel"} and "flag" in kernels
+    bandwidth_chart = _figures(at)[1]  # achieved GB/s against the read bandwidth measured in the same run
+    assert [s["y0"] for s in bandwidth_chart["layout"]["shapes"]] == [kernels["bandwidth_gbs"].iloc[0]]
 
     at.button(key="time_layers").click()
     _ok(at.run())
@@ -266,7 +268,11 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Model bound").startswith("×")
     decode = at.dataframe[2].value.iloc[0]
     assert (decode["method"], decode["spec"]) == ("topk", "TOPK 30%")  # the sidebar's method, not TEAL
-    assert len(at.get("plotly_chart")) == 2 and len(at.get("download_button")) == 3
+    limits = [c.value for c in at.caption if c.value.startswith("The dotted lines are the memory-bandwidth limits")]
+    assert limits and f"Dense reaches {decode['dense_fraction_of_limit']:.0%} of its limit" in limits[0]
+    decode_chart = _figures(at)[-1]
+    assert len([s for s in decode_chart["layout"]["shapes"] if s["line"]["dash"] == "dot"]) == 2
+    assert len(at.get("plotly_chart")) == 4 and len(at.get("download_button")) == 3  # kernels: ratios, GB/s; layers; decode
 
 
 def test_the_cats_layout_is_a_second_model_that_skips_up_rows_under_cats():

@@ -10,7 +10,7 @@ from sparse_core.__main__ import main
 
 ROW_KEYS = {"out_features", "in_features", "dtype", "sparsity", "hf_dense_ms", "linear_dense_ms", "kernel_dense_ms",
             "dense_path", "dense_ms", "dense_iqr_ms", "sparse_ms", "sparse_iqr_ms", "speedup", "bound", "dense_gbs",
-            "sparse_gbs", "flag"}
+            "sparse_gbs", "bandwidth_gbs", "dense_fraction_of_limit", "sparse_fraction_of_limit", "flag"}
 
 
 def test_kernel_rows_compare_against_the_fastest_of_three_dense_products():
@@ -25,7 +25,16 @@ def test_kernel_rows_compare_against_the_fastest_of_three_dense_products():
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"], rel=0.05)  # ms rounded to 0.1 us
         assert r["dense_iqr_ms"] >= 0 and r["sparse_iqr_ms"] >= 0
         assert r["flag"] is None or r["flag"].startswith(("noisy", "invalid"))
+        weight_bytes = 48 * 80 * (4 if r["dtype"] == "float32" else 2)  # dense reads it all, sparse 1/bound of it
+        assert r["dense_gbs"] == pytest.approx(weight_bytes / r["dense_ms"] / 1e6, rel=0.02)
+        assert r["sparse_gbs"] == pytest.approx(weight_bytes / r["bound"] / r["sparse_ms"] / 1e6, rel=0.02)
+        assert r["dense_fraction_of_limit"] == pytest.approx(r["dense_gbs"] / r["bandwidth_gbs"], abs=2e-3)
     assert rows[1]["bound"] == 2.0 and seen[-1] == (4, 4)
+
+
+def test_read_bandwidth_is_a_plausible_memory_rate():
+    gbs = bench.read_bandwidth_gbs()
+    assert 0.5 < gbs < 2000  # GB/s: any machine's memory, not a cache (256 MiB) nor a broken timer
 
 
 def test_timing_quartiles_match_numpy():
@@ -79,6 +88,12 @@ def test_decode_result_is_against_the_fastest_dense_and_is_the_stored_measuremen
     assert bench.stored_decode(smollm2, spec) == json.loads(json.dumps(result))  # what every page reads back
     total, sparsifiable = cost.model_bytes(smollm2)
     assert 0.6 < sparsifiable / total < 0.9  # the tied head/embedding is read once per token and not sparsified
+    assert result["weight_bytes_per_token"] == total  # 538 MB in float32
+    assert result["sparse_weight_bytes_per_token"] == pytest.approx(total / result["bound"], rel=1e-3)
+    for run in ("dense", "sparse"):  # achieved GB/s over measured GB/s
+        bytes_per_token = result["weight_bytes_per_token" if run == "dense" else "sparse_weight_bytes_per_token"]
+        achieved = result[f"{run}_tok_s"] * bytes_per_token / 1e9
+        assert result[f"{run}_fraction_of_limit"] == pytest.approx(achieved / result["bandwidth_gbs"], abs=2e-3)
 
 
 def test_decode_bound_in_the_cats_layout_leaves_out_up(smollm2, tmp_path, monkeypatch):
@@ -97,5 +112,5 @@ def test_cli_kernels_json_shape(monkeypatch, capsys):
     monkeypatch.setattr(bench, "DTYPES", ("float32",))
     assert main(["bench", "kernels", "--json", "--quick"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"backend", "device", "rows"} and len(report["rows"]) == 3
+    assert set(report) == {"backend", "device", "bandwidth_gbs", "rows"} and len(report["rows"]) == 3
     assert all(set(r) == ROW_KEYS for r in report["rows"])

@@ -146,6 +146,18 @@ def test_speed_figure_draws_the_bound_as_the_best_sparse_rate():
     assert stakeholder_report.speed_figure(20.0, 24.7, 1.5).data[0].text[1] == ""  # no valid speedup, no label
 
 
+def test_speed_figure_draws_each_runs_bandwidth_limit_over_its_bar():
+    decode = dict(bandwidth_gbs=45.0, weight_bytes_per_token=538_000_000, sparse_weight_bytes_per_token=330_000_000)
+    limits = stakeholder_report.bandwidth_limits(decode)
+    assert limits == pytest.approx((45e9 / 538e6, 45e9 / 330e6))
+    figure = stakeholder_report.speed_figure(20.0, 24.7, 1.63, speedup=1.2, limits=limits)
+    dotted = [shape for shape in figure.layout.shapes if shape.line.dash == "dot"]
+    assert [(s.x0 + s.x1) / 2 for s in dotted] == pytest.approx([0, 1])  # over the dense bar, then the sparse one
+    assert [s.y0 for s in dotted] == pytest.approx(list(limits))
+    assert figure.layout.yaxis.range[1] > max(limits)
+    assert [a.text for a in figure.layout.annotations][1:] == ["bandwidth limit 84 tok/s", "bandwidth limit 136 tok/s"]
+
+
 def test_quality_figure_has_two_panels():
     figure = stakeholder_report.quality_figure(12.34, 13.01, 0.914)
     perplexity, agreement = figure.data
