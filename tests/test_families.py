@@ -158,12 +158,33 @@ def test_patching_restores_each_projection_in_place_in_the_kernels_layout(family
     parameters add up to what the unpatched model holds (that no copy appears later, when the kernels run, is
     test_scale's resident-memory probe)."""
     _, _, patched, pristine = family
-    projections = [m.inner for m in patched.model.modules() if isinstance(m, SparseLinear)]
+    linears = [m for m in patched.model.modules() if isinstance(m, SparseLinear)]
+    computed = {id(m.shared.linear if m.shared else m): (m.shared.linear if m.shared else m).inner for m in linears}
+    projections = list(computed.values())  # what the kernels read: each projection, or its joint matrix (q|k|v, gate|up)
     assert projections and all(kernels.input_rows(p.weight if isinstance(p, nn.Linear) else p.weight.t())
                                for p in projections)
     assert all(p.weight.untyped_storage().nbytes() == p.weight.numel() * p.weight.element_size() for p in projections)
+    for member in (m for m in linears if m.shared):  # a joint matrix is its members' one storage, not a copy
+        assert member.weight.untyped_storage().data_ptr() == member.shared.linear.weight.untyped_storage().data_ptr()
     stored = lambda model: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
     assert stored(patched.model) == stored(pristine)
+
+
+def test_projections_that_share_an_input_run_as_one_sparse_call(family, monkeypatch):
+    """q|k|v and gate|up (GPT-2's c_attn already is one): 4 sparse calls per decoder layer instead of 7."""
+    name, _, patched, _ = family
+    calls = []
+    sparse_linear = ops.sparse_linear
+    monkeypatch.setattr(ops, "sparse_linear", lambda x, w, *a: calls.append(tuple(w.shape)) or sparse_linear(x, w, *a))
+    with torch.inference_mode(), sparsity(patched.topk_spec(0.5)):
+        patched.model(torch.randint(0, VOCAB, (1, 1)))
+    assert len(calls) == 4 * patched.num_layers
+    if name in GATED:
+        config = patched.model.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        assert calls[0] == ((heads + 2 * kv_heads) * head_dim, config.hidden_size)  # q|k|v
+        assert (2 * config.intermediate_size, config.hidden_size) in calls  # gate|up
 
 
 @pytest.mark.parametrize("method", ["teal", "topk", "cats"])
