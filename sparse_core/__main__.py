@@ -1,4 +1,4 @@
-"""Command line: python -m sparse_core info | generate | calibrate | eval | sweep | bench  (see --help of each)."""
+"""Command line: python -m sparse_core info | generate | calibrate | eval | sweep | bench | selfcheck  (see --help of each)."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="kernel and decode benchmarks")
     bench.add_arguments(p)
     add_device_argument(p)
+    from . import selfcheck
+    p = sub.add_parser("selfcheck", help="kernel correctness, quick kernel benchmark and SmolLM2 decode in one JSON")
+    p.add_argument("--parts", nargs="+", default=list(selfcheck.PARTS), choices=selfcheck.PARTS)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    add_device_argument(p)
     return parser
 
 
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
             return bench.run(args) or 0
+        if args.command == "selfcheck":
+            from . import selfcheck
+            report = selfcheck.run(models.resolve_device(args.device), tuple(args.parts))
+            print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+            return 0 if report["ok"] else 1
         model = models.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                             layout=args.layout, device_map=args.device_map)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}

@@ -57,3 +57,25 @@ def test_bfloat16_loads_and_generates(capsys):
     assert main(["generate", "--dtype", "bfloat16", "--method", "dense", "--json",
                  "--max-new-tokens", "8", "--prompt", "What is the capital of France?"]) == 0
     assert "Paris" in json.loads(capsys.readouterr().out)["text"]
+
+
+def test_selfcheck_kernel_part_passes_in_the_interpreter_and_can_fail(capsys, monkeypatch):
+    """CI runs selfcheck's kernel part on the CPU: the native kernel and the Triton kernel in the interpreter, every
+    dtype, batch 1-8 and s in {0, 0.5, 0.9}, against float64. A kernel that is off in one output is caught."""
+    from sparse_core import selfcheck
+    assert main(["selfcheck", "--json", "--parts", "kernels", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and set(report["kernels"]) == {"triton-interpret", "cpu-native"}
+    assert report["kernels"]["triton-interpret"]["cases"] == len(selfcheck.SHAPES["cpu"]) * 3 * 8 * 3
+    assert all(r["failed"] == 0 and r["worst_error_over_tolerance"] <= 1 for r in report["kernels"].values())
+
+    from sparse_core.kernels import triton_sparse_gemv
+    exact = triton_sparse_gemv.sparse_linear
+    def off_by_one_output(*args):
+        y = exact(*args)
+        y[..., 0] += 1
+        return y
+    monkeypatch.setattr(triton_sparse_gemv, "sparse_linear", off_by_one_output)
+    assert main(["selfcheck", "--json", "--parts", "kernels", "--device", "cpu"]) == 1
+    broken = json.loads(capsys.readouterr().out)
+    assert not broken["ok"] and broken["kernels"]["triton-interpret"]["failed"] == 144

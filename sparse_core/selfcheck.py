@@ -1,0 +1,103 @@
+"""`python -m sparse_core selfcheck [--device cuda]`: one JSON that says whether this machine's kernels are right
+and how fast they and the model decode, in a few minutes; the first thing to run on a new GPU.
+
+    kernels  every kernel backend of the device against the float64 masked reference: float16, bfloat16 and
+             float32, batch 1-8, s in {0, 0.5, 0.9} (on the CPU: the native kernel, and the Triton kernel in
+             Triton's interpreter, which is what CI runs)
+    bench    `bench kernels --quick`
+    decode   SmolLM2 greedy decode: the dense routes agree token for token, and TEAL 50 % against the fastest dense
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+SHAPES = {"cpu": ((96, 160), (200, 72)), "cuda": ((96, 160), (4096, 4096), (11008, 4096))}  # (out, in); ragged
+BATCHES = tuple(range(1, 9))
+SPARSITIES = (0.0, 0.5, 0.9)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of the output's largest magnitude
+PARTS = ("kernels", "bench", "decode")
+
+
+def _backends(device: str) -> dict:
+    """name -> (the op's implementation, the dtypes it takes) for every kernel that serves `device`; on the CPU the
+    Triton kernel runs in Triton's interpreter, chosen before its kernels are defined (there is no GPU to compile for)."""
+    from .kernels import cpu_native
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .kernels import triton_sparse_gemv
+    found = {}
+    if device == "cuda" or triton_sparse_gemv.INTERPRET:
+        found["triton" if device == "cuda" else "triton-interpret"] = (triton_sparse_gemv.sparse_linear, DTYPES)
+    if device == "cpu" and cpu_native.native():
+        found["cpu-native"] = (torch.ops.sparse_lab.sparse_linear, cpu_native.DTYPES)
+    return found
+
+
+def check_kernels(device: str) -> dict:
+    """Each backend on every (shape, dtype, batch, sparsity): the worst error relative to the output's scale."""
+    results = {}
+    for name, (kernel, dtypes) in _backends(device).items():
+        worst, failures, cases = 0.0, [], 0
+        for out_features, in_features in SHAPES[device]:
+            for dtype in dtypes:
+                generator = torch.Generator().manual_seed(out_features * 31 + in_features)
+                weight_rows = (torch.randn(in_features, out_features, generator=generator) / in_features ** 0.5)
+                weight_rows = weight_rows.to(device=device, dtype=dtype)  # (in, out): the kernels' layout
+                bias = torch.randn(out_features, generator=generator).to(device=device, dtype=dtype)
+                for batch in BATCHES:
+                    x = torch.randn(batch, in_features, generator=generator).to(device=device, dtype=dtype)
+                    for sparsity in SPARSITIES:
+                        threshold = float(x.abs().float().quantile(sparsity)) if sparsity else 0.0
+                        y = kernel(x, weight_rows.t(), weight_rows, bias, None, threshold)
+                        keep = x.abs() > threshold
+                        expected = torch.nn.functional.linear((x * keep).double(), weight_rows.t().double(), bias.double())
+                        error = ((y.double() - expected).abs().max() / (expected.abs().max() + 1.0)).item()
+                        cases += 1
+                        worst = max(worst, error / TOLERANCE[dtype])
+                        if not error <= TOLERANCE[dtype]:
+                            failures.append(dict(shape=[out_features, in_features], dtype=str(dtype)[6:], batch=batch,
+                                                 sparsity=sparsity, relative_error=error))
+        results[name] = dict(cases=cases, failures=failures[:20], failed=len(failures),
+                             worst_error_over_tolerance=round(worst, 4))
+    return results
+
+
+def check_decode(device: str, dtype: str = "float32") -> dict:
+    """The dense routes produce the same greedy tokens, and TEAL 50 % decodes against the fastest dense."""
+    from . import bench, calibrate, generate, models
+    model = models.load(dtype=dtype, device=device)
+    plain = models.load(dtype=dtype, layout="hf", device=device)
+    prompt = generate.encode_prompt(model, bench.PROMPT)
+    tokens = {route: [t.id for t in generate.stream(model, prompt, None, 24, stop_at_eos=False, dense_route=route)]
+              for route in ("linear", "kernel")}
+    tokens["hf"] = [t.id for t in generate.stream(plain, generate.encode_prompt(plain, bench.PROMPT), None, 24,
+                                                  stop_at_eos=False)]
+    spec = calibrate.calibrate(model, "teal", 0.5)
+    speed = bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain)
+    return dict(dtype=dtype, greedy_tokens_equal={route: ids == tokens["hf"] for route, ids in tokens.items()},
+                eager=speed, compiled=dict(available=False, why="no compiled decode step yet (issue 11, part 3)"))
+
+
+def run(device: str, parts: tuple[str, ...] = PARTS) -> dict:
+    """The parts asked for, each timed; `ok` is False when a kernel failed a case or the routes disagree."""
+    from . import bench, ops
+    report: dict = dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                        torch=torch.__version__)
+    started = time.perf_counter()
+    if "kernels" in parts:
+        report["kernels"] = check_kernels(device)
+    if "bench" in parts:
+        report["bench_kernels_quick"] = bench.kernel_rows(bench.SHAPES, bench.DTYPES, bench.QUICK_SPARSITIES,
+                                                          repeats=bench.QUICK_REPEATS, device=device)
+    if "decode" in parts:
+        report["decode"] = check_decode(device)
+    report["backend"] = ops.describe_backends()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    kernels_ok = all(not r["failed"] for r in report.get("kernels", {}).values())
+    decode_ok = all(report["decode"]["greedy_tokens_equal"].values()) if "decode" in report else True
+    report["ok"] = kernels_ok and decode_ok
+    return report
