@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sparse_core import bench, calibrate, metrics, models, report, warmup
+from sparse_core import bench, calibrate, fast_decode, metrics, models, report, warmup
 from sparse_core.spec import SparsitySpec, SpecError
 from sparse_core.store import BoundedCache, DiskStore, digest
 
@@ -65,6 +65,7 @@ class Settings:
     temperature: float
     seed: int
     name: str  # what produced a result: the method at its target, or the Tuner spec's name
+    compiled: bool = False  # decode with the compiled step (fast_decode)
 
     @property
     def method_label(self) -> str:
@@ -72,9 +73,11 @@ class Settings:
 
     @property
     def setting(self) -> str:
-        """Every result carries this: method and target or spec name, dtype, layout and device."""
+        """Every result carries this: method and target or spec name, dtype, layout, device, and the compiled step
+        when it decodes with it."""
         model = self.model
-        return f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
+        return (f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
+                + (" · compiled" if self.compiled else ""))
 
 
 def model_setting(model: models.SparseModel) -> str:
@@ -158,7 +161,8 @@ def measure_decode(current: Settings, progress=None) -> dict:
         model.name, str(model.dtype).replace("torch.", ""), "hf", model.device.type,
         trust_remote_code=st.session_state.get("trust_remote_code", False))
     with foreground(model):
-        return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain, progress=progress)
+        return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain,
+                                   progress=progress, compiled=current.compiled)
 
 
 def model_key(model: models.SparseModel) -> tuple:
@@ -229,6 +233,20 @@ def _device_label(device: str) -> str:
     return device
 
 
+def _compiled_toggle(model: models.SparseModel, kept: dict) -> bool:
+    """The compiled decode step: on by default where the model supports it (SPARSE_LAB_COMPILE=0 turns the default
+    off); greyed out, with the reason, where it does not. Kept like the other sidebar choices."""
+    why_not = fast_decode.unsupported(model)
+    st.session_state.compiled = st.session_state.get("compiled", kept.get("compiled", fast_decode.compile_by_default(model)))
+    on = st.toggle("Compiled decode step", key="compiled", disabled=why_not is not None,
+                   help=why_not and f"Unavailable: {why_not}." or
+                   "Decode with the lab's own one-token step under torch.compile (static KV cache, q|k|v and gate|up "
+                   "as one sparse call each) instead of HF's forward: same tokens, less time per token. The first "
+                   "compile of a setting on this machine takes a minute or two; later ones load from the cache.")
+    kept["compiled"] = on
+    return on and why_not is None
+
+
 def sidebar() -> Settings:
     """Draw the settings (same keys on every page) and resolve them to a model and a spec."""
     # Re-assigned every run, from a copy in a plain (non-widget) key: Streamlit drops a widget's state after a run
@@ -268,6 +286,7 @@ def sidebar() -> Settings:
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
         temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature") if sample else 0.0
         seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed")) if sample else 0
+        compiled = _compiled_toggle(model, kept)
     kept.update({key: st.session_state[key] for key in DEFAULTS})
     applied = st.session_state.get("applied_spec")
     use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.sidebar.toggle(
@@ -282,7 +301,7 @@ def sidebar() -> Settings:
     if use_applied:
         method = spec.method
     name = f"Tuner spec “{applied[0]}”" if use_applied else f"{METHODS_BY_KEY[method]} at {target:.0%}"
-    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name)
+    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name, compiled)
 
 
 MAX_UPLOAD_BYTES = 1 << 20  # texts and specs: parsed as UTF-8 / JSON, never executed
@@ -347,7 +366,7 @@ def headline(current: Settings) -> None:
             _await_quality(current.model, current.spec)
         return
     quality_now = quality_now or quality(current.model, current.spec)
-    speed = bench.stored_decode(current.model, current.spec)
+    speed = bench.stored_decode(current.model, current.spec, current.compiled)
     valid = speed is not None and not speed["flag"]
     with st.container(border=True, key="headline"):
         st.markdown(f"**{current.setting}**")

@@ -34,6 +34,7 @@ class Result:
     name: str      # Settings.name at generation time
     setting: str   # Settings.setting at generation time
     counter: SparsityCounter  # the sparse run's
+    compiled: bool = False    # both runs decoded with the compiled step
     partial: bool = True
 
     def text(self, run: str) -> str:
@@ -113,7 +114,7 @@ def report_html(result: Result) -> str:
     charts with the bound, and the machine."""
     model, spec = result.model, result.spec
     quality = metrics.measured(model, spec)
-    speed = bench.stored_decode(model, spec)
+    speed = bench.stored_decode(model, spec, result.compiled)
     valid = speed is not None and not speed["flag"]
     setting = dict(model=model.name, method=result.method, spec=result.name, target=_uniform_target(spec),
                    dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type)

@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common, live
-from sparse_core import cost, figures, generate, ops, report
+from sparse_core import cost, fast_decode, figures, generate, ops, report
 from sparse_core.trace import SparsityCounter
 
 RUNS = live.RUNS
@@ -29,16 +29,36 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
         st.error(str(err))
         return None
     counters = {run: SparsityCounter() for run in RUNS}
+    if current.compiled:
+        _compile_both(current, prompt)
     streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
-                                    observers=(counters[run],))
+                                    observers=(counters[run],), compiled=current.compiled)
                for run, spec in zip(RUNS, (None, current.spec))}
     result = live.Result(model, prompt, {run: [] for run in RUNS}, current.spec, current.method, current.name,
-                         current.setting, counters["sparse"])
+                         current.setting, counters["sparse"], current.compiled)
     st.session_state.generation = result
     with common.foreground(model):
         _stream(streams, result, panes, view)
     result.partial = False
     return result
+
+
+def _compile_both(current: common.Settings, prompt) -> None:
+    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it."""
+    positions = len(prompt.ids) + current.max_new_tokens
+    waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
+    if not waiting:
+        return
+    on_record = [fast_decode.compile_seconds_on_record(fast_decode.decoder(current.model), spec, positions) for spec in waiting]
+    known = [seconds for seconds in on_record if seconds is not None]
+    estimate = (f"the first compile of these took {sum(known):.0f} s on this machine; from the cache it takes seconds"
+                if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
+    with common.foreground(current.model), st.spinner(f"Compiling the decode steps ({estimate})…", show_time=True):
+        for spec in waiting:
+            fast_decode.prepare(current.model, spec, positions)
+    failure = fast_decode.decoder(current.model).compile_failure
+    if failure:
+        st.warning(f"The decode step could not be compiled here ({failure}); it runs uncompiled instead.")
 
 
 def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:

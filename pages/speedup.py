@@ -104,7 +104,7 @@ st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.
 if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
     with common.progress("Decoding dense and sparse…") as update:
         common.measure_decode(current, progress=update)
-decode = None if current.spec is None else bench.stored_decode(current.model, current.spec)
+decode = None if current.spec is None else bench.stored_decode(current.model, current.spec, current.compiled)
 if decode is None:
     st.info("Not measured for this setting yet: press “Measure tokens/s”.")
 else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import calibrate as calibration
 from . import generate as generation
-from . import metrics, models, ops, tuning
+from . import fast_decode, metrics, models, ops, tuning
 from .spec import METHODS, SparsitySpec, SpecError
 
 
@@ -70,8 +70,11 @@ def cmd_generate(args, model):
     prompt = generation.encode_prompt(model, args.prompt, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
     spec = _spec(args, model)
     tokens = []
+    compiled = fast_decode.compile_by_default(model) if args.compile is None else args.compile
+    if compiled and fast_decode.unsupported(model):
+        print(f"note: decoding with HF's forward: {fast_decode.unsupported(model)}.", file=sys.stderr)
     for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed):
+                                   temperature=args.temperature, seed=args.seed, compiled=compiled):
         tokens.append(token)
         if not args.json:
             print(token.text, end="", flush=True)
@@ -124,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with the compiled step (default: on where the model supports it; the first compile "
+                        "on a machine takes a minute or two, later ones load from the cache)")
     p = sub.add_parser("calibrate", help="turn a target sparsity into thresholds (a spec)")
     _model_args(p)
     p.add_argument("--out", type=Path, help="write the spec JSON here")

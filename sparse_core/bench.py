@@ -12,6 +12,7 @@ GPU's L2) by half: otherwise the weights come from cache and the bound does not 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -220,43 +221,53 @@ DENSE_PATHS = ("hf", "linear", "kernel")
 _DECODES = DiskStore("decode-v2")  # v2 added the bandwidth fields: an older measurement is taken again
 
 
-def stored_decode(model, spec) -> dict | None:
+def _decode_key(model, spec, compiled: bool) -> str:
+    """A setting's speed measurement, with the compiled step or with HF's forward: two measurements."""
+    return setting_key(model, spec) + ("-compiled" if compiled else "")
+
+
+def stored_decode(model, spec, compiled: bool = False) -> dict | None:
     """The last decode measurement of this setting on this machine, if any."""
-    return _DECODES.load(setting_key(model, spec))
+    return _DECODES.load(_decode_key(model, spec, compiled))
 
 
-def _step_seconds(model, prompt, spec, new_tokens: int, dense_route: str | None = None) -> list[float]:
+def _step_seconds(model, prompt, spec, new_tokens: int, dense_route: str | None = None, compiled: bool = False) -> list[float]:
     """Wall time of each decode step (the prefill step left out)."""
     from . import generate
-    steps = generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False, dense_route=dense_route)
+    steps = generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False,
+                            dense_route=dense_route, compiled=compiled)
     return [token.seconds for token in steps][1:]
 
 
 def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = DECODE_REPEATS, plain=None,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, compiled: bool = False) -> dict:
     """Greedy decode tokens/s of `spec` against the fastest dense decode, equal steps, interleaved repeats; stored
     as this setting's measurement.
 
     Dense candidates: "hf" (`plain`, the same model loaded with HF's own layout, when given), and this model's dense
     path through F.linear ("linear") or through the kernel with nothing skipped ("kernel"). Rates are 1 / the
     median step time over all runs; the speedup is the median of the paired per-run ratios (each run against the
-    dense run beside it, so drift in the machine's pace cancels) and its spread their interquartile range."""
-    from . import generate
+    dense run beside it, so drift in the machine's pace cancels) and its spread their interquartile range. With
+    `compiled`, this model's runs (dense and sparse alike) use the compiled step (fast_decode) where it supports the
+    model; plain HF stays HF's forward, the baseline the compiled step is measured against."""
+    from . import fast_decode, generate
     from .trace import SparsityCounter
 
     model.check(spec)
+    fast = fast_decode.decoder(model) if compiled else None
+    compiled = fast is not None
     prompt = generate.encode_prompt(model, PROMPT)
     counter = SparsityCounter()  # measured in its own untimed run: observers cost time
     with torch.inference_mode():
         list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, observers=[counter], stop_at_eos=False))
-    runs = {"linear": lambda n: _step_seconds(model, prompt, None, n, "linear")}
+    runs = {"linear": lambda n: _step_seconds(model, prompt, None, n, "linear", compiled)}
     if model.layout != "hf":
-        runs["kernel"] = lambda n: _step_seconds(model, prompt, None, n, "kernel")
+        runs["kernel"] = lambda n: _step_seconds(model, prompt, None, n, "kernel", compiled)
     if plain is not None:
         runs["hf"] = lambda n: _step_seconds(plain, generate.encode_prompt(plain, PROMPT), None, n)
-    runs["sparse"] = lambda n: _step_seconds(model, prompt, spec, n)
+    runs["sparse"] = lambda n: _step_seconds(model, prompt, spec, n, compiled=compiled)
     for run in runs.values():
-        run(4)  # warm-up
+        run(4)  # warm-up, and the compiles
     steps = {name: [] for name in runs}
     per_repeat = {name: [] for name in runs}
     for done in range(repeats):
@@ -290,8 +301,12 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
                   weight_bytes_per_token=cost.dense_bytes, sparse_weight_bytes_per_token=cost.sparse_bytes,
                   bandwidth_gbs=bandwidth, dense_fraction_of_limit=fraction(dense, cost.dense_bytes),
                   sparse_fraction_of_limit=fraction(sparse, cost.sparse_bytes),
+                  decoder="compiled step" if compiled else "HF forward",
+                  compile_seconds=fast_decode.compile_seconds_on_record(fast, spec, len(prompt.ids) + new_tokens + 1)
+                  if compiled else None,
+                  compile_failure=fast.compile_failure if compiled else None,
                   flag=flag(speedup, cost.bound, dense, sparse))
-    return _DECODES.save(setting_key(model, spec), result)
+    return _DECODES.save(_decode_key(model, spec, compiled), result)
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -305,6 +320,8 @@ def add_arguments(parser):
     parser.add_argument("--layout", default="inputs", choices=["inputs", "cats"], help="decode: weight layout")
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS, help="decode: tokens generated per run")
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode: the compiled decode step (default: on where the model supports it)")
 
 
 def _bar(label: str) -> Progress:
@@ -333,11 +350,13 @@ def run(args) -> int:
                   f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f} "
                   f"{r['dense_gbs']:>10.1f} {r['sparse_gbs']:>11.1f}  {r['flag'] or ''}")
         return 0
-    from . import calibrate
+    from . import calibrate, fast_decode
     model = models.load(dtype=args.dtype, layout=args.layout, device=device)
     plain = models.load(dtype=args.dtype, layout="hf", device=device)
     for target in args.sparsity:
         spec = calibrate.calibrate(model, args.method, target)
-        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=_bar(f"decode {target:g}"))
+        compiled = fast_decode.compile_by_default(model) if args.compile is None else args.compile
+        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=_bar(f"decode {target:g}"),
+                               compiled=compiled)
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n", flush=True)
     return 0

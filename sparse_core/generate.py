@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from . import fast_decode
 from .models import SparseModel
 from .patch import Observer, sparsity
 from .spec import SparsitySpec
@@ -47,9 +48,11 @@ def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_to
 
 def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None, max_new_tokens: int = 64,
            temperature: float = 0.0, seed: int = 0, observers: tuple[Observer, ...] = (),
-           stop_at_eos: bool = True, dense_route: str | None = None) -> Iterator[Token]:
+           stop_at_eos: bool = True, dense_route: str | None = None, compiled: bool = False) -> Iterator[Token]:
     """Yield generated tokens. The spec is set only around each forward pass, never across a yield. `dense_route`
-    overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES)."""
+    overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES). `compiled`
+    decodes with the compiled step of fast_decode where the model supports it (the prompt's prefill runs there
+    eagerly); observers that need every score keep HF's forward (fast_decode.observable says which do not)."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
     if temperature < 0 or temperature != temperature:
@@ -58,20 +61,24 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     generator = torch.Generator().manual_seed(seed)
     eos = _eos_ids(model)
     ids = torch.tensor([prompt.ids], device=model.device)
+    fast = fast_decode.decoder(model) if compiled and fast_decode.observable(observers) else None
+    session = fast and fast_decode.Session(fast, spec, len(prompt.ids) + max_new_tokens, True, dense_route, observers)
     cache, produced, text_so_far = None, [], ""
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            with sparsity(spec, observers, dense_route):
-                out = model.model(ids, cache=cache, use_cache=True)
-            logits = out.logits[0, -1].float()
+            if session is not None:
+                logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids))).float()
+            else:
+                with sparsity(spec, observers, dense_route):
+                    out = model.model(ids, cache=cache, use_cache=True)
+                logits, cache = out.logits[0, -1].float(), out.cache
             if temperature > 0:
                 probs = (logits / temperature).softmax(-1).cpu()
                 next_id = int(torch.multinomial(probs, 1, generator=generator))
             else:
                 next_id = int(logits.argmax())
             seconds = time.perf_counter() - start
-            cache = out.cache
             produced.append(next_id)
             text = model.tokenizer.decode(produced, skip_special_tokens=True)
             delta, text_so_far = text[len(text_so_far):], text

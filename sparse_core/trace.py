@@ -29,10 +29,14 @@ class SparsityCounter:
         self.per_pass: dict[tuple[int, str], list[float]] = defaultdict(list)
 
     def observe(self, layer, group, score, threshold):
-        skipped = int(_skipped(score, threshold).sum())
+        self.add(layer, group, int(_skipped(score, threshold).sum()), score.numel())
+
+    def add(self, layer: int, group: str, skipped: int, total: int) -> None:
+        """One forward pass's count for (layer, group): what `observe` takes from the scores, and what the fast
+        decoder's compiled step counts itself."""
         self.skipped[layer, group] += skipped
-        self.total[layer, group] += score.numel()
-        self.per_pass[layer, group].append(skipped / max(score.numel(), 1))
+        self.total[layer, group] += total
+        self.per_pass[layer, group].append(skipped / max(total, 1))
 
     def pass_matrix(self, group: str, num_layers: int) -> list[list[float]]:
         """Layers x forward passes: the share of `group`'s inputs each pass skipped (the passes seen so far)."""

@@ -6,6 +6,9 @@ from pathlib import Path
 # measurements they make never become the figures a user's app shows. The browser test's server inherits it.
 os.environ["XDG_CACHE_HOME"] = str(Path.home() / ".cache" / "sparse-lab-tests")
 os.environ["SPARSE_LAB_WARMUP"] = "0"  # no background calibration beside tests that time things (test_warmup runs it)
+# The compiled decode step is on by default in the app and the CLI; a first compile costs a minute or two on 2 cores,
+# so tests decode with HF's forward unless they ask for it (test_fast_decode, and the toggle in test_app).
+os.environ["SPARSE_LAB_COMPILE"] = "0"
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

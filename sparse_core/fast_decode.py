@@ -1,0 +1,350 @@
+"""A gpt-fast-style decoder for Llama-family models: the model's own weights, a static KV cache, and the one-token
+step as a plain function that torch.compile can take whole (inductor on the CPU, CUDA graphs on a GPU).
+
+Why: HF's forward costs Python and module overhead on every token (cache objects, hooks, 7 module calls per
+projection group), and under torch.compile it breaks the graph at every layer's cache update. Here the sparsity
+setting is not a context variable but tensors passed to the step: per (layer, group) thresholds, top-k keep counts
+and CATS' gate thresholds. So one compiled step serves every spec, each call carries its own, and threads never
+share one. Every projection goes through the same registered op as the patched model (sparse_lab::sparse_linear,
+which has a fake implementation for the compiler), q|k|v and gate|up as one call each (patch.SharedInput).
+
+Supported: the Llama family as transformers builds it (llama, mistral, qwen2: RMSNorm, rotary embeddings, grouped
+KV heads, gated SiLU MLP) in the inputs layout; anything else decodes through HF's forward, and `unsupported` says
+why. Observers need every score, so a call with observers decodes through HF's forward too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .kernels import cpu_native
+from .models import SparseModel
+from .spec import GROUPS, SparsitySpec
+from .store import DiskStore, cache_dir, digest
+
+# Inductor's compiled code goes to the lab's cache folder (unless the user chose one), so a compile is paid once per
+# machine: set at import, before anything asks inductor where its cache is (it fixes the folder on first use).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+FAMILIES = ("llama", "mistral", "qwen2")
+CACHE_BUCKET = 256  # the KV cache holds a multiple of this many positions: one compiled shape per bucket
+_COMPILE_SECONDS = DiskStore("compile_seconds")
+_ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_MID = (GROUPS.index(g) for g in ("attn_in", "attn_out", "mlp_in", "mlp_mid"))
+
+
+def unsupported(model: SparseModel) -> str | None:
+    """Why this model cannot use the fast decoder (one sentence), or None when it can."""
+    config = model.model.config
+    if config.model_type not in FAMILIES:
+        return f"the fast decoder covers {', '.join(FAMILIES)}, not {config.model_type}"
+    if model.layout != "inputs":
+        return f"the fast decoder runs the inputs layout, not {model.layout}"
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32) if model.device.type == "cuda" else (torch.float32, torch.bfloat16)
+    if model.dtype not in kernel_dtypes:
+        return f"the kernels on {model.device.type} take {', '.join(str(d)[6:] for d in kernel_dtypes)}, not {str(model.dtype)[6:]}"
+    if model.device.type == "cuda" and not kernels.triton_loaded():
+        return "the fast decoder runs the Triton kernels on a GPU, and Triton is not installed"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"the fast decoder's MLP is SiLU-gated, this model's is {config.hidden_act}"
+    if model.device.type == "meta" or any(getattr(m, "_hf_hook", None) for m in model.model.modules()):
+        return "the model is split by accelerate (device_map); the fast decoder needs it on one device"
+    blocks = _blocks(model)
+    if not all(b.self_attn.q_proj.shared is not None and b.mlp.gate_proj.shared is not None for b in blocks):
+        return "q|k|v or gate|up are not stored as one matrix in this model"
+    return None
+
+
+def _blocks(model: SparseModel):
+    from .models import decoder_layers
+    return list(decoder_layers(model.model))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A spec as the step's inputs. `method` and `linear` pick the compiled variant (dense through F.linear, or
+    through the sparse op with `thresholds`). The tensors: `thresholds` [layers, groups] for each group's input (0
+    keeps every non-zero input); `keep` [layers, groups], top-k's count kept per token; `gate` [layers], CATS'
+    threshold on |act(gate)|."""
+    method: str
+    linear: bool
+    thresholds: torch.Tensor
+    keep: torch.Tensor
+    gate: torch.Tensor
+
+    @property
+    def variant(self) -> tuple[str, bool]:
+        return ("dense" if self.method == "teal" else self.method), self.linear  # TEAL is dense with other numbers
+
+
+class Decoder:
+    """The fast decoder of one patched model: its weights (views, no copies) and its compiled steps."""
+
+    def __init__(self, model: SparseModel):
+        if model.device.type == "cpu":
+            cpu_native.native()  # the op's CPU implementation: the C++ kernel, built once, or its fallback
+        self.model = model
+        config = model.model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.blocks = _blocks(model)
+        inner = model.model.model
+        self.embed, self.norm, self.rotary = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb
+        self.head = model.model.lm_head.weight
+        self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
+        self._compiled: dict[tuple, object] = {}
+        self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
+        self._lock = threading.Lock()
+        self.compile_failure: str | None = None
+
+    # ---- the spec as tensors ----------------------------------------------------------------------
+    def setting(self, spec: SparsitySpec | None, dense_route: str | None = None) -> Setting:
+        """The step's inputs for `spec` (None: dense, by `dense_route` or the model's measured one). Thresholds are
+        rounded to the model's dtype as the kernel rounds a float threshold, so both decoders compare alike."""
+        layers, device, dtype = self.model.num_layers, self.model.device, self.model.dtype
+        thresholds = torch.zeros(layers, len(GROUPS))
+        keep = torch.zeros(layers, len(GROUPS), dtype=torch.long)
+        gate = torch.zeros(layers)
+        method = "dense" if spec is None else spec.method
+        if method in ("teal", "cats", "topk"):
+            values = torch.tensor(spec.values, dtype=torch.float64)
+            if method == "teal":
+                thresholds = values.float()
+            elif method == "cats":
+                gate = values[:, _MLP_MID].float()
+            else:
+                keep = torch.round((1.0 - values) * self.widths).long()
+        linear = method == "dense" and (dense_route or self.model.dense_route) == "linear"
+        as_dtype = lambda t: t.float().to(dtype).float().to(device)
+        return Setting(method, linear, as_dtype(thresholds), keep.to(device), as_dtype(gate))
+
+    # ---- one layer, any number of tokens ----------------------------------------------------------
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _threshold(self, x: torch.Tensor, setting: Setting, layer: int, group: int) -> torch.Tensor:
+        """One value, or top-k's one per token: the largest value below each token's k-th largest |x|."""
+        if setting.method != "topk":
+            return setting.thresholds[layer, group].reshape(1)
+        width = x.shape[-1]
+        keep = setting.keep[layer, group]
+        ranked = x.abs().sort(dim=-1, descending=True).values
+        kth = ranked.gather(-1, (keep - 1).clamp(0, width - 1).expand(x.shape[0], 1))
+        below = torch.nextafter(kth, torch.zeros_like(kth)).float()
+        return torch.where(keep >= width, 0.0, torch.where(keep <= 0, float("inf"), below)).reshape(-1, 1)
+
+    def _project(self, x, linear, setting: Setting, layer: int, group: int, skipped: list, count: bool = True):
+        """A projection (or a joint one) through the sparse op, or dense through F.linear; appends to `skipped`
+        how many of its inputs the threshold drops, as a SparsityCounter would have counted them."""
+        weight, bias = linear.weight, linear.bias
+        threshold = self._threshold(x, setting, layer, group)
+        if count:
+            skipped.append((x.abs() <= threshold.reshape(-1, 1)).sum())
+        if setting.linear:
+            return F.linear(x, weight, bias)
+        return torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), bias, threshold, 0.0)
+
+    def _layer(self, x, index: int, cos, sin, positions, mask, caches, setting: Setting, skipped: list):
+        block = self.blocks[index]
+        tokens = x.shape[0]
+        h = self._rms(x, block.input_layernorm.weight)
+        attn = block.self_attn
+        qkv = self._project(h, attn.q_proj.shared.linear, setting, index, _ATTN_IN, skipped)
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(tokens, self.heads, self.head_dim).transpose(0, 1)
+        k = k.view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k_cache, v_cache = caches[2 * index], caches[2 * index + 1]
+        k_cache.index_copy_(1, positions, k)
+        v_cache.index_copy_(1, positions, v)
+        out = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask,
+                                             scale=self.head_dim ** -0.5, enable_gqa=True)
+        out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
+        x = x + self._project(out, attn.o_proj, setting, index, _ATTN_OUT, skipped)
+
+        h = self._rms(x, block.post_attention_layernorm.weight)
+        mlp = block.mlp
+        gate, up = self._project(h, mlp.gate_proj.shared.linear, setting, index, _MLP_IN, skipped).chunk(2, dim=-1)
+        active = F.silu(gate)
+        if setting.method == "cats":  # neurons whose |act(gate)| is at most the threshold are skipped, and counted
+            keep = active.abs() > setting.gate[index]
+            skipped.append((~keep).sum())
+            up = up * keep
+        return x + self._project(active * up, mlp.down_proj, setting, index, _MLP_MID, skipped,
+                                 count=setting.method != "cats")
+
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
+        """(logits of the last of `ids`, inputs skipped per [layer, group] over the T tokens) for T tokens at positions
+        start..start+T-1, filling the caches. `start` is a one-element tensor, so the compiled step's graph does not
+        change with the position."""
+        tokens, length = ids.shape[0], caches[0].shape[1]
+        positions = start + torch.arange(tokens, device=ids.device)
+        cos, sin = self._rotary(positions, self.embed.dtype)
+        mask = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]
+        x, skipped = F.embedding(ids, self.embed), []
+        for index in range(len(self.blocks)):
+            x = self._layer(x, index, cos, sin, positions, mask, caches, setting, skipped)
+        logits = F.linear(self._rms(x[-1:], self.norm), self.head)[0]
+        return logits, torch.stack(skipped).view(len(self.blocks), len(GROUPS))
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and sin at these positions, as the model's own rotary embedding computes them (its scaling types too)."""
+        cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=positions.device), positions[None])
+        return cos, sin  # [1, T, head_dim]: broadcast over the heads of [heads, T, head_dim]
+
+    # ---- compiled one-token step ------------------------------------------------------------------
+    def step_function(self, variant: tuple[str, bool]):
+        """The one-token step compiled for one variant (Setting.variant), once per process; each cache length is
+        then its own shape, and inductor keeps the compiled code on disk (use_inductor_cache)."""
+        with self._lock:
+            if variant not in self._compiled:
+                cuda = self.model.device.type == "cuda"
+                self._compiled[variant] = torch.compile(self.forward, fullgraph=True, dynamic=False,
+                                                        mode="reduce-overhead" if cuda else None)
+            return self._compiled[variant]
+
+    def compile_key(self, variant: tuple[str, bool], length: int) -> str:
+        """What a compile time is stored under: the model, its dtype, this machine, the variant, the cache length."""
+        from .models import _machine
+        return digest(self.model.fingerprint, str(self.model.dtype), _machine(self.model.device), variant, length,
+                      torch.__version__)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+_DECODERS: "weakref.WeakKeyDictionary[object, Decoder]" = weakref.WeakKeyDictionary()
+
+
+def decoder(model: SparseModel) -> Decoder | None:
+    """The model's fast decoder (built once), or None where `unsupported(model)` says why not."""
+    if unsupported(model) is not None:
+        return None
+    found = _DECODERS.get(model.model)
+    if found is None:
+        found = _DECODERS.setdefault(model.model, Decoder(model))
+    return found
+
+
+def compile_by_default(model: SparseModel) -> bool:
+    """The compiled step is on where the model supports it (it won on every setting measured: docs/PERFORMANCE.md),
+    unless SPARSE_LAB_COMPILE=0."""
+    return os.environ.get("SPARSE_LAB_COMPILE", "1") != "0" and unsupported(model) is None
+
+
+def observable(observers) -> bool:
+    """True when the fast decoder can serve these observers: none, or only SparsityCounters (it counts for them)."""
+    from .trace import SparsityCounter
+    return all(type(observer) is SparsityCounter for observer in observers)
+
+
+def cache_length(max_positions: int) -> int:
+    return -(-max_positions // CACHE_BUCKET) * CACHE_BUCKET
+
+
+class Session:
+    """One generation on the fast decoder: its own static KV cache, the prompt's prefill (eager: its length varies),
+    then one compiled step per token. Counters among `observers` receive what each pass skipped."""
+
+    def __init__(self, fast: Decoder, spec: SparsitySpec | None, max_positions: int, compiled: bool = True,
+                 dense_route: str | None = None, observers=()):
+        model = fast.model
+        self.fast, self.observers = fast, tuple(observers)
+        length = cache_length(max_positions)
+        shape = (fast.kv_heads, length, fast.head_dim)  # one tensor per layer and K/V: each updated in place
+        with torch.inference_mode():  # like every tensor the steps see: the compiled graph is specialised on it
+            self.caches = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(2 * model.num_layers)]
+        self.setting = fast.setting(spec, dense_route)
+        self.compiled = compiled
+        self._step = fast.step_function(self.setting.variant) if compiled else fast.forward
+        self._key = fast.compile_key(self.setting.variant, length)
+        self.position = 0
+        self.compile_seconds: float | None = None  # this process's first compiled call (a compile or a cache load)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """The prompt's logits (eager: its length varies). Compiles the step first where this process has not run
+        its shape yet, so the compile is paid here, before any decode step is timed."""
+        if self.compiled and not self.ready:
+            self._compile()
+        tokens = torch.tensor(ids, device=self.fast.model.device)
+        start = torch.tensor([self.position], device=tokens.device)
+        return self._report(*self.fast.forward(tokens, start, self.caches, self.setting), len(ids))
+
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        """One compiled step on scratch caches: a compile, or a load from inductor's cache. The first compile on this
+        machine is kept on record. A compile that fails means eager steps, with the reason kept on the decoder."""
+        device = self.fast.model.device
+        scratch = [torch.zeros_like(cache) for cache in self.caches]
+        began = time.perf_counter()
+        try:
+            self._step(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
+                       scratch, self.setting)
+        except Exception as err:  # noqa: BLE001 - no compiler, an op the compiler refuses: any failure means eager
+            text = str(err).strip().splitlines()
+            self.fast.compile_failure = f"{type(err).__name__}: {text[0][:200] if text else ''}"
+            self.compiled, self._step = False, self.fast.forward
+            return
+        self.compile_seconds = round(time.perf_counter() - began, 2)
+        self.fast.shapes_run.add(self._key)
+        if _COMPILE_SECONDS.load(self._key) is None:
+            _COMPILE_SECONDS.save(self._key, {"seconds": self.compile_seconds})
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """The next token's logits."""
+        device = self.fast.model.device
+        ids, start = torch.tensor([token], device=device), torch.tensor([self.position], device=device)
+        return self._report(*self._step(ids, start, self.caches, self.setting), 1)
+
+    def _report(self, logits: torch.Tensor, skipped: torch.Tensor, tokens: int) -> torch.Tensor:
+        self.position += tokens
+        if self.observers:
+            widths = self.fast.widths.tolist()
+            for layer, row in enumerate(skipped.tolist()):
+                for group, count, width in zip(GROUPS, row, widths):
+                    for counter in self.observers:
+                        counter.add(layer, group, count, tokens * width)
+        return logits
+
+    @property
+    def ready(self) -> bool:
+        """True when this step's shape already ran compiled in this process, so the first token will not wait."""
+        return not self.compiled or self._key in self.fast.shapes_run
+
+
+
+def compile_seconds_on_record(fast: Decoder, spec: SparsitySpec | None, max_positions: int,
+                              dense_route: str | None = None) -> float | None:
+    """How long this spec's step shape took to compile the first time on this machine, if it ever has."""
+    known = _COMPILE_SECONDS.load(fast.compile_key(fast.setting(spec, dense_route).variant, cache_length(max_positions)))
+    return known["seconds"] if known else None
+
+
+def prepare(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> None:
+    """Compile (or load from the cache) now the step `generate.stream(..., compiled=True)` will run for this spec."""
+    fast = decoder(model)
+    if fast is not None:
+        session = Session(fast, spec, max_positions, True, dense_route)
+        if not session.ready:
+            session._compile()
+
+
+def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> bool:
+    """True when a compiled stream of this spec starts at once: its step ran in this process, or none is compiled."""
+    fast = decoder(model)
+    return fast is None or fast.compile_key(fast.setting(spec, dense_route).variant, cache_length(max_positions)) in fast.shapes_run

@@ -1,0 +1,118 @@
+"""The fast decoder (own one-token step, static KV cache, compiled) against the patched model's HF forward, which
+test_families holds against the masked reference: the same logits within float rounding, the same greedy tokens
+and the same counts of skipped inputs, for every method and every family it covers; compiled against eager."""
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+from sparse_core import calibrate, fast_decode, generate, models
+from sparse_core.patch import sparsity
+from sparse_core.spec import GROUPS, SparsitySpec
+from sparse_core.trace import AbsHistogram, SparsityCounter
+
+VOCAB = 96
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
+FAMILIES = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}
+
+
+def _tiny(family: str, layout: str = "inputs") -> models.SparseModel:
+    torch.manual_seed(3)
+    config = FAMILIES[family](**_LLAMA_LIKE)
+    config._attn_implementation = "sdpa"
+    return models.wrap(T.AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, name=f"tiny-{family}", layout=layout)
+
+
+def _specs(model: models.SparseModel) -> dict:
+    generator = torch.Generator().manual_seed(11)
+    teal = [[float(v) for v in torch.rand(len(GROUPS), generator=generator) * 0.8] for _ in range(model.num_layers)]
+    return {"dense": None, "teal": SparsitySpec.from_tables("teal", teal, model.fingerprint),
+            "topk": model.topk_spec(0.5),
+            "cats": SparsitySpec.from_tables("cats", [[0.0, 0.0, 0.0, 0.05]] * model.num_layers, model.fingerprint)}
+
+
+def _hf_logits(model, ids: list[int], spec, counter) -> torch.Tensor:
+    with torch.inference_mode(), sparsity(spec, [counter]):
+        return model.model(torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", ["dense", "teal", "topk", "cats"])
+def test_every_step_matches_the_patched_model_and_counts_alike(family, method):
+    model = _tiny(family)
+    assert fast_decode.unsupported(model) is None
+    spec = _specs(model)[method]
+    ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    fast_counter = SparsityCounter()
+    session = fast_decode.Session(fast_decode.decoder(model), spec, 40, compiled=False, observers=[fast_counter])
+    got = [session.prefill(ids[:8])] + [session.step(token) for token in ids[8:]]  # prompt, then one token at a time
+    for step, logits in enumerate(got):
+        hf_counter = SparsityCounter()
+        expected = _hf_logits(model, ids[:8 + step], spec, hf_counter)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    hf_counter = SparsityCounter()  # the counts of the prefill pass: the HF forward over the same 8 tokens
+    _hf_logits(model, ids[:8], spec, hf_counter)
+    for layer in range(model.num_layers):
+        for group in GROUPS:
+            assert fast_counter.per_pass[layer, group][0] == hf_counter.per_pass[layer, group][0], (layer, group)
+    if method != "dense":
+        assert 0.05 < fast_counter.weighted(model.skippable_params(method)) < 0.95
+
+
+def test_what_it_does_not_cover_decodes_with_hf_and_says_why():
+    gpt2 = models.wrap(T.AutoModelForCausalLM.from_config(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
+                       tokenizer=None, name="tiny-gpt2")
+    assert fast_decode.unsupported(gpt2) == "the fast decoder covers llama, mistral, qwen2, not gpt2"
+    assert fast_decode.unsupported(_tiny("llama", "cats")) == "the fast decoder runs the inputs layout, not cats"
+    assert fast_decode.decoder(gpt2) is None
+    assert fast_decode.observable([SparsityCounter()]) and not fast_decode.observable([AbsHistogram()])
+
+
+@pytest.mark.parametrize("method", ["topk", "cats"])
+def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
+    """The variants SmolLM2's test below does not compile (top-k's ranking, CATS' gate mask), on 2 layers."""
+    model = _tiny("llama")
+    spec = _specs(model)[method]
+    ids = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(9)).tolist()
+    runs = {}
+    for compiled in (False, True):
+        counter = SparsityCounter()
+        session = fast_decode.Session(fast_decode.decoder(model), spec, 40, compiled=compiled, observers=[counter])
+        runs[compiled] = ([session.prefill(ids[:6])] + [session.step(t) for t in ids[6:]], counter)
+        assert session.compiled == compiled and fast_decode.decoder(model).compile_failure is None
+    for eager, compiled in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert runs[False][1].per_pass == runs[True][1].per_pass
+
+
+def test_compiled_smollm2_makes_the_eager_greedy_tokens_and_records_its_compile(smollm2):
+    prompt = generate.encode_prompt(smollm2, "Write a haiku about the sea.")
+    teal = calibrate.calibrate(smollm2, "teal", 0.5)
+    for spec in (smollm2.dense_spec(), teal, None):
+        counters = {compiled: SparsityCounter() for compiled in (False, True)}
+        runs = {compiled: [t.id for t in generate.stream(smollm2, prompt, spec, 24, stop_at_eos=False,
+                                                         observers=[counters[compiled]], compiled=compiled)]
+                for compiled in (False, True)}
+        assert runs[True] == runs[False]  # HF's forward and the compiled step: the same greedy tokens
+        assert counters[True].per_pass == counters[False].per_pass
+    positions = len(prompt.ids) + 24
+    assert fast_decode.ready(smollm2, teal, positions)  # compiled once in this process: the next stream starts at once
+    seconds = fast_decode.compile_seconds_on_record(fast_decode.decoder(smollm2), teal, positions)
+    assert seconds is not None and seconds > 0
+
+
+def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch):
+    model = _tiny("qwen2")
+    fast = fast_decode.decoder(model)
+
+    def refuse(*args):
+        raise RuntimeError("no C++ compiler here\nmore detail")
+    monkeypatch.setattr(fast, "step_function", lambda variant: refuse)
+    spec = _specs(model)["teal"]
+    session = fast_decode.Session(fast, spec, 40, compiled=True)
+    ids = [3, 14, 15, 9, 2]
+    logits = [session.prefill(ids[:3])] + [session.step(t) for t in ids[3:]]
+    assert not session.compiled and fast.compile_failure == "RuntimeError: no C++ compiler here"
+    torch.testing.assert_close(logits[-1], _hf_logits(model, ids, spec, SparsityCounter()), rtol=1e-4, atol=1e-5)
