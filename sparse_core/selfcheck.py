@@ -5,7 +5,8 @@ and how fast they and the model decode, in a few minutes; the first thing to run
              float32, batch 1-8, s in {0, 0.5, 0.9} (on the CPU: the native kernel, and the Triton kernel in
              Triton's interpreter, which is what CI runs)
     bench    `bench kernels --quick`
-    decode   SmolLM2 greedy decode: the dense routes agree token for token, and TEAL 50 % against the fastest dense
+    decode   SmolLM2 greedy decode: plain HF, the dense routes and the compiled step agree token for token, and
+             TEAL 50 % against the fastest dense, eager and compiled
 """
 from __future__ import annotations
 
@@ -67,19 +68,23 @@ def check_kernels(device: str) -> dict:
 
 
 def check_decode(device: str, dtype: str = "float32") -> dict:
-    """The dense routes produce the same greedy tokens, and TEAL 50 % decodes against the fastest dense."""
-    from . import bench, calibrate, generate, models
+    """Plain HF, both dense routes and the compiled step produce the same greedy tokens; TEAL 50 % decodes against
+    the fastest dense, with HF's forward (eager) and with the compiled step."""
+    from . import bench, calibrate, fast_decode, generate, models
     model = models.load(dtype=dtype, device=device)
     plain = models.load(dtype=dtype, layout="hf", device=device)
     prompt = generate.encode_prompt(model, bench.PROMPT)
-    tokens = {route: [t.id for t in generate.stream(model, prompt, None, 24, stop_at_eos=False, dense_route=route)]
-              for route in ("linear", "kernel")}
-    tokens["hf"] = [t.id for t in generate.stream(plain, generate.encode_prompt(plain, bench.PROMPT), None, 24,
-                                                  stop_at_eos=False)]
+    greedy = lambda m, p, **how: [t.id for t in generate.stream(m, p, None, 24, stop_at_eos=False, **how)]
+    tokens = {"hf": greedy(plain, generate.encode_prompt(plain, bench.PROMPT)),
+              "linear": greedy(model, prompt, dense_route="linear"), "kernel": greedy(model, prompt, dense_route="kernel")}
+    if fast_decode.decoder(model) is not None:
+        tokens["compiled"] = greedy(model, prompt, compiled=True)
     spec = calibrate.calibrate(model, "teal", 0.5)
-    speed = bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain)
-    return dict(dtype=dtype, greedy_tokens_equal={route: ids == tokens["hf"] for route, ids in tokens.items()},
-                eager=speed, compiled=dict(available=False, why="no compiled decode step yet (issue 11, part 3)"))
+    eager = bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain)
+    compiled = (bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain, compiled=True)
+                if "compiled" in tokens else dict(available=False, why=fast_decode.unsupported(model)))
+    return dict(dtype=dtype, greedy_tokens_equal={run: ids == tokens["hf"] for run, ids in tokens.items()},
+                eager=eager, compiled=compiled)
 
 
 def run(device: str, parts: tuple[str, ...] = PARTS) -> dict:

@@ -122,6 +122,23 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     assert any(m.value == "**Sparse** · TEAL thresholds at 25%" for m in at.markdown)
 
 
+def test_the_compiled_step_toggle_generates_the_same_text_and_says_so():
+    """Off in the tests by default (SPARSE_LAB_COMPILE=0, conftest); on in the app wherever the model supports it."""
+    at = _generate(_ok(_app()))
+    eager = at.session_state["generation"]
+    toggle = at.sidebar.toggle(key="compiled")
+    assert toggle.value is False and not toggle.disabled and toggle.label == "Compiled decode step"
+    toggle.set_value(True)
+    at = _generate(_ok(at.run()))
+    compiled = at.session_state["generation"]
+    assert compiled.compiled and not eager.compiled
+    assert [t.id for t in compiled.tokens["dense"]] == [t.id for t in eager.tokens["dense"]]  # greedy: same tokens
+    assert len(compiled.counter.pass_matrix("mlp_in", 30)[0]) == len(compiled.tokens["sparse"])  # the live heatmap's
+    assert compiled.achieved == pytest.approx(eager.achieved, abs=0.02)  # counts come from the compiled step
+    assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled." in [c.value for c in at.caption]
+    assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled**"
+
+
 def test_the_report_download_is_one_offline_html_file_of_the_generation(tmp_path):
     from pages import live
     at = _generate(_ok(_app()))
