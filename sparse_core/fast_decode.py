@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels import cpu_native
-from .models import SparseModel
+from .models import SparseModel, decoder_layers, machine
 from .spec import GROUPS, SparsitySpec
 from .store import DiskStore, cache_dir, digest
 
@@ -55,15 +55,9 @@ def unsupported(model: SparseModel) -> str | None:
         return f"the fast decoder's MLP is SiLU-gated, this model's is {config.hidden_act}"
     if model.device.type == "meta" or any(getattr(m, "_hf_hook", None) for m in model.model.modules()):
         return "the model is split by accelerate (device_map); the fast decoder needs it on one device"
-    blocks = _blocks(model)
-    if not all(b.self_attn.q_proj.shared is not None and b.mlp.gate_proj.shared is not None for b in blocks):
+    if not all(b.self_attn.q_proj.shared is not None and b.mlp.gate_proj.shared is not None for b in decoder_layers(model.model)):
         return "q|k|v or gate|up are not stored as one matrix in this model"
     return None
-
-
-def _blocks(model: SparseModel):
-    from .models import decoder_layers
-    return list(decoder_layers(model.model))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +88,7 @@ class Decoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.blocks = _blocks(model)
+        self.blocks = list(decoder_layers(model.model))
         inner = model.model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb
         self.head = model.model.lm_head.weight
@@ -216,8 +210,7 @@ class Decoder:
 
     def compile_key(self, variant: tuple[str, bool], length: int) -> str:
         """What a compile time is stored under: the model, its dtype, this machine, the variant, the cache length."""
-        from .models import _machine
-        return digest(self.model.fingerprint, str(self.model.dtype), _machine(self.model.device), variant, length,
+        return digest(self.model.fingerprint, str(self.model.dtype), machine(self.model.device), variant, length,
                       torch.__version__)
 
 

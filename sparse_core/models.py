@@ -239,7 +239,7 @@ def choose_dense_route(model: SparseModel, repeats: int = 5) -> str:
     model, dtype, layout and machine, so every process on this machine computes dense the same way."""
     if model.layout == "hf" or model.device.type == "meta":
         return "linear"
-    key = digest(model.fingerprint, str(model.dtype), model.layout, _machine(model.device))
+    key = digest(model.fingerprint, str(model.dtype), model.layout, machine(model.device))
     known = _ROUTES.load(key)
     if known and known.get("route") in DENSE_ROUTES:
         return known["route"]
@@ -263,7 +263,7 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "cpu")
 
 
-def _machine(device: torch.device) -> str:
+def machine(device: torch.device) -> str:
     """The device a measurement is valid on: the GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

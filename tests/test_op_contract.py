@@ -71,3 +71,10 @@ def test_check_call_returns_one_float32_value_per_token():
     assert check_call(x, wt, None) is None
     assert check_call(x, wt, torch.tensor(0.3)).tolist() == [torch.tensor(0.3, dtype=torch.bfloat16).item()] * 6
     assert check_call(x, wt, torch.arange(6.0).reshape(2, 3, 1)).tolist() == list(range(6))
+
+
+def test_the_cpu_kernel_refuses_a_dtype_it_does_not_compute():
+    x, weight = torch.randn(2, 32, dtype=torch.float16), input_rows_weight(16, 32, torch.float16)
+    with pytest.raises(ValueError, match="on the CPU takes float32 or bfloat16, not Half"):
+        torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None, None, 0.5)
+    assert ops.backend_for(x, weight) == "reference"  # the Python entry never sends it there

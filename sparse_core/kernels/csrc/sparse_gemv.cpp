@@ -120,6 +120,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
                     "sparse_linear needs weight_t as a contiguous (in, out) matrix with in = ", x.size(-1),
                     "; call ops.sparse_linear, which routes other layouts to the reference.");
   TORCH_CHECK_VALUE(x.scalar_type() == wt.scalar_type(), "sparse_linear needs x and weight_t in one dtype.");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                    "sparse_linear on the CPU takes float32 or bfloat16, not ", x.scalar_type(), ".");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t tokens = x2.size(0);
   const bool given = threshold.has_value() && threshold->defined();
