@@ -78,3 +78,12 @@ def test_the_cpu_kernel_refuses_a_dtype_it_does_not_compute():
     with pytest.raises(ValueError, match="on the CPU takes float32 or bfloat16, not Half"):
         torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None, None, 0.5)
     assert ops.backend_for(x, weight) == "reference"  # the Python entry never sends it there
+
+
+def test_the_cpu_row_kernel_refuses_a_dtype_it_does_not_compute_and_the_entry_routes_it():
+    x, weight = torch.randn(2, 32, dtype=torch.float16), torch.randn(16, 32, dtype=torch.float16)
+    keep = torch.rand(2, 16) > 0.5
+    with pytest.raises(ValueError, match="on the CPU takes float32 or bfloat16"):
+        torch.ops.sparse_lab.rows_linear(x, weight, None, keep)
+    expected = torch.nn.functional.linear(x.double(), weight.double()) * keep
+    torch.testing.assert_close(ops.rows_linear(x, weight, None, keep).double(), expected, rtol=2e-3, atol=2e-3)

@@ -105,7 +105,7 @@ def triton_loaded() -> bool:
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
     """The output-sparse op where a kernel for x's device is present, else None (the caller runs the reference)."""
     from . import cpu_native
-    native = triton_loaded() if x.is_cuda else (x.device.type == "cpu" and cpu_native.native())
+    native = triton_loaded() if x.is_cuda else (x.device.type == "cpu" and x.dtype in cpu_native.DTYPES and cpu_native.native())
     if not native or x.dtype != weight.dtype or not inference_only(x, weight) or not weight.is_contiguous():
         return None
     return torch.ops.sparse_lab.rows_linear(x, weight, bias, keep)

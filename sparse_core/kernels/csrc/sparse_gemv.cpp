@@ -186,7 +186,10 @@ void dot_rows(const at::Tensor& x2, const at::Tensor& weight, const float* bias,
 // y = F.linear(x, weight, bias) * keep, reading only the kept rows of the (out, in) weight (CATS' up projection).
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& keep) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "rows_linear: weight must be a contiguous (out, in) matrix");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous(), "rows_linear needs weight as a contiguous (out, in) matrix.");
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                    "rows_linear on the CPU takes float32 or bfloat16 in one dtype, not ", x.scalar_type(), ".");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
