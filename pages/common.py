@@ -377,8 +377,9 @@ def headline(current: Settings) -> None:
         if valid:
             cols[1].metric("Decode speedup", f"×{speed['speedup']:.2f}",
                            f"IQR ×{speed['speedup_iqr'][0]:.2f}–×{speed['speedup_iqr'][1]:.2f}", delta_color="off", delta_arrow="off",
-                           help=f"Greedy decode, {speed['sparse_tok_s']:.1f} sparse vs {speed['dense_tok_s']:.1f} tok/s on the "
-                                f"fastest dense path ({speed['dense_path']}), median of {speed['repeats']} interleaved runs of "
+                           help=f"Greedy decode with the {speed['decoder']}, {speed['sparse_tok_s']:.1f} sparse vs "
+                                f"{speed['dense_tok_s']:.1f} tok/s on the fastest dense path ({speed['dense_path']}; plain HF "
+                                f"{speed['plain_hf_tok_s'] or '—'}), median of {speed['repeats']} interleaved runs of "
                                 f"{speed['new_tokens']} steps; interquartile range of the paired ratios below.")
         else:
             cols[1].metric("Decode speedup", "—", help="Not measured for this setting yet, or the measurement was flagged.")

@@ -117,7 +117,8 @@ def report_html(result: Result) -> str:
     speed = bench.stored_decode(model, spec, result.compiled)
     valid = speed is not None and not speed["flag"]
     setting = dict(model=model.name, method=result.method, spec=result.name, target=_uniform_target(spec),
-                   dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type)
+                   dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type,
+                   decoder="compiled step" if result.compiled else "HF forward")
     headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound, ppl_dense=quality.ppl_dense,
                     ppl_sparse=quality.ppl_sparse, ppl_increase=quality.ppl_increase,
                     top1_agreement=quality.top1_agreement, kl=quality.kl, flag=speed["flag"] if speed else None,

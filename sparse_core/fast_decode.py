@@ -1,8 +1,8 @@
 """A gpt-fast-style decoder for Llama-family models: the model's own weights, a static KV cache, and the one-token
 step as a plain function that torch.compile can take whole (inductor on the CPU, CUDA graphs on a GPU).
 
-Why: HF's forward costs Python and module overhead on every token (cache objects, hooks, 7 module calls per
-projection group), and under torch.compile it breaks the graph at every layer's cache update. Here the sparsity
+Why: HF's forward costs Python and module overhead on every token (cache objects, seven projection modules per
+layer), and under torch.compile it breaks the graph at every layer's cache update. Here the sparsity
 setting is not a context variable but tensors passed to the step: per (layer, group) thresholds, top-k keep counts
 and CATS' gate thresholds. So one compiled step serves every spec, each call carries its own, and threads never
 share one. Every projection goes through the same registered op as the patched model (sparse_lab::sparse_linear,
@@ -10,7 +10,8 @@ which has a fake implementation for the compiler), q|k|v and gate|up as one call
 
 Supported: the Llama family as transformers builds it (llama, mistral, qwen2: RMSNorm, rotary embeddings, grouped
 KV heads, gated SiLU MLP) in the inputs layout; anything else decodes through HF's forward, and `unsupported` says
-why. Observers need every score, so a call with observers decodes through HF's forward too.
+why. The step counts the inputs it skips, which is all a SparsityCounter needs; observers that need every score
+(histograms, traces) decode through HF's forward.
 """
 from __future__ import annotations
 
@@ -265,7 +266,6 @@ class Session:
         self._step = fast.step_function(self.setting.variant) if compiled else fast.forward
         self._key = fast.compile_key(self.setting.variant, length)
         self.position = 0
-        self.compile_seconds: float | None = None  # this process's first compiled call (a compile or a cache load)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -292,10 +292,9 @@ class Session:
             self.fast.compile_failure = f"{type(err).__name__}: {text[0][:200] if text else ''}"
             self.compiled, self._step = False, self.fast.forward
             return
-        self.compile_seconds = round(time.perf_counter() - began, 2)
         self.fast.shapes_run.add(self._key)
         if _COMPILE_SECONDS.load(self._key) is None:
-            _COMPILE_SECONDS.save(self._key, {"seconds": self.compile_seconds})
+            _COMPILE_SECONDS.save(self._key, {"seconds": round(time.perf_counter() - began, 2)})
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -318,7 +317,6 @@ class Session:
     def ready(self) -> bool:
         """True when this step's shape already ran compiled in this process, so the first token will not wait."""
         return not self.compiled or self._key in self.fast.shapes_run
-
 
 
 def compile_seconds_on_record(fast: Decoder, spec: SparsitySpec | None, max_positions: int,

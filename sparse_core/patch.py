@@ -35,7 +35,7 @@ class CallContext:
     spec: SparsitySpec | None
     observers: tuple[Observer, ...] = ()
     dense_route: str | None = None  # None: each linear's own (the model's measured choice)
-    # SharedInput -> (input, output) of its last call in this block: the members after the first read their slice
+    # SharedInput -> [input, joint output, members yet to read it]: the members after the first read their slice
     computed: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def threshold(self, layer: int, group: str, x: torch.Tensor) -> ops.Threshold:
@@ -159,6 +159,7 @@ class SharedInput:
             joint.bias = nn.Parameter(bias, requires_grad=False)
         self.linear = SparseLinear(joint, first.layer, first.group, records=any(m.records for m in members),
                                    kernels=first.kernels)
+        self.members = len(members)
         start = 0
         for member in members:
             width = member.weight.shape[0]
@@ -169,13 +170,17 @@ class SharedInput:
             start += width
 
     def __call__(self, call: CallContext, x: torch.Tensor) -> torch.Tensor:
-        """The joint output for `x`: computed by the first member called, found by the others. The entry holds x,
-        so `is` cannot match a new tensor at a recycled address."""
+        """The joint output for `x`: computed by the first member called, found by the others, and forgotten after
+        the last (a long prefill's outputs are not kept for the whole pass). The entry holds x, so `is` cannot match
+        a new tensor at a recycled address."""
         known = call.computed.get(self)
         if known is not None and known[0] is x:
+            known[2] -= 1
+            if known[2] == 0:
+                del call.computed[self]
             return known[1]
         y = self.linear.compute(call, x)
-        call.computed[self] = (x, y)
+        call.computed[self] = [x, y, self.members - 1]
         return y
 
     @staticmethod

@@ -101,7 +101,8 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
           figures: dict[str, go.Figure], machine: dict | None = None) -> str:
     """The whole report as one self-contained HTML document (write it with encoding="utf-8").
 
-    setting: model, method, spec (its name), target (or None), dtype, layout, device; shown as a table in this order.
+    setting: model, method, spec (its name), target (or None), dtype, layout, device, decoder; shown as a table in
+    this order.
     headline: weight_reads_skipped (0..1), speedup (None when not measured), speedup_iqr ([lo, hi] or None), bound,
         ppl_dense, ppl_sparse, ppl_increase, top1_agreement, kl, flag (None, or why the speed measurement is not
         valid: a flagged speedup is never shown, only the flag), and `sentence`, the one-line summary.

@@ -78,7 +78,7 @@ class AbsHistogram:
         nonzero = flat[flat > 0]
         self.zeros[layer, group] += flat.numel() - nonzero.numel()
         logs = nonzero.log10().clamp_(self.LOW, self.HIGH - 1e-6)
-        counts = torch.histc(logs, bins=self.BINS, min=self.LOW, max=self.HIGH)
+        counts = torch.histc(logs, bins=self.BINS, min=self.LOW, max=self.HIGH).cpu()  # kept on the CPU, whatever the device
         key = (layer, group)
         self.counts[key] = self.counts[key] + counts if key in self.counts else counts
 

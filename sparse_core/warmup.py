@@ -1,6 +1,7 @@
 """Settings prepared before the visitor asks: every slider step's calibration and quality measurement, computed in
 one background thread per model and kept on disk, so moving the slider shows a setting in seconds instead of
-recalibrating; a setting the visitor is looking at right now (`request`) goes first. Foreground work pauses it: a
+recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the compiled decode step
+of dense and TEAL (where it is on), so the first Generate does not wait for a compile. Foreground work pauses it: a
 visitor's own calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew
 it)."""
 from __future__ import annotations
@@ -11,12 +12,13 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
-from . import calibrate, metrics
+from . import calibrate, fast_decode, metrics
 from .models import SparseModel
 from .spec import SparsitySpec
 
 GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slider's steps above 0
-_NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the grid
+_NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the compile and the grid
+COMPILE = "compile"  # the queue item that compiles the decode step dense and TEAL share, for prompts of the usual length
 
 
 class Warmup:
@@ -31,6 +33,8 @@ class Warmup:
         self.error: str | None = None
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
+        if fast_decode.compile_by_default(model):
+            self._queue.put((_LATER, next(self._order), COMPILE))
         for item in self.plan:
             self._queue.put((_LATER, next(self._order), item))
         self._idle = threading.Event()
@@ -90,6 +94,9 @@ class Warmup:
                     self._thread = None
                     return
             try:
+                if item == COMPILE:
+                    fast_decode.prepare(self.model, None, fast_decode.CACHE_BUCKET)
+                    continue
                 spec = item if isinstance(item, SparsitySpec) else calibrate.calibrate(self.model, *item, progress=self._step)
                 metrics.measured(self.model, spec, progress=self._step)
                 if priority == _LATER:

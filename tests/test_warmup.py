@@ -36,3 +36,22 @@ def test_a_requested_setting_is_measured_first_and_after_the_plan(smollm2, tmp_p
     prepared.request(later)
     prepared.wait(timeout=600)
     assert order[-1] == "TOPK 45%" and metrics.stored(smollm2, later) is not None
+
+
+def test_the_compiled_step_is_prepared_after_the_requested_setting_and_before_the_grid(smollm2, tmp_path, monkeypatch):
+    """Where the compiled step is on (the app's default), the first Generate should not wait for its compile."""
+    from sparse_core import fast_decode
+    monkeypatch.setenv("SPARSE_LAB_COMPILE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    order = []
+    measured = metrics.measured
+    monkeypatch.setattr(metrics, "measured", lambda model, s, **kw: order.append(s.label) or measured(model, s, **kw))
+    monkeypatch.setattr(fast_decode, "prepare", lambda model, spec, positions: order.append(("compile", spec, positions)))
+    prepared = warmup.Warmup(smollm2, methods=("teal",), grid=(0.2,), first=0.2)
+    with prepared.paused():
+        prepared.start()
+        prepared.request(calibrate.calibrate(smollm2, "topk", 0.3))
+    assert prepared.wait(timeout=600) and prepared.done == 1
+    assert order == ["TOPK 30%", ("compile", None, fast_decode.CACHE_BUCKET), "TEAL 20%"]
+    monkeypatch.setenv("SPARSE_LAB_COMPILE", "0")
+    assert warmup.COMPILE not in [item for _, _, item in warmup.Warmup(smollm2)._queue.queue]
