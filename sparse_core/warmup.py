@@ -1,7 +1,8 @@
 """Settings prepared before the visitor asks: every slider step's calibration and quality measurement, computed in
 one background thread per model and kept on disk, so moving the slider shows a setting in seconds instead of
-recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the compiled decode step
-of dense and TEAL (where it is on), so the first Generate does not wait for a compile. Foreground work pauses it: a
+recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the compiled decode steps
+(where the compiled step is on: dense and TEAL share one, CATS and top-k have their own), so a first Generate does
+not wait for a compile. Foreground work pauses it: a
 visitor's own calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew
 it)."""
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .spec import SparsitySpec
 
 GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slider's steps above 0
 _NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the compile and the grid
-COMPILE = "compile"  # the queue item that compiles the decode step dense and TEAL share, for prompts of the usual length
+COMPILE = "compile"  # queue items (COMPILE, method): compile that method's decode step for prompts of the usual length
 
 
 class Warmup:
@@ -34,7 +35,8 @@ class Warmup:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         if fast_decode.compile_by_default(model):
-            self._queue.put((_LATER, next(self._order), COMPILE))
+            for method in dict.fromkeys(("teal", *methods, "topk")):
+                self._queue.put((_LATER, next(self._order), (COMPILE, method)))
         for item in self.plan:
             self._queue.put((_LATER, next(self._order), item))
         self._idle = threading.Event()
@@ -81,6 +83,15 @@ class Warmup:
             thread.join(timeout)
         return self.finished
 
+    def _any_spec(self, method: str) -> SparsitySpec | None:
+        """A spec of `method`, for its compiled step (the step's shape does not depend on the values): None for TEAL,
+        whose step is the dense one."""
+        if method == "teal":
+            return None
+        if method == "topk":
+            return self.model.topk_spec(0.25)
+        return SparsitySpec.from_tables(method, self.model.dense_spec().values, self.model.fingerprint)
+
     def _step(self, done: int, total: int) -> None:
         self._idle.wait()  # the engine reports progress between chunks: a pause takes effect there
 
@@ -94,8 +105,8 @@ class Warmup:
                     self._thread = None
                     return
             try:
-                if item == COMPILE:
-                    fast_decode.prepare(self.model, None, fast_decode.CACHE_BUCKET)
+                if isinstance(item, tuple) and item[0] == COMPILE:
+                    fast_decode.prepare(self.model, self._any_spec(item[1]), fast_decode.CACHE_BUCKET)
                     continue
                 spec = item if isinstance(item, SparsitySpec) else calibrate.calibrate(self.model, *item, progress=self._step)
                 metrics.measured(self.model, spec, progress=self._step)

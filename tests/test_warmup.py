@@ -46,12 +46,14 @@ def test_the_compiled_step_is_prepared_after_the_requested_setting_and_before_th
     order = []
     measured = metrics.measured
     monkeypatch.setattr(metrics, "measured", lambda model, s, **kw: order.append(s.label) or measured(model, s, **kw))
-    monkeypatch.setattr(fast_decode, "prepare", lambda model, spec, positions: order.append(("compile", spec, positions)))
-    prepared = warmup.Warmup(smollm2, methods=("teal",), grid=(0.2,), first=0.2)
+    monkeypatch.setattr(fast_decode, "prepare", lambda model, spec, positions: order.append(
+        ("compile", spec and spec.method, positions)))
+    prepared = warmup.Warmup(smollm2, methods=("teal", "cats"), grid=(0.2,), first=0.2)
     with prepared.paused():
         prepared.start()
         prepared.request(calibrate.calibrate(smollm2, "topk", 0.3))
-    assert prepared.wait(timeout=600) and prepared.done == 1
-    assert order == ["TOPK 30%", ("compile", None, fast_decode.CACHE_BUCKET), "TEAL 20%"]
+    assert prepared.wait(timeout=600) and prepared.done == 2
+    steps = [("compile", method, fast_decode.CACHE_BUCKET) for method in (None, "cats", "topk")]  # TEAL's is dense's
+    assert order == ["TOPK 30%", *steps, "TEAL 20%", "CATS 20%"]
     monkeypatch.setenv("SPARSE_LAB_COMPILE", "0")
-    assert warmup.COMPILE not in [item for _, _, item in warmup.Warmup(smollm2)._queue.queue]
+    assert not [item for _, _, item in warmup.Warmup(smollm2)._queue.queue if item[0] == warmup.COMPILE]
