@@ -75,7 +75,12 @@ class Setting:
 
     @property
     def variant(self) -> tuple[str, bool]:
-        return ("dense" if self.method == "teal" else self.method), self.linear  # TEAL is dense with other numbers
+        return _variant(self.method, self.linear)
+
+
+def _variant(method: str, linear: bool) -> tuple[str, bool]:
+    """Which compiled step a method runs: TEAL's is dense's (the same graph with other numbers)."""
+    return ("dense" if method == "teal" else method), linear
 
 
 class Decoder:
@@ -116,9 +121,18 @@ class Decoder:
                 gate = values[:, _MLP_MID].float()
             else:
                 keep = torch.round((1.0 - values) * self.widths).long()
-        linear = method == "dense" and (dense_route or self.model.dense_route) == "linear"
         as_dtype = lambda t: t.float().to(dtype).float().to(device)
-        return Setting(method, linear, as_dtype(thresholds), keep.to(device), as_dtype(gate))
+        return Setting(method, self._linear(spec, dense_route), as_dtype(thresholds), keep.to(device), as_dtype(gate))
+
+    def _linear(self, spec: SparsitySpec | None, dense_route: str | None) -> bool:
+        """True when the step computes dense products with F.linear (a dense spec on the model's "linear" route)."""
+        return (spec is None or spec.method == "dense") and (dense_route or self.model.dense_route) == "linear"
+
+    def shape_key(self, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> str:
+        """What a compiled step's shape is known by: the model, its dtype, this machine, the variant, the cache length."""
+        variant = _variant("dense" if spec is None else spec.method, self._linear(spec, dense_route))
+        return digest(self.model.fingerprint, str(self.model.dtype), machine(self.model.device), variant,
+                      cache_length(max_positions), torch.__version__)
 
     # ---- one layer, any number of tokens ----------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -209,11 +223,6 @@ class Decoder:
                                                         mode="reduce-overhead" if cuda else None)
             return self._compiled[variant]
 
-    def compile_key(self, variant: tuple[str, bool], length: int) -> str:
-        """What a compile time is stored under: the model, its dtype, this machine, the variant, the cache length."""
-        return digest(self.model.fingerprint, str(self.model.dtype), machine(self.model.device), variant, length,
-                      torch.__version__)
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -264,7 +273,7 @@ class Session:
         self.setting = fast.setting(spec, dense_route)
         self.compiled = compiled
         self._step = fast.step_function(self.setting.variant) if compiled else fast.forward
-        self._key = fast.compile_key(self.setting.variant, length)
+        self._key = fast.shape_key(spec, max_positions, dense_route)
         self.position = 0
 
     @torch.inference_mode()
@@ -279,14 +288,14 @@ class Session:
 
     @torch.inference_mode()
     def _compile(self) -> None:
-        """One compiled step on scratch caches: a compile, or a load from inductor's cache. The first compile on this
-        machine is kept on record. A compile that fails means eager steps, with the reason kept on the decoder."""
+        """One compiled step at position 0 of this session's caches (the prefill then writes over it): a compile, or a
+        load from inductor's cache. The first compile on this machine is kept on record. A compile that fails means
+        eager steps, with the reason kept on the decoder."""
         device = self.fast.model.device
-        scratch = [torch.zeros_like(cache) for cache in self.caches]
         began = time.perf_counter()
         try:
             self._step(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                       scratch, self.setting)
+                       self.caches, self.setting)
         except Exception as err:  # noqa: BLE001 - no compiler, an op the compiler refuses: any failure means eager
             text = str(err).strip().splitlines()
             self.fast.compile_failure = f"{type(err).__name__}: {text[0][:200] if text else ''}"
@@ -322,7 +331,7 @@ class Session:
 def compile_seconds_on_record(fast: Decoder, spec: SparsitySpec | None, max_positions: int,
                               dense_route: str | None = None) -> float | None:
     """How long this spec's step shape took to compile the first time on this machine, if it ever has."""
-    known = _COMPILE_SECONDS.load(fast.compile_key(fast.setting(spec, dense_route).variant, cache_length(max_positions)))
+    known = _COMPILE_SECONDS.load(fast.shape_key(spec, max_positions, dense_route))
     return known["seconds"] if known else None
 
 
@@ -338,4 +347,4 @@ def prepare(model: SparseModel, spec: SparsitySpec | None, max_positions: int, d
 def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> bool:
     """True when a compiled stream of this spec starts at once: its step ran in this process, or none is compiled."""
     fast = decoder(model)
-    return fast is None or fast.compile_key(fast.setting(spec, dense_route).variant, cache_length(max_positions)) in fast.shapes_run
+    return fast is None or fast.shape_key(spec, max_positions, dense_route) in fast.shapes_run
