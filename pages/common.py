@@ -91,10 +91,11 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+@st.cache_resource(show_spinner=False, max_entries=3, on_release=warmup.stop_for)
 def load_model(name: str, dtype: str, layout: str = "inputs", device: str = models.resolve_device("auto"),
                trust_remote_code: bool = False) -> models.SparseModel:
-    """One model per name, dtype, layout and (resolved, never "auto") device, shared by every visitor."""
+    """One model per name, dtype, layout and (resolved, never "auto") device, shared by every visitor; its background
+    preparation stops when it is evicted."""
     return models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, layout=layout)
 
 
@@ -126,30 +127,44 @@ def progress(label: str) -> Iterator[Callable[[int, int], None]]:
         bar.empty()
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+@st.cache_resource(show_spinner=False, max_entries=3, on_release=warmup.Warmup.stop)
 def _warmup(_model: models.SparseModel, key: tuple) -> warmup.Warmup:
     return warmup.Warmup(_model)
 
 
+@st.cache_resource(scope="session", max_entries=1, show_spinner=False, on_release=warmup.Lease.release)
+def _visitor_lease(_prepared: warmup.Warmup, key: tuple) -> warmup.Lease:
+    """This visitor uses this model: one lease per session, released when they move to another model or leave."""
+    return _prepared.lease()
+
+
 def prepare_ahead(model: models.SparseModel) -> warmup.Warmup | None:
-    """Start (once per model) calibrating and measuring every slider step in the background; off when
-    SPARSE_LAB_WARMUP=0 (the tests, which time things, switch it off)."""
+    """Start (once per model) calibrating and measuring every slider step in the background, while this visitor
+    uses the model; off when SPARSE_LAB_WARMUP=0 (the tests, which time things, switch it off)."""
     if os.environ.get("SPARSE_LAB_WARMUP", "1") == "0":
         return None
-    return _warmup(model, model_key(model)).start()
+    key = (*model_key(model), id(model))  # a model loaded again after an eviction gets a new preparation
+    prepared = _warmup(model, key)
+    _visitor_lease(prepared, key)
+    return prepared
 
 
 @contextlib.contextmanager
-def foreground(model: models.SparseModel) -> Iterator[None]:
-    """Work a visitor waits for, or that is timed: the background preparation holds still meanwhile."""
-    prepared = prepare_ahead(model)
-    with prepared.paused() if prepared else contextlib.nullcontext():
+def foreground() -> Iterator[None]:
+    """Work a visitor waits for, or that is timed: every background preparation holds still meanwhile, and a
+    background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it is."""
+    with warmup.paused():
+        compiling = warmup.compile_in_flight()
+        if compiling is not None:
+            with st.spinner(f"Waiting for {compiling.describe()} to finish first: a compile cannot be interrupted, "
+                            "and nothing is timed beside one…", show_time=True):
+                warmup.wait_for_compiles()
         yield
 
 
 def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation:
     """The setting's one quality measurement (metrics.measured): from disk when known, else measured once here."""
-    with foreground(model), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS} held-out tokens "
+    with foreground(), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS:,} held-out tokens "
                                      "(once per setting)…") as update:
         return metrics.measured(model, spec, progress=update)
 
@@ -160,7 +175,7 @@ def measure_decode(current: Settings, progress=None) -> dict:
     plain = None if model.layout == "hf" else load_model(
         model.name, str(model.dtype).replace("torch.", ""), "hf", model.device.type,
         trust_remote_code=st.session_state.get("trust_remote_code", False))
-    with foreground(model):
+    with foreground():
         return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain,
                                    progress=progress, compiled=current.compiled)
 
@@ -176,7 +191,7 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     spec = store.get(key)
     if spec is None:
         label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
-        with foreground(model), progress(label) as update:
+        with foreground(), progress(label) as update:
             spec = calibrate.calibrate(model, method, target, progress=update)
         store.put(key, spec)  # the oldest goes beyond MAX_SHARED_SPECS (on disk: back in milliseconds)
     return spec
@@ -345,10 +360,15 @@ def speedup_delta(ratio: float) -> dict:
 
 
 @st.fragment(run_every=1.0)
-def _await_quality(model: models.SparseModel, spec: SparsitySpec) -> None:
-    """Reruns the page once the background measurement of this setting's quality is on disk."""
+def _await_quality(model: models.SparseModel, spec: SparsitySpec, prepared: warmup.Warmup) -> None:
+    """What the headline waits for, said again every second; reruns the page once the background measurement of
+    this setting's quality is on disk."""
     if metrics.stored(model, spec) is not None:
         st.rerun()
+    last = prepared.measure_seconds
+    takes = f"the measurement itself took {last:.0f} s last time" if last else "the measurement itself takes seconds"
+    st.info(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS:,} held-out tokens in the background, first "
+            f"in line ({takes}). Now: {prepared.status()}. Generate works meanwhile.")
 
 
 def headline(current: Settings) -> None:
@@ -357,24 +377,22 @@ def headline(current: Settings) -> None:
     page stays usable; the card fills in when it is done."""
     prepared = prepare_ahead(current.model)
     quality_now = metrics.stored(current.model, current.spec)
-    if quality_now is None and prepared is not None:
+    if quality_now is None and prepared is not None and not prepared.stopped and prepared.error is None:
         prepared.request(current.spec)
         with st.container(border=True, key="headline"):
             st.markdown(f"**{current.setting}**")
-            st.info(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS} held-out tokens in the background "
-                    "(a few seconds; paused while you generate). Generate works meanwhile.")
-            _await_quality(current.model, current.spec)
+            _await_quality(current.model, current.spec, prepared)
         return
     quality_now = quality_now or quality(current.model, current.spec)
     speed = bench.stored_decode(current.model, current.spec, current.compiled)
-    valid = speed is not None and not speed["flag"]
+    flagged = bench.flagged_decode(current.model, current.spec, current.compiled)
     with st.container(border=True, key="headline"):
         st.markdown(f"**{current.setting}**")
         cols = st.columns(5)
         cols[0].metric("Weight reads skipped (measured)", f"{quality_now.weight_reads_skipped:.1%}",
                        help=f"Share of all weight bytes read per token that this setting skips, measured on "
-                            f"{quality_now.tokens} held-out tokens (embeddings, norms and the output head are read in full).")
-        if valid:
+                            f"{quality_now.held_out_tokens:,} held-out tokens (embeddings, norms and the output head are read in full).")
+        if speed is not None:
             cols[1].metric("Decode speedup", f"×{speed['speedup']:.2f}",
                            f"IQR ×{speed['speedup_iqr'][0]:.2f}–×{speed['speedup_iqr'][1]:.2f}", delta_color="off", delta_arrow="off",
                            help=f"Greedy decode with the {speed['decoder']}, {speed['sparse_tok_s']:.1f} sparse vs "
@@ -382,42 +400,44 @@ def headline(current: Settings) -> None:
                                 f"{speed['plain_hf_tok_s'] or '—'}), median of {speed['repeats']} interleaved runs of "
                                 f"{speed['new_tokens']} steps; interquartile range of the paired ratios below.")
         else:
-            cols[1].metric("Decode speedup", "—", help="Not measured for this setting yet, or the measurement was flagged.")
+            cols[1].metric("Decode speedup", "—", help="Not measured for this setting yet, or every measurement was flagged.")
         cols[2].metric("Speedup bound", f"×{quality_now.bound:.2f}",
                        help="1/(1−s) for s = weight reads skipped: a memory-bound decoder cannot gain more.")
         spread = quality_now.chunk_ppl_increase
-        cols[3].metric("Perplexity change", f"{quality_now.ppl_increase:+.1%}", delta_color="off", delta_arrow="off",
+        cols[3].metric("Perplexity change", metrics.ppl_change(quality_now.ppl_increase), delta_color="off", delta_arrow="off",
                        delta=f"{quality_now.ppl_dense:.1f} → {quality_now.ppl_sparse:.1f}",
-                       help=f"On {quality_now.tokens} held-out tokens the thresholds never saw; across its "
-                            f"{len(spread)} chunks the change ranged {min(spread):+.1%} to {max(spread):+.1%}.")
+                       help=f"On {quality_now.held_out_tokens:,} held-out tokens the thresholds never saw; across its "
+                            f"{len(spread)} chunks the change ranged {metrics.ppl_change(min(spread))} to {metrics.ppl_change(max(spread))}.")
         cols[4].metric("Top-1 agreement", f"{quality_now.top1_agreement:.0%}", delta=f"KL {quality_now.kl:.3f} nats",
                        delta_color="off", delta_arrow="off",
                        help="How often the sparse model's most likely next token is the dense model's, on the same text.")
         st.markdown(headline_sentence(quality_now, speed))
-        if speed is not None and speed["flag"]:
-            st.warning(f"The last decode measurement of this setting is not shown as a result: {speed['flag']}.")
-        if not valid and st.button("Measure decode speed", key="measure_headline",
-                                   help="Times dense and sparse decoding of this setting, interleaved; the progress bar "
-                                        "estimates the time left."):
+        if flagged is not None:
+            st.warning(f"The last decode measurement of this setting is not shown as a result: {flagged['flag']}."
+                       + (" The speedup above is the last valid one." if speed else ""))
+        if speed is None and st.button("Measure decode speed", key="measure_headline",
+                                       help="Times dense and sparse decoding of this setting, interleaved; the "
+                                            "progress bar estimates the time left."):
             with progress("Timing dense and sparse decoding…") as update:
                 measure_decode(current, progress=update)
             st.rerun()
 
 
 def headline_sentence(quality_now: metrics.Evaluation, speed: dict | None) -> str:
+    """The headline in one sentence; `speed` is the setting's valid decode measurement or None."""
     skips = f"Skips {quality_now.weight_reads_skipped:.0%} of weight reads"
-    cost = f"perplexity {quality_now.ppl_increase:+.0%}"
+    cost = f"perplexity {metrics.ppl_change(quality_now.ppl_increase)}"
     if speed is None:
-        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; decode speed not measured yet."
-    if speed["flag"]:
-        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; the decode measurement was flagged, so no speedup is claimed."
+        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; no valid decode measurement yet, so no speedup is claimed."
     pace = "faster" if speed["speedup"] >= 1 else "slower"
     return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality_now.bound:.2f}), {cost}."
 
 
-def stale_note(produced_by: str, current: Settings) -> None:
-    """Say which setting produced a result, and mark it stale (never relabel it) when the sidebar has moved on."""
-    if produced_by == current.setting:
+def stale_note(asked: str, current: Settings, produced_by: str | None = None) -> None:
+    """Say which setting produced a result (`produced_by`: as it ran, where that differs from what was `asked`),
+    and mark it stale (never relabel it) when the sidebar has moved on."""
+    produced_by = produced_by or asked
+    if asked == current.setting:
         st.caption(f"Produced by: {produced_by}.")
     else:
         st.warning(f"Stale: produced by {produced_by}; the sidebar now says {current.setting}. Run it again for the current setting.")

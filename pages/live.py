@@ -28,17 +28,33 @@ class Result:
     marked partial."""
     model: models.SparseModel
     prompt: generate.Prompt
+    prompt_text: str  # what the visitor typed (the prompt's ids carry the chat template too)
     tokens: dict[str, list[generate.Token]]
     spec: SparsitySpec
     method: str
     name: str      # Settings.name at generation time
-    setting: str   # Settings.setting at generation time
+    setting: str   # Settings.setting at generation time: what was asked for
     counter: SparsityCounter  # the sparse run's
-    compiled: bool = False    # both runs decoded with the compiled step
+    compiled: bool = False    # the compiled step was asked for
     partial: bool = True
+    stage: str = "compiling"  # then "streaming", then "done"
+    report: str | None = None  # the stakeholder report of the finished (or stopped) result, built once
+    notes: list[str] = dataclasses.field(default_factory=list)  # why a run decoded uncompiled, or stopped early
 
     def text(self, run: str) -> str:
         return "".join(t.text for t in self.tokens[run])
+
+    @property
+    def ran_compiled(self) -> bool:
+        """Every decode step of both runs ran the compiled step (the prefill passes are eager by design)."""
+        steps = [t for run in RUNS for t in self.tokens[run][1:]]
+        return self.compiled and bool(steps) and all(t.compiled for t in steps)
+
+    @property
+    def produced_by(self) -> str:
+        """The setting as it ran: "· compiled" only where every decode step ran compiled."""
+        asked = self.setting.removesuffix(" · compiled")
+        return asked + (" · compiled" if self.ran_compiled else " · uncompiled" if self.compiled else "")
 
     @property
     def rates(self) -> bench.PairedRates | None:
@@ -104,31 +120,33 @@ class LiveView:
     def heatmap(self, result: Result) -> None:
         tokens = [t.text for t in result.tokens["sparse"]]
         figure = figures.live_heatmaps(result.skipped_per_token(), tokens)
-        figure.update_layout(title=dict(text=f"Skipped while producing each token · {result.name}", font=dict(size=14)))
+        figure.update_layout(title=dict(text=f"Skipped while producing each token · {result.name}", font=dict(size=14),
+                                        x=0, xanchor="left"))
         self.chart.plotly_chart(figure, width="stretch", key=f"live-{len(tokens)}-{time.monotonic_ns()}")
 
 
 def report_html(result: Result) -> str:
-    """The stakeholder report of a generation: the setting's headline numbers (its stored quality and speed
+    """The stakeholder report of a generation: the setting's headline numbers (its stored quality and valid speed
     measurements, the same the headline card shows), both texts, the live heatmap's final state, the speed and quality
     charts with the bound, and the machine."""
     model, spec = result.model, result.spec
     quality = metrics.measured(model, spec)
     speed = bench.stored_decode(model, spec, result.compiled)
-    valid = speed is not None and not speed["flag"]
+    flagged = bench.flagged_decode(model, spec, result.compiled)
     setting = dict(model=model.name, method=result.method, spec=result.name, target=_uniform_target(spec),
                    dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type,
-                   decoder="compiled step" if result.compiled else "HF forward")
+                   decoder="compiled step" if result.ran_compiled else "uncompiled step" if result.compiled else "HF forward")
     headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound, ppl_dense=quality.ppl_dense,
                     ppl_sparse=quality.ppl_sparse, ppl_increase=quality.ppl_increase,
-                    top1_agreement=quality.top1_agreement, kl=quality.kl, flag=speed["flag"] if speed else None,
-                    speedup=speed["speedup"] if valid else None, speedup_iqr=speed["speedup_iqr"] if valid else None,
+                    top1_agreement=quality.top1_agreement, kl=quality.kl,
+                    flag=flagged["flag"] if flagged and not speed else None,
+                    speedup=speed["speedup"] if speed else None, speedup_iqr=speed["speedup_iqr"] if speed else None,
                     sentence=common.headline_sentence(quality, speed))
     divergence = result.divergence
     divergence_chars = None if divergence is None else len("".join(t.text for t in result.tokens["sparse"][:divergence]))
     heatmap = figures.live_heatmaps(result.skipped_per_token(), [t.text for t in result.tokens["sparse"]])
     charts = {f"Skipped share per layer and generated token ({result.name})": heatmap}
-    if valid:
+    if speed:
         charts[f"Decode speed against the bound ({speed['new_tokens']} steps × {speed['repeats']} runs, "
                f"dense path “{speed['dense_path']}”)"] = stakeholder_report.speed_figure(
             speed["dense_tok_s"], speed["sparse_tok_s"], speed["bound"], speed["speedup"],
@@ -137,10 +155,9 @@ def report_html(result: Result) -> str:
         rates = result.rates
         charts[f"This generation's rates against the bound ({rates.steps} equal steps; not the setting's "
                f"decode measurement)"] = stakeholder_report.speed_figure(rates.dense, rates.sparse, result.cost.bound)
-    charts[f"Quality on {quality.tokens} held-out tokens"] = stakeholder_report.quality_figure(
+    charts[f"Quality on {quality.held_out_tokens:,} held-out tokens"] = stakeholder_report.quality_figure(
         quality.ppl_dense, quality.ppl_sparse, quality.top1_agreement)
-    texts = {"prompt": model.tokenizer.decode(list(result.prompt.ids), skip_special_tokens=True),
-             "dense": result.text("dense"), "sparse": result.text("sparse")}
+    texts = {"prompt": result.prompt_text, "dense": result.text("dense"), "sparse": result.text("sparse")}
     return stakeholder_report.build(setting, headline, texts, divergence_chars, charts)
 
 

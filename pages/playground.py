@@ -21,7 +21,8 @@ def _use_preset() -> None:
 def _generate(current: common.Settings, prompt_text: str, panes: dict, view: live.LiveView | None) -> live.Result | None:
     """Interleave the dense and the sparse stream one token at a time: the text panes update every token, the live
     view between forward passes (never inside the timed ones). Both runs carry a SparsityCounter, so observer
-    overhead is the same on both sides of the speed comparison. The result is saved after every token."""
+    overhead is the same on both sides of the speed comparison. The result is saved before the compile and after
+    every token, so a Stop at any point finds it."""
     model = current.model
     try:
         prompt = generate.encode_prompt(model, prompt_text, max_new_tokens=current.max_new_tokens)
@@ -29,36 +30,37 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
         st.error(str(err))
         return None
     counters = {run: SparsityCounter() for run in RUNS}
-    if current.compiled:
-        _compile_both(current, prompt)
-    streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
-                                    observers=(counters[run],), compiled=current.compiled)
-               for run, spec in zip(RUNS, (None, current.spec))}
-    result = live.Result(model, prompt, {run: [] for run in RUNS}, current.spec, current.method, current.name,
-                         current.setting, counters["sparse"], current.compiled)
+    result = live.Result(model, prompt, prompt_text, {run: [] for run in RUNS}, current.spec, current.method,
+                         current.name, current.setting, counters["sparse"], current.compiled)
     st.session_state.generation = result
-    with common.foreground(model):
+    with common.foreground():
+        if current.compiled:
+            result.notes += _compile_both(current, prompt)
+        streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
+                                        observers=(counters[run],), compiled=current.compiled)
+                   for run, spec in zip(RUNS, (None, current.spec))}
+        result.stage = "streaming"
         _stream(streams, result, panes, view)
-    result.partial = False
+    result.partial, result.stage = False, "done"
     return result
 
 
-def _compile_both(current: common.Settings, prompt) -> None:
-    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it."""
+def _compile_both(current: common.Settings, prompt) -> list[str]:
+    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it;
+    why a run will decode uncompiled, if one will."""
     positions = len(prompt.ids) + current.max_new_tokens
     waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
-    if not waiting:
-        return
-    on_record = [fast_decode.compile_seconds_on_record(fast_decode.decoder(current.model), spec, positions) for spec in waiting]
-    known = [seconds for seconds in on_record if seconds is not None]
-    estimate = (f"the first compile of these took {sum(known):.0f} s on this machine; from the cache it takes seconds"
-                if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
-    with common.foreground(current.model), st.spinner(f"Compiling the decode steps ({estimate})…", show_time=True):
-        for spec in waiting:
-            fast_decode.prepare(current.model, spec, positions)
-    failure = fast_decode.decoder(current.model).compile_failure
-    if failure:
-        st.warning(f"The decode step could not be compiled here ({failure}); it runs uncompiled instead.")
+    notes = []
+    if waiting:
+        on_record = [fast_decode.compile_seconds_on_record(fast_decode.decoder(current.model), spec, positions)
+                     for spec in waiting]
+        known = [seconds for seconds in on_record if seconds is not None]
+        estimate = (f"the first compile of these took {sum(known):.0f} s on this machine; from the cache it takes seconds"
+                    if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
+        with st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the compile in progress "
+                        "ends…", show_time=True):
+            notes = [fast_decode.prepare(current.model, spec, positions) for spec in waiting]
+    return [note for note in dict.fromkeys(notes) if note]
 
 
 def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:
@@ -73,6 +75,8 @@ def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView
                 del streams[run]
                 continue
             result.tokens[run].append(token)
+            if token.note and token.note not in result.notes:
+                result.notes.append(token.note)
             panes[run]["text"].markdown(common.text_block(result.text(run)), unsafe_allow_html=True)
         if view is not None and streams:
             view.update(result)
@@ -103,16 +107,27 @@ def _fill_panes(result: live.Result, panes: dict) -> None:
         st.warning(f"Partial result: the run was stopped after {len(result.tokens['sparse'])} sparse and "
                    f"{len(result.tokens['dense'])} dense tokens.")
     if divergence is None:
-        st.success(f"The sparse run produced the same {len(result.tokens['sparse'])} tokens as dense.")
+        made = len(result.tokens["sparse"])
+        st.success(f"The sparse run produced the same {made} token{'s' if made != 1 else ''} as dense.")
     else:
-        dense_token, sparse_token = (result.tokens[run][divergence].text for run in RUNS)
-        st.warning(f"The outputs diverge at generated token {divergence + 1}: dense wrote {dense_token!r}, sparse wrote "
-                   f"{sparse_token!r}; the sparse text is highlighted from there on. After a divergence the two "
+        eos = generate.eos_ids(result.model)
+        dense_token, sparse_token = (_wrote(result.tokens[run][divergence], eos) for run in RUNS)
+        st.warning(f"The outputs diverge at generated token {divergence + 1}: dense wrote {dense_token}, sparse wrote "
+                   f"{sparse_token}; the sparse text is highlighted from there on. After a divergence the two "
                    f"continue from different text, so later differences are expected.")
     lengths = {run: len(result.tokens[run]) for run in RUNS}
     if lengths["dense"] != lengths["sparse"] and rates is not None:
         st.caption(f"Dense made {lengths['dense']} tokens and sparse {lengths['sparse']}; their rates compare the "
                    f"first {rates.steps} decode steps of each.")
+
+
+def _wrote(token: generate.Token, eos: set[int]) -> str:
+    """A generated token as the divergence note names it: its text, or what a token without text is."""
+    if token.text.strip():
+        return repr(token.text)
+    if token.id in eos:
+        return "the end of the text"
+    return repr(token.text) if token.text else f"token {token.id} (part of a character, no text yet)"
 
 
 def _neuron_view(result: live.Result) -> None:
@@ -185,12 +200,21 @@ if clicked:
         result = fresh
 if result is None:
     view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
+elif not result.tokens["sparse"] and not result.tokens["dense"]:
+    view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
+    st.warning("Stopped before the first token, while the decode steps compiled; the compile that was running "
+               "finished and is kept, so the next Generate starts sooner." if result.stage == "compiling" else
+               "Stopped before the first token.")
 else:
     view.update(result, final=True)
-    common.stale_note(result.setting, current)
-    # Built on click, with no rerun: a rerun retires the file id the browser is about to fetch (CI lost a download so).
-    st.download_button("Download report", lambda: live.report_html(result),
-                       file_name="sparsity-lab-report.html", mime="text/html", key="download_report", on_click="ignore",
+    common.stale_note(result.setting, current, result.produced_by)
+    for note in result.notes:
+        st.warning(note)
+    if result.report is None:  # built once, in the page run: a file built on click could be lost (CI lost some)
+        with common.foreground(), st.spinner("Building the report…"):
+            result.report = live.report_html(result)
+    st.download_button("Download report", result.report, file_name="sparsity-lab-report.html", mime="text/html",
+                       key="download_report", on_click="ignore",
                        help="One HTML file that opens offline: the setting, the headline numbers, both texts with the "
                             "divergence marked, the charts with the bound, and this machine.")
     _fill_panes(result, panes)

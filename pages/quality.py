@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages import common
-from sparse_core import metrics, tuning
+from sparse_core import figures, metrics, tuning
 
 st.title("Quality")
 st.caption("Sparsity trades quality for speed. A sweep measures, on held-out text the thresholds never saw, how far "
@@ -95,7 +95,7 @@ for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):
         trace.showlegend = column == 1
         figure.add_trace(trace, row=1, col=column)
 figure.update_xaxes(title_text="weight reads skipped (measured)", tickformat=".0%")
-figure.update_layout(height=380, margin=dict(t=40, b=10), legend_title_text="")
+figure.update_layout(height=400, margin=figures.TITLED_MARGIN, legend_title_text="")
 st.plotly_chart(figure, width="stretch")
 
 st.subheader("Speed against quality loss")

@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, generate, ops, report, stakeholder_report
+from sparse_core import bench, figures, generate, ops, report, stakeholder_report
 
 
 def _kernel_chart(kernels: pd.DataFrame) -> None:
@@ -24,7 +24,7 @@ def _kernel_chart(kernels: pd.DataFrame) -> None:
             figure.add_scatter(x=mine["sparsity"], y=mine["speedup"], mode="markers", name="flagged: not a result",
                                marker=dict(symbol="x", color="#9ca3af", size=10), text=mine["shape"] + ": " + mine["flag"],
                                hovertemplate="%{text}<extra></extra>", showlegend=column == 1, row=1, col=column)
-    figure.update_layout(height=380, margin=dict(t=40, b=10))
+    figure.update_layout(height=400, margin=figures.TITLED_MARGIN)
     st.plotly_chart(figure, width="stretch", key="kernel_chart")
     bandwidth = kernels["bandwidth_gbs"].iloc[0]
     reads = valid.melt(id_vars=["shape", "dtype", "sparsity"], value_vars=["dense_gbs", "sparse_gbs"], var_name="run",
@@ -37,7 +37,7 @@ def _kernel_chart(kernels: pd.DataFrame) -> None:
     figure.add_annotation(xref="paper", x=0, y=bandwidth, text=f"measured read bandwidth {bandwidth:.0f} GB/s",
                           showarrow=False, xanchor="left", yshift=10)
     figure.update_yaxes(rangemode="tozero")
-    figure.update_layout(height=340, margin=dict(t=40, b=10))
+    figure.update_layout(height=360, margin=figures.TITLED_MARGIN)
     st.plotly_chart(figure, width="stretch", key="kernel_bandwidth_chart")
     st.caption("Achieved read rate of the weight bytes each product needs (sparse: only the kept rows), against the "
                "machine's read bandwidth measured in the same run: how close each is to the memory limit.")
@@ -66,7 +66,7 @@ full = right.toggle("Full run", key="bench_full",
                     help=f"On: {len(bench.SPARSITIES)} sparsities, 30 repeats. Off: the quick run, "
                          f"{len(bench.QUICK_SPARSITIES)} sparsities and {bench.QUICK_REPEATS} repeats.")
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
-    with common.foreground(current.model), common.progress("Timing dense vs sparse kernels…") as update:
+    with common.foreground(), common.progress("Timing dense vs sparse kernels…") as update:
         rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
                                  repeats=30 if full else bench.QUICK_REPEATS, device=current.model.device.type,
                                  progress=update)
@@ -81,21 +81,26 @@ st.subheader("One decode step, layer by layer")
 st.caption("Wall time of each decoder layer while generating a few tokens, dense vs the current sidebar setting "
            "(median over the steps; the first step, which reads the whole prompt, is left out).")
 if current.spec is not None and st.button("Time the layers", key="time_layers"):
-    with common.foreground(current.model), st.status("Timing decode steps dense and sparse…") as status:
+    with common.foreground(), st.status("Timing decode steps dense and sparse, interleaved…") as status:
         prompt = generate.encode_prompt(current.model, bench.PROMPT)
         st.session_state.layer_times = (report.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
                                         current.setting)
         status.update(label="Decode steps timed", state="complete")
 if st.session_state.get("layer_times") is not None:
-    layer_times, produced_by = st.session_state.layer_times
+    breakdown, produced_by = st.session_state.layer_times
     common.stale_note(produced_by, current)
-    long = layer_times.melt(id_vars="part", var_name="run", value_name="ms")
-    figure = px.bar(long, x="part", y="ms", color="run", barmode="group", labels={"part": "", "ms": "ms per step"})
-    figure.update_layout(height=340, margin=dict(t=30, b=10))
-    st.plotly_chart(figure, width="stretch", key="layer_chart")
-    totals = layer_times[["dense_ms", "sparse_ms"]].sum()
-    st.caption(f"Whole step: {totals['dense_ms']:.1f} ms dense, {totals['sparse_ms']:.1f} ms sparse.")
-    common.table_with_download(layer_times, "decode_step_layers.csv")
+    totals = breakdown.frame[["dense_ms", "sparse_ms"]].sum()
+    if breakdown.flag:
+        st.warning(f"This layer timing is not a result: {breakdown.flag}. Time it again with nothing else running; "
+                   "the table keeps the raw figures.")
+    else:
+        long = breakdown.frame.melt(id_vars="part", value_vars=["dense_ms", "sparse_ms"], var_name="run", value_name="ms")
+        figure = px.bar(long, x="part", y="ms", color="run", barmode="group", labels={"part": "", "ms": "ms per step"})
+        figure.update_layout(height=340, margin=dict(t=30, b=10))
+        st.plotly_chart(figure, width="stretch", key="layer_chart")
+        st.caption(f"Whole step: {totals['dense_ms']:.1f} ms dense, {totals['sparse_ms']:.1f} ms sparse "
+                   f"(×{breakdown.speedup:.2f}, bound ×{breakdown.bound:.2f}); medians of 3 interleaved runs of 8 steps.")
+    common.table_with_download(breakdown.frame, "decode_step_layers.csv")
 
 st.subheader("End to end: tokens per second")
 st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.DECODE_REPEATS} interleaved runs of each "
@@ -105,8 +110,13 @@ if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
     with common.progress("Decoding dense and sparse…") as update:
         common.measure_decode(current, progress=update)
 decode = None if current.spec is None else bench.stored_decode(current.model, current.spec, current.compiled)
+flagged = None if current.spec is None else bench.flagged_decode(current.model, current.spec, current.compiled)
+if flagged is not None:
+    st.warning(f"The last measurement of this setting is not a result: {flagged['flag']}. Measure again with nothing "
+               "else running" + ("; below is the last valid one." if decode else "."))
 if decode is None:
-    st.info("Not measured for this setting yet: press “Measure tokens/s”.")
+    if flagged is None:
+        st.info("Not measured for this setting yet: press “Measure tokens/s”.")
 else:
     cols = st.columns(4)
     cols[0].metric("Dense tokens/s", f"{decode['dense_tok_s']:.1f}",
@@ -114,26 +124,23 @@ else:
                         f"Interquartile range {decode['dense_tok_s_iqr'][0]:.1f}–{decode['dense_tok_s_iqr'][1]:.1f}.")
     cols[1].metric("Sparse tokens/s", f"{decode['sparse_tok_s']:.1f}",
                    help=f"Interquartile range {decode['sparse_tok_s_iqr'][0]:.1f}–{decode['sparse_tok_s_iqr'][1]:.1f}.")
-    if decode["flag"]:
-        cols[2].metric("Speedup", "—", help="Flagged: see the note below.")
-    else:
-        cols[2].metric("Speedup", f"×{decode['speedup']:.2f}", **common.speedup_delta(decode["speedup"]),
-                       help=f"Interquartile range of the paired ratios ×{decode['speedup_iqr'][0]:.2f}–×{decode['speedup_iqr'][1]:.2f}.")
+    cols[2].metric("Speedup", f"×{decode['speedup']:.2f}", **common.speedup_delta(decode["speedup"]),
+                   help=f"Interquartile range of the paired ratios ×{decode['speedup_iqr'][0]:.2f}–×{decode['speedup_iqr'][1]:.2f}.")
     cols[3].metric("Model bound", f"×{decode['bound']:.2f}", help="Dense weight bytes per token over sparse ones, with the "
                    f"share skipped in this run ({decode['weight_reads_skipped']:.1%}): the embedding lookup, norms and "
                    "output head are read in full either way.")
-    if decode["flag"]:
-        st.warning(f"This measurement is not a result: {decode['flag']}. Measure again with nothing else running.")
     limits = stakeholder_report.bandwidth_limits(decode)
     st.plotly_chart(stakeholder_report.speed_figure(decode["dense_tok_s"], decode["sparse_tok_s"], decode["bound"],
-                                                    None if decode["flag"] else decode["speedup"], limits),
+                                                    decode["speedup"], limits),
                     width="stretch", key="decode_chart")
     st.caption(f"The dotted lines are the memory-bandwidth limits: this machine's measured read bandwidth "
                f"({decode['bandwidth_gbs']:.0f} GB/s) over the weight bytes per token ({decode['weight_bytes_per_token'] / 1e6:.0f} MB "
                f"dense, {decode['sparse_weight_bytes_per_token'] / 1e6:.0f} MB sparse). Dense reaches "
                f"{decode['dense_fraction_of_limit']:.0%} of its limit, sparse {decode['sparse_fraction_of_limit']:.0%}; "
                "the rest is per-token overhead (docs/PERFORMANCE.md).")
-    st.caption(f"Measured for {current.setting}: {decode['model']}, dense path “{decode['dense_path']}”, "
-               f"plain HF {decode['plain_hf_tok_s'] or '—'} tok/s.")
-    common.table_with_download(pd.DataFrame([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in decode.items()}]),
-                               "decode_benchmark.csv")
+    st.caption(f"Measured for {current.setting} with the {decode['decoder']}: {decode['model']}, dense path "
+               f"“{decode['dense_path']}”, plain HF {decode['plain_hf_tok_s'] or '—'} tok/s.")
+if decode is not None or flagged is not None:
+    rows = [row for row in (decode, flagged) if row is not None]
+    common.table_with_download(pd.DataFrame([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
+                                             for row in rows]), "decode_benchmark.csv")

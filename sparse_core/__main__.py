@@ -76,6 +76,8 @@ def cmd_generate(args, model):
     for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, seed=args.seed, compiled=compiled):
         tokens.append(token)
+        if token.note:
+            print(f"\nnote: {token.note}", file=sys.stderr)
         if not args.json:
             print(token.text, end="", flush=True)
     result = generation.Generation("".join(t.text for t in tokens), tokens)

@@ -231,29 +231,37 @@ def _decode_key(model, spec, compiled: bool) -> str:
 
 
 def stored_decode(model, spec, compiled: bool = False) -> dict | None:
-    """The last decode measurement of this setting on this machine, if any."""
-    return _DECODES.load(_decode_key(model, spec, compiled))
+    """The setting's decode measurement on this machine, if one passed its flags (a flagged one is never the
+    setting's result)."""
+    found = _DECODES.load(_decode_key(model, spec, compiled))
+    return found if found is not None and not found.get("flag") else None
 
 
-def _step_seconds(model, prompt, spec, new_tokens: int, dense_route: str | None = None, compiled: bool = False) -> list[float]:
-    """Wall time of each decode step (the prefill step left out)."""
+def flagged_decode(model, spec, compiled: bool = False) -> dict | None:
+    """The last decode measurement of this setting when it was flagged and is newer than any valid one: what the
+    pages say instead of showing it."""
+    return _DECODES.load(_decode_key(model, spec, compiled) + "-flagged")
+
+
+def _steps(model, prompt, spec, new_tokens: int, dense_route: str | None = None, compiled: bool = False) -> list:
+    """The prefill's token, then `new_tokens` decode steps' tokens, each with its wall time."""
     from . import generate
-    steps = generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False,
-                            dense_route=dense_route, compiled=compiled)
-    return [token.seconds for token in steps][1:]
+    return list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False,
+                                dense_route=dense_route, compiled=compiled))
 
 
 def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = DECODE_REPEATS, plain=None,
                   progress: Progress | None = None, compiled: bool = False) -> dict:
     """Greedy decode tokens/s of `spec` against the fastest dense decode, equal steps, interleaved repeats; stored
-    as this setting's measurement.
+    as this setting's measurement when it passes its flags, else kept aside as the last flagged attempt.
 
     Dense candidates: "hf" (`plain`, the same model loaded with HF's own layout, when given), and this model's dense
     path through F.linear ("linear") or through the kernel with nothing skipped ("kernel"). Rates are 1 / the
     median step time over all runs; the speedup is the median of the paired per-run ratios (each run against the
     dense run beside it, so drift in the machine's pace cancels) and its spread their interquartile range. With
     `compiled`, this model's runs (dense and sparse alike) use the compiled step (fast_decode) where it supports the
-    model; plain HF stays HF's forward, the baseline the compiled step is measured against."""
+    model; plain HF stays HF's forward, the baseline the compiled step is measured against. A compiled measurement
+    whose steps fell back to eager decoding is flagged: it did not measure the compiled step."""
     from . import fast_decode, generate
     from .trace import SparsityCounter
 
@@ -264,21 +272,25 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     counter = SparsityCounter()  # measured in its own untimed run: observers cost time
     with torch.inference_mode():
         list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, observers=[counter], stop_at_eos=False))
-    runs = {"linear": lambda n: _step_seconds(model, prompt, None, n, "linear", compiled)}
+    runs = {"linear": lambda n: _steps(model, prompt, None, n, "linear", compiled)}
     if model.layout != "hf":
-        runs["kernel"] = lambda n: _step_seconds(model, prompt, None, n, "kernel", compiled)
+        runs["kernel"] = lambda n: _steps(model, prompt, None, n, "kernel", compiled)
     if plain is not None:
-        runs["hf"] = lambda n: _step_seconds(plain, generate.encode_prompt(plain, PROMPT), None, n)
-    runs["sparse"] = lambda n: _step_seconds(model, prompt, spec, n, compiled=compiled)
+        runs["hf"] = lambda n: _steps(plain, generate.encode_prompt(plain, PROMPT), None, n)
+    runs["sparse"] = lambda n: _steps(model, prompt, spec, n, compiled=compiled)
+    fallbacks = []  # why a compiled run decoded uncompiled
     for run in runs.values():
         run(4)  # warm-up, and the compiles
     steps = {name: [] for name in runs}
     per_repeat = {name: [] for name in runs}
     for done in range(repeats):
         for name, run in runs.items():
-            seconds = run(new_tokens)
+            tokens = run(new_tokens)
+            seconds = [token.seconds for token in tokens[1:]]
             steps[name] += seconds
             per_repeat[name].append(statistics.median(seconds))
+            if compiled and name != "hf" and not all(token.compiled for token in tokens[1:]):
+                fallbacks.append(next((token.note for token in tokens if token.note), "a step ran uncompiled"))
         if progress:
             progress(done + 1, repeats)
     timed = {name: Timing.of(s) for name, s in steps.items()}
@@ -291,6 +303,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     speedup = statistics.median(ratios)
     bandwidth = read_bandwidth_gbs(model.device.type)
     fraction = lambda t, weight_bytes: round(1e3 / t.median * weight_bytes / 1e9 / bandwidth, 3)
+    why_not_compiled = fallbacks[0] if fallbacks else None
     result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,
                   device=str(model.device), backend=ops.describe_backends(), method=spec.method if spec else "dense",
                   spec=spec.label if spec else "dense", new_tokens=new_tokens, repeats=repeats,
@@ -305,12 +318,18 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
                   weight_bytes_per_token=cost.dense_bytes, sparse_weight_bytes_per_token=cost.sparse_bytes,
                   bandwidth_gbs=bandwidth, dense_fraction_of_limit=fraction(dense, cost.dense_bytes),
                   sparse_fraction_of_limit=fraction(sparse, cost.sparse_bytes),
-                  decoder="compiled step" if compiled else "HF forward",
+                  decoder="compiled step" if compiled and not why_not_compiled else "HF forward" if not compiled
+                  else "uncompiled fallback",
                   compile_seconds=fast_decode.compile_seconds_on_record(fast, spec, len(prompt.ids) + new_tokens + 1)
                   if compiled else None,
-                  compile_failure=fast.compile_failure if compiled else None,
-                  flag=flag(speedup, cost.bound, dense, sparse))
-    return _DECODES.save(_decode_key(model, spec, compiled), result)
+                  compile_failure=why_not_compiled,
+                  flag=(f"not compiled: {why_not_compiled}" if why_not_compiled else None)
+                  or flag(speedup, cost.bound, dense, sparse))
+    key = _decode_key(model, spec, compiled)
+    if result["flag"]:
+        return _DECODES.save(key + "-flagged", result)
+    _DECODES.remove(key + "-flagged")
+    return _DECODES.save(key, result)
 
 
 # ---- command line ------------------------------------------------------------------------------------

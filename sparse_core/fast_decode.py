@@ -19,6 +19,7 @@ import dataclasses
 import os
 import threading
 import time
+import types
 import weakref
 
 import torch
@@ -35,7 +36,12 @@ from .store import DiskStore, cache_dir, digest
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 FAMILIES = ("llama", "mistral", "qwen2")
-CACHE_BUCKET = 256  # the KV cache holds a multiple of this many positions: one compiled shape per bucket
+# The KV cache holds a power of two of positions, CACHE_BUCKET at least: one compiled shape per bucket. Each variant's
+# step is its own code object (Decoder.step_function), and torch.compile counts recompiles per code object, so one
+# step holds at most log2(MAX_COMPILED_POSITIONS / CACHE_BUCKET) + 1 = 6 shapes, below dynamo's recompile limit (8).
+# Longer generations decode uncompiled (attention over the context dominates them anyway).
+CACHE_BUCKET = 256
+MAX_COMPILED_POSITIONS = 8192
 _COMPILE_SECONDS = DiskStore("compile_seconds")
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_MID = (GROUPS.index(g) for g in ("attn_in", "attn_out", "mlp_in", "mlp_mid"))
 
@@ -101,8 +107,9 @@ class Decoder:
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
+        self.failed: dict[str, str] = {}  # compile key -> why its compile failed: that shape then decodes eagerly
         self._lock = threading.Lock()
-        self.compile_failure: str | None = None
+        self._compiling: dict[str, threading.Lock] = {}  # one compile of a shape at a time; a second caller waits
 
     # ---- the spec as tensors ----------------------------------------------------------------------
     def setting(self, spec: SparsitySpec | None, dense_route: str | None = None) -> Setting:
@@ -215,13 +222,37 @@ class Decoder:
     # ---- compiled one-token step ------------------------------------------------------------------
     def step_function(self, variant: tuple[str, bool]):
         """The one-token step compiled for one variant (Setting.variant), once per process; each cache length is
-        then its own shape, and inductor keeps the compiled code on disk (use_inductor_cache)."""
+        then its own shape, and inductor keeps the compiled code on disk. Compiled from a copy of `forward` with its
+        own code object: dynamo keeps its compiled entries, and counts them against its recompile limit, per code
+        object, so variants, dtypes and models never add up to that limit."""
         with self._lock:
             if variant not in self._compiled:
                 cuda = self.model.device.type == "cuda"
-                self._compiled[variant] = torch.compile(self.forward, fullgraph=True, dynamic=False,
+                self._compiled[variant] = torch.compile(_own_code(self.forward), fullgraph=True, dynamic=False,
                                                         mode="reduce-overhead" if cuda else None)
             return self._compiled[variant]
+
+    def compiling(self, key: str) -> threading.Lock:
+        """Held while the step of compile key `key` compiles: a second caller waits for the first compile."""
+        with self._lock:
+            return self._compiling.setdefault(key, threading.Lock())
+
+    def why_eager(self, key: str, length: int) -> str | None:
+        """Why a compiled session of this shape decodes uncompiled from the start (one sentence), or None."""
+        if length > MAX_COMPILED_POSITIONS:
+            return (f"This generation needs a {length:,}-position cache, more than the {MAX_COMPILED_POSITIONS:,} the "
+                    "compiled step is built for, so it decodes uncompiled.")
+        if key in self.failed:
+            return f"This step's compile failed earlier ({self.failed[key]}), so it decodes uncompiled."
+        return None
+
+
+def _own_code(method):
+    """`method` as a new function on a copy of its code object (same behaviour, a code object of its own)."""
+    function = method.__func__
+    fresh = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                               function.__defaults__, function.__closure__)
+    return types.MethodType(fresh, method.__self__)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -255,12 +286,15 @@ def observable(observers) -> bool:
 
 
 def cache_length(max_positions: int) -> int:
-    return -(-max_positions // CACHE_BUCKET) * CACHE_BUCKET
+    """The KV cache's positions: the power of two that holds `max_positions`, CACHE_BUCKET at least."""
+    return max(CACHE_BUCKET, 1 << (max(max_positions, 1) - 1).bit_length())
 
 
 class Session:
     """One generation on the fast decoder: its own static KV cache, the prompt's prefill (eager: its length varies),
-    then one compiled step per token. Counters among `observers` receive what each pass skipped."""
+    then one compiled step per token. Counters among `observers` receive what each pass skipped. A compiled session
+    that cannot compile, or whose compiled step fails (a compiler error, a compile limit), decodes eagerly from there
+    on: `compiled` then says False and `note` says why in one sentence; other sessions are not affected."""
 
     def __init__(self, fast: Decoder, spec: SparsitySpec | None, max_positions: int, compiled: bool = True,
                  dense_route: str | None = None, observers=()):
@@ -271,46 +305,59 @@ class Session:
         with torch.inference_mode():  # like every tensor the steps see: the compiled graph is specialised on it
             self.caches = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(2 * model.num_layers)]
         self.setting = fast.setting(spec, dense_route)
-        self.compiled = compiled
-        self._step = fast.step_function(self.setting.variant) if compiled else fast.forward
         self._key = fast.shape_key(spec, max_positions, dense_route)
+        self.note = fast.why_eager(self._key, length) if compiled else None
+        self.failure: str | None = None  # the compiled step's error, when it failed in this session
+        self.compiled = compiled and self.note is None
+        self._step = fast.step_function(self.setting.variant) if self.compiled else fast.forward
         self.position = 0
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """The prompt's logits (eager: its length varies). Compiles the step first where this process has not run
         its shape yet, so the compile is paid here, before any decode step is timed."""
-        if self.compiled and not self.ready:
-            self._compile()
+        if not self.ready:
+            self.compile()
         tokens = torch.tensor(ids, device=self.fast.model.device)
         start = torch.tensor([self.position], device=tokens.device)
         return self._report(*self.fast.forward(tokens, start, self.caches, self.setting), len(ids))
 
     @torch.inference_mode()
-    def _compile(self) -> None:
+    def compile(self) -> None:
         """One compiled step at position 0 of this session's caches (the prefill then writes over it): a compile, or a
-        load from inductor's cache. The first compile on this machine is kept on record. A compile that fails means
-        eager steps, with the reason kept on the decoder."""
-        device = self.fast.model.device
-        began = time.perf_counter()
-        try:
-            self._step(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                       self.caches, self.setting)
-        except Exception as err:  # noqa: BLE001 - no compiler, an op the compiler refuses: any failure means eager
-            text = str(err).strip().splitlines()
-            self.fast.compile_failure = f"{type(err).__name__}: {text[0][:200] if text else ''}"
-            self.compiled, self._step = False, self.fast.forward
-            return
-        self.fast.shapes_run.add(self._key)
-        if _COMPILE_SECONDS.load(self._key) is None:
-            _COMPILE_SECONDS.save(self._key, {"seconds": round(time.perf_counter() - began, 2)})
+        load from inductor's cache, one caller at a time per shape. The first compile on this machine is kept on
+        record; a failed one is kept on the decoder, so later sessions of this shape decode eagerly at once."""
+        with self.fast.compiling(self._key):
+            if self.ready:  # another caller compiled it meanwhile
+                return
+            began = time.perf_counter()
+            device = self.fast.model.device  # two tensors: one passed twice would compile an aliased variant
+            self._run(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+            if self.failure:
+                self.fast.failed[self._key] = self.failure
+                return
+            self.fast.shapes_run.add(self._key)
+            if _COMPILE_SECONDS.load(self._key) is None:
+                _COMPILE_SECONDS.save(self._key, {"seconds": round(time.perf_counter() - began, 2)})
+
+    def _run(self, ids: torch.Tensor, start: torch.Tensor):
+        """The step, compiled while it works; after a failure eager, for the rest of this session."""
+        if self.compiled:
+            try:
+                return self._step(ids, start, self.caches, self.setting)
+            except Exception as err:  # noqa: BLE001 - no compiler, a refused op, a compile limit: all mean eager
+                text = str(err).strip().splitlines()
+                self.compiled, self._step = False, self.fast.forward
+                self.failure = f"{type(err).__name__}: {text[0][:160] if text else ''}"
+                self.note = f"The compiled step failed ({self.failure}), so this generation decodes uncompiled."
+        return self.fast.forward(ids, start, self.caches, self.setting)
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """The next token's logits."""
         device = self.fast.model.device
         ids, start = torch.tensor([token], device=device), torch.tensor([self.position], device=device)
-        return self._report(*self._step(ids, start, self.caches, self.setting), 1)
+        return self._report(*self._run(ids, start), 1)
 
     def _report(self, logits: torch.Tensor, skipped: torch.Tensor, tokens: int) -> torch.Tensor:
         self.position += tokens
@@ -324,7 +371,8 @@ class Session:
 
     @property
     def ready(self) -> bool:
-        """True when this step's shape already ran compiled in this process, so the first token will not wait."""
+        """True when the first step will not wait for a compile: its shape already ran compiled in this process, or
+        this session decodes eagerly."""
         return not self.compiled or self._key in self.fast.shapes_run
 
 
@@ -335,16 +383,22 @@ def compile_seconds_on_record(fast: Decoder, spec: SparsitySpec | None, max_posi
     return known["seconds"] if known else None
 
 
-def prepare(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> None:
-    """Compile (or load from the cache) now the step `generate.stream(..., compiled=True)` will run for this spec."""
+def prepare(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> str | None:
+    """Compile (or load from the cache) now the step `generate.stream(..., compiled=True)` will run for this spec;
+    None when it is ready compiled, else why that stream will decode uncompiled (one sentence)."""
     fast = decoder(model)
-    if fast is not None:
-        session = Session(fast, spec, max_positions, True, dense_route)
-        if not session.ready:
-            session._compile()
+    if fast is None:
+        return f"The compiled step does not cover this model: {unsupported(model)}."
+    session = Session(fast, spec, max_positions, True, dense_route)
+    if not session.ready:
+        session.compile()
+    return session.note
 
 
 def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> bool:
     """True when a compiled stream of this spec starts at once: its step ran in this process, or none is compiled."""
     fast = decoder(model)
-    return fast is None or fast.shape_key(spec, max_positions, dense_route) in fast.shapes_run
+    if fast is None:
+        return True
+    key = fast.shape_key(spec, max_positions, dense_route)
+    return key in fast.shapes_run or fast.why_eager(key, cache_length(max_positions)) is not None

@@ -15,6 +15,8 @@ from .spec import GROUPS
 GROUP_TITLES = {"attn_in": "Attention input (q, k, v)", "attn_out": "Attention output (o)",
                 "mlp_in": "MLP input (gate, up)", "mlp_mid": "MLP intermediate (down)"}
 MAX_TOKEN_TICKS = 64  # word labels that fit under a full-width chart; beyond this every n-th token is labelled
+# Plotly's toolbar floats over the top right ~30 px of a chart: a chart with titles at its top keeps them below it.
+TITLED_MARGIN = dict(t=80, b=10)
 SKIPPED_GREY = "#9ca3af"  # plot background, so the NaN (skipped) cells of the neuron view show as grey
 
 
@@ -59,7 +61,7 @@ def live_heatmaps(matrices: dict[str, np.ndarray], tokens: Sequence[str], height
                          row=row + 1, col=col + 1)
         figure.update_xaxes(token_axis(tokens, max_ticks=24), row=row + 1, col=col + 1)
         figure.update_yaxes(title_text="layer" if col == 0 else None, row=row + 1, col=col + 1)
-    figure.update_layout(height=height, margin=dict(t=40, b=10))
+    figure.update_layout(height=height, margin=TITLED_MARGIN)
     return figure
 
 

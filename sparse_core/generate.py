@@ -30,6 +30,8 @@ class Token:
     id: int
     text: str        # the new text this token adds (may be empty mid-way through a multi-byte character)
     seconds: float   # wall time of the forward pass that produced it
+    compiled: bool = False   # that pass ran the compiled step (fast_decode)
+    note: str | None = None  # set on the token where a compiled stream fell back to eager decoding: why
 
 
 def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_tokens: int = 0) -> Prompt:
@@ -52,23 +54,25 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     """Yield generated tokens. The spec is set only around each forward pass, never across a yield. `dense_route`
     overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES). `compiled`
     decodes with the compiled step of fast_decode where the model supports it (the prompt's prefill runs there
-    eagerly); observers that need every score keep HF's forward (fast_decode.observable says which do not)."""
+    eagerly); observers that need every score keep HF's forward (fast_decode.observable says which do not). Each
+    token says whether its pass ran compiled, and the one where the stream fell back to eager decoding says why."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
     if temperature < 0 or temperature != temperature:
         raise GenerationError(f"temperature must be 0 (greedy) or positive, got {temperature}.")
     model.check(spec)
     generator = torch.Generator().manual_seed(seed)
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     ids = torch.tensor([prompt.ids], device=model.device)
     fast = fast_decode.decoder(model) if compiled and fast_decode.observable(observers) else None
     session = fast and fast_decode.Session(fast, spec, len(prompt.ids) + max_new_tokens, True, dense_route, observers)
-    cache, produced, text_so_far = None, [], ""
+    cache, produced, text_so_far, note, noted = None, [], "", None, None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             start = time.perf_counter()
             if session is not None:
                 logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids))).float()
+                note, noted = (session.note if session.note != noted else None), session.note
             else:
                 with sparsity(spec, observers, dense_route):
                     out = model.model(ids, cache=cache, use_cache=True)
@@ -82,7 +86,7 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
             produced.append(next_id)
             text = model.tokenizer.decode(produced, skip_special_tokens=True)
             delta, text_so_far = text[len(text_so_far):], text
-            yield Token(next_id, delta, seconds)
+            yield Token(next_id, delta, seconds, session is not None and session.compiled, note)
             if stop_at_eos and next_id in eos:
                 return
             ids = torch.tensor([[next_id]], device=model.device)
@@ -115,6 +119,6 @@ def first_divergence(a: list[Token], b: list[Token]) -> int | None:
     return None
 
 
-def _eos_ids(model: SparseModel) -> set[int]:
+def eos_ids(model: SparseModel) -> set[int]:
     eos = getattr(model.model.generation_config, "eos_token_id", None) or model.tokenizer.eos_token_id
     return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())

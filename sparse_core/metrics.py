@@ -41,8 +41,20 @@ class Evaluation:
     def ppl_increase(self) -> float:
         return self.ppl_sparse / self.ppl_dense - 1.0
 
+    @property
+    def held_out_tokens(self) -> int:
+        """The text's tokens it read (QUALITY_TOKENS for the one measurement): each chunk predicts all but its first,
+        so `tokens` is one per chunk fewer. Every surface names this figure."""
+        return self.tokens + len(self.chunk_ppl_increase)
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def ppl_change(increase: float) -> str:
+    """A perplexity change as people read it, on every surface: a percentage up to doubling, a factor beyond
+    (×301, not +29953.3 %)."""
+    return f"{increase:+.1%}" if increase < 1.0 else f"×{increase + 1:.3g}"
 
 
 def measured(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int = QUALITY_TOKENS,

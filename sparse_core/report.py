@@ -118,18 +118,53 @@ def color_range(values: np.ndarray, low_percentile: float, high_percentile: floa
 
 
 # ---- time per layer of a decode step ------------------------------------------------------------------
+REST_DRIFT = 0.10  # the never-sparsified rest may differ this much between the runs before the timing is noisy
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBreakdown:
+    """Per-part decode step times, dense vs sparse, and why they are not a result (the decode benchmark's flags:
+    above the bound or too noisy, and the never-sparsified rest moving between the runs), or None."""
+    frame: pd.DataFrame  # part, dense_ms, sparse_ms (medians), dense_iqr_ms, sparse_iqr_ms
+    speedup: float       # the whole step, dense median over sparse median
+    bound: float         # 1/(1-s) for the share of weight reads the sparse run skipped
+    flag: str | None
+
+
 def decode_step_breakdown(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,
-                          new_tokens: int = 8) -> pd.DataFrame:
-    """Median wall time (ms) of each decoder layer over `new_tokens` decode steps, dense vs `spec`, timed with
-    forward hooks; "rest" is embedding, final norm, output head and sampling. The prefill step is left out."""
+                          new_tokens: int = 8, rounds: int = 3) -> StepBreakdown:
+    """Median wall time (ms) of each decoder layer over `rounds` x `new_tokens` decode steps, dense and `spec`
+    interleaved round by round (so drift in the machine's pace hits both alike), timed with forward hooks; "rest" is
+    embedding, final norm, output head and sampling. The prefill steps are left out. The bound comes from an untimed
+    run with a counter (observers cost time)."""
+    from . import bench, cost
+    counter = SparsityCounter()
+    list(generate.stream(model, prompt, spec, new_tokens + 1, stop_at_eos=False, observers=[counter]))
+    bound = cost.token_cost(model, counter.weighted(model.skippable_params(spec.method if spec else "dense"))).bound
+    runs = {"dense": None, "sparse": spec}
+    layers = {run: [[] for _ in range(model.num_layers)] for run in runs}
+    steps = {run: [] for run in runs}
+    for round_ in range(rounds):
+        for run in sorted(runs, reverse=bool(round_ % 2)):  # which goes first alternates
+            per_layer, seconds = _timed_layers(model, prompt, runs[run], new_tokens)
+            for index, times in enumerate(per_layer):
+                layers[run][index] += times[1:]
+            steps[run] += seconds[1:]
     columns = {}
-    for label, run_spec in (("dense_ms", None), ("sparse_ms", spec)):
-        per_layer, steps = _timed_layers(model, prompt, run_spec, new_tokens)
-        layer_ms = [statistics.median(t[1:] or t) * 1e3 for t in per_layer]
-        rest = statistics.median(steps[1:] or steps) * 1e3 - sum(layer_ms)
-        columns[label] = layer_ms + [max(rest, 0.0)]
-    parts = [f"layer {i}" for i in range(model.num_layers)] + ["rest"]
-    return pd.DataFrame({"part": parts, **columns})
+    for run in runs:
+        rest = [max(step - sum(parts), 0.0) for step, parts in zip(steps[run], zip(*layers[run]))]
+        timings = [bench.Timing.of(times) for times in layers[run]] + [bench.Timing.of(rest)]
+        columns[f"{run}_ms"] = [t.median for t in timings]
+        columns[f"{run}_iqr_ms"] = [t.q3 - t.q1 for t in timings]
+    frame = pd.DataFrame({"part": [f"layer {i}" for i in range(model.num_layers)] + ["rest"], **columns})
+    dense_step, sparse_step = (bench.Timing.of(steps[run]) for run in runs)
+    speedup = dense_step.median / sparse_step.median
+    flag = bench.flag(speedup, bound, dense_step, sparse_step)
+    rest_dense, rest_sparse = columns["dense_ms"][-1], columns["sparse_ms"][-1]
+    if flag is None and rest_dense > 0 and abs(rest_sparse / rest_dense - 1) > REST_DRIFT:
+        flag = (f"noisy: the never-sparsified rest took {rest_dense:.1f} ms dense and {rest_sparse:.1f} ms sparse "
+                "(the machine's pace moved between the runs)")
+    return StepBreakdown(frame.round(3), round(speedup, 3), round(bound, 3), flag)
 
 
 def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,

@@ -15,6 +15,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .figures import TITLED_MARGIN
+from .metrics import ppl_change
 from .models import cpu_name
 
 FIGURE_HEIGHT = "420px"  # a bare to_html div is sized 100% of a parent with no height; give each chart a real one
@@ -93,7 +95,7 @@ def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -
                             text=[f"{top1_agreement:.0%}"], textposition="outside"), row=1, col=2)
     figure.update_yaxes(range=[0, max(ppl_dense, ppl_sparse) * 1.2], row=1, col=1)
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
-    figure.update_layout(margin=dict(t=40, b=10), showlegend=False)
+    figure.update_layout(margin=TITLED_MARGIN, showlegend=False)
     return figure
 
 
@@ -122,7 +124,8 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
     if figures:
         body.append("<h2>Charts</h2>")
     for i, (chart_title, figure) in enumerate(figures.items()):
-        chart = figure.to_html(full_html=False, include_plotlyjs=i == 0, default_height=FIGURE_HEIGHT)
+        height = f"{figure.layout.height}px" if figure.layout.height else FIGURE_HEIGHT  # its own, or it is clipped
+        chart = figure.to_html(full_html=False, include_plotlyjs=i == 0, default_height=height)
         body.append(f"<section class='chart'><h3>{_esc(chart_title)}</h3>{chart}</section>")
     body += ["<h2>Machine</h2>", _table(machine)]
     return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
@@ -164,7 +167,7 @@ def _headline(h: dict) -> str:
         note = ""
     cards = [_card("Weight reads skipped", f"{h['weight_reads_skipped']:.1%}"), speed,
              _card("Speedup bound", f"×{h['bound']:.2f}", "1/(1−s): the most a memory-bound decoder can gain"),
-             _card("Perplexity change", f"{h['ppl_increase']:+.1%}", f"{h['ppl_dense']:.1f} → {h['ppl_sparse']:.1f}"),
+             _card("Perplexity change", ppl_change(h["ppl_increase"]), f"{h['ppl_dense']:.1f} → {h['ppl_sparse']:.1f}"),
              _card("Top-1 agreement", f"{h['top1_agreement']:.0%}", f"KL {h['kl']:.3f} nats")]
     return f"<div class='cards'>{''.join(cards)}</div>\n<p class='sentence'>{_esc(h['sentence'])}</p>{note}"
 

@@ -87,3 +87,6 @@ class DiskStore:
     def save(self, key: str, value: dict) -> dict:
         write_atomically(self.path(key), json.dumps(value))
         return value
+
+    def remove(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

@@ -2,15 +2,23 @@
 one background thread per model and kept on disk, so moving the slider shows a setting in seconds instead of
 recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the compiled decode steps
 (where the compiled step is on: dense and TEAL share one, CATS and top-k have their own), so a first Generate does
-not wait for a compile. Foreground work pauses it: a
-visitor's own calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew
-it)."""
+not wait for a compile.
+
+It yields by design. It works only while some visitor holds a lease on its model (`lease`, released when the visitor
+moves to another model or leaves), stops for good when its model is evicted (`stop`), and holds still between steps
+while any foreground work runs, on any model (`paused`): a visitor's own calibration runs at full speed, and nothing
+runs beside a timed measurement (a busy core would skew it). A compile cannot be interrupted once begun, so
+foreground work waits for one in flight (`compile_in_flight` says which, since when and for about how long).
+"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import queue
 import threading
+import time
+import weakref
 from typing import Iterator, Sequence
 
 from . import calibrate, fast_decode, metrics
@@ -20,10 +28,92 @@ from .spec import SparsitySpec
 GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slider's steps above 0
 _NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the compile and the grid
 COMPILE = "compile"  # queue items (COMPILE, method): compile that method's decode step for prompts of the usual length
+_POLL_S = 0.25  # how often a waiting thread looks again whether it was stopped or left without visitors
+
+
+class _Foreground:
+    """Foreground work in flight on any model (nested and concurrent holders allowed): every preparation waits."""
+
+    def __init__(self):
+        self.idle = threading.Event()
+        self.idle.set()
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self._holders += 1
+            self.idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self.idle.set()
+
+
+_FOREGROUND = _Foreground()
+
+
+def paused() -> contextlib.AbstractContextManager:
+    """Hold every background preparation at its next step while this block runs."""
+    return _FOREGROUND.held()
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiling:
+    """A compile in flight: what, since when (time.monotonic) and how long its first compile took here, if known."""
+    what: str
+    since: float
+    seconds_on_record: float | None
+
+    def describe(self) -> str:
+        elapsed = time.monotonic() - self.since
+        known = (f"; its first compile on this machine took {self.seconds_on_record:.0f} s, from the cache it takes seconds"
+                 if self.seconds_on_record else "; a first compile on this machine takes a minute or two")
+        return f"the background compile of the {self.what} (running for {elapsed:.0f} s{known})"
+
+
+_IN_FLIGHT: dict[int, Compiling] = {}  # id(Warmup) -> its compile in flight
+
+
+def compile_in_flight() -> Compiling | None:
+    """A background compile running now, on any model, if there is one."""
+    return next(iter(list(_IN_FLIGHT.values())), None)
+
+
+def wait_for_compiles(poll: float = _POLL_S) -> None:
+    """Until no background compile is in flight (each ends on its own; none can be interrupted)."""
+    while compile_in_flight() is not None:
+        time.sleep(poll)
+
+
+_EVERY: "weakref.WeakSet[Warmup]" = weakref.WeakSet()
+
+
+def stop_for(model: SparseModel) -> None:
+    """Stop every preparation of `model` (it was evicted: nobody can use what they would prepare)."""
+    for prepared in list(_EVERY):
+        if prepared.model is model:
+            prepared.stop()
+
+
+class Lease:
+    """One visitor's use of a preparation's model; `release` once, when the visitor moves on or leaves."""
+
+    def __init__(self, warmup: "Warmup"):
+        self._warmup, self._released = warmup, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._warmup._lease(-1)
 
 
 class Warmup:
-    """Calibrates and measures `methods` x `grid`, nearest to `first` first; `paused()` holds it between steps."""
+    """Calibrates and measures `methods` x `grid`, nearest to `first` first, while leased and not paused."""
 
     def __init__(self, model: SparseModel, methods: Sequence[str] = ("teal", "cats"), grid: Sequence[float] = GRID,
                  first: float = 0.25):
@@ -32,6 +122,10 @@ class Warmup:
         self.plan = [(method, target) for target in sorted(grid, key=lambda t: (abs(t - first), t)) for method in methods]
         self.done = 0  # of the plan
         self.error: str | None = None
+        self.stopped = False
+        self.doing: str | None = None  # what the thread works on now, for the page
+        self.measure_seconds: float | None = None  # how long its last quality measurement took
+        self._leases = 0
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         if fast_decode.compile_by_default(model):
@@ -39,16 +133,34 @@ class Warmup:
                 self._queue.put((_LATER, next(self._order), (COMPILE, method)))
         for item in self.plan:
             self._queue.put((_LATER, next(self._order), item))
-        self._idle = threading.Event()
-        self._idle.set()
-        self._holders = 0
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None  # alive while there is work queued
+        self._thread: threading.Thread | None = None  # alive while there is work queued, a lease and no stop
+        _EVERY.add(self)
+
+    def lease(self) -> Lease:
+        """A visitor uses this model: the preparation works (again) until every lease is released."""
+        self._lease(+1)
+        return Lease(self)
+
+    def _lease(self, change: int) -> None:
+        with self._lock:
+            self._leases += change
+        if change > 0:
+            self.start()
+
+    @property
+    def leased(self) -> bool:
+        return self._leases > 0
+
+    def stop(self) -> None:
+        """For good (the model was evicted): the thread ends after its current step."""
+        self.stopped = True
 
     def start(self) -> "Warmup":
         """Work through the queue in a background thread (one at a time; again after `request` adds work)."""
         with self._lock:
-            if self.error is None and self._thread is None and not self._queue.empty():
+            if (self.error is None and not self.stopped and self._leases > 0 and self._thread is None
+                    and not self._queue.empty()):
                 self._thread = threading.Thread(target=self._run, name="sparse-lab-warmup", daemon=True)
                 self._thread.start()
         return self
@@ -62,26 +174,21 @@ class Warmup:
         self._queue.put((_NOW, next(self._order), spec))
         self.start()
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Hold the warm-up at its next step while this block runs (nested and concurrent holders allowed)."""
-        with self._lock:
-            self._holders += 1
-            self._idle.clear()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holders -= 1
-                if self._holders == 0:
-                    self._idle.set()
-
     def wait(self, timeout: float | None = None) -> bool:
-        """Until the queue is worked through (then True when the whole plan is prepared) or `timeout` passes."""
+        """Until the thread ends (then True when the whole plan is prepared) or `timeout` passes."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
         return self.finished
+
+    def status(self) -> str:
+        """What the preparation is doing, for a visitor waiting on it (one clause)."""
+        if not _FOREGROUND.idle.is_set():
+            return "paused while a visitor generates or measures"
+        compiling = _IN_FLIGHT.get(id(self))
+        if compiling is not None:
+            return f"busy with {compiling.describe()}"
+        return self.doing or "starting"
 
     def _any_spec(self, method: str) -> SparsitySpec | None:
         """A spec of `method`, for its compiled step (the step's shape does not depend on the values): None for TEAL,
@@ -92,27 +199,59 @@ class Warmup:
             return self.model.topk_spec(0.25)
         return SparsitySpec.from_tables(method, self.model.dense_spec().values, self.model.fingerprint)
 
+    def _may_run(self) -> bool:
+        """Wait while foreground work runs; False when the thread should end instead (stopped, or no visitor)."""
+        while not _FOREGROUND.idle.wait(_POLL_S):
+            if self.stopped or not self.leased:
+                return False
+        return not self.stopped and self.leased
+
     def _step(self, done: int, total: int) -> None:
-        self._idle.wait()  # the engine reports progress between chunks: a pause takes effect there
+        if not self._may_run():  # the engine reports progress between chunks: a pause or a stop takes effect there
+            raise _Leave
+
+    def _compile(self, method: str) -> None:
+        spec = self._any_spec(method)
+        what = f"{'dense/TEAL' if method == 'teal' else method.upper()} decode step"
+        fast = fast_decode.decoder(self.model)
+        record = fast and fast_decode.compile_seconds_on_record(fast, spec, fast_decode.CACHE_BUCKET)
+        _IN_FLIGHT[id(self)] = Compiling(what, time.monotonic(), record)
+        try:
+            fast_decode.prepare(self.model, spec, fast_decode.CACHE_BUCKET)
+        finally:
+            _IN_FLIGHT.pop(id(self), None)
 
     def _run(self) -> None:
         while True:
-            self._idle.wait()  # before taking an item: what is requested during a pause goes first
-            with self._lock:  # deciding to stop and `start` deciding to start never interleave
-                try:
-                    priority, _, item = self._queue.get_nowait()
-                except queue.Empty:
-                    self._thread = None
+            self._may_run()  # waits out foreground work
+            with self._lock:  # deciding to end and `start` deciding to start never interleave
+                if self.stopped or not self.leased or self._queue.empty():
+                    self._thread = self.doing = None
                     return
+                priority, _, item = self._queue.get_nowait()
             try:
                 if isinstance(item, tuple) and item[0] == COMPILE:
-                    fast_decode.prepare(self.model, self._any_spec(item[1]), fast_decode.CACHE_BUCKET)
+                    self._compile(item[1])
                     continue
-                spec = item if isinstance(item, SparsitySpec) else calibrate.calibrate(self.model, *item, progress=self._step)
-                metrics.measured(self.model, spec, progress=self._step)
+                if isinstance(item, SparsitySpec):
+                    self.doing = f"measuring {item.label}'s quality"
+                    spec = item
+                else:
+                    self.doing = f"calibrating and measuring {item[0].upper()} {item[1]:.0%}"
+                    spec = calibrate.calibrate(self.model, *item, progress=self._step)
+                began = time.monotonic()
+                if metrics.stored(self.model, spec) is None:
+                    metrics.measured(self.model, spec, progress=self._step)
+                    self.measure_seconds = time.monotonic() - began
                 if priority == _LATER:
                     self.done += 1
+            except _Leave:  # stopped or left mid-step: the item goes back, for when a visitor returns
+                self._queue.put((priority, next(self._order), item))
             except Exception as err:  # noqa: BLE001 - a failed warm-up only means slower slider steps; say why
                 with self._lock:
-                    self.error, self._thread = f"{type(err).__name__}: {err}", None
+                    self.error, self._thread, self.doing = f"{type(err).__name__}: {err}", None, None
                 return
+
+
+class _Leave(Exception):
+    """Raised from a progress callback: the preparation was stopped or lost its last visitor mid-step."""

@@ -81,7 +81,7 @@ def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
         counter = SparsityCounter()
         session = fast_decode.Session(fast_decode.decoder(model), spec, 40, compiled=compiled, observers=[counter])
         runs[compiled] = ([session.prefill(ids[:6])] + [session.step(t) for t in ids[6:]], counter)
-        assert session.compiled == compiled and fast_decode.decoder(model).compile_failure is None
+        assert session.compiled == compiled and session.note is None
     for eager, compiled in zip(runs[False][0], runs[True][0]):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     assert runs[False][1].per_pass == runs[True][1].per_pass
@@ -114,7 +114,7 @@ def test_compiled_smollm2_matches_hf_decoding_and_records_its_compile(smollm2):
         counter = SparsityCounter()
         session = fast_decode.Session(fast_decode.decoder(smollm2), spec, len(prompt.ids) + 24, observers=[counter])
         got = torch.stack([session.prefill(list(prompt.ids))] + [session.step(t) for t in tokens[:-1]])
-        assert session.compiled and fast_decode.decoder(smollm2).compile_failure is None
+        assert session.compiled and session.note is None
         agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
         if spec is None or spec.method == "dense":
             assert agreement == 1.0 and (got - expected).abs().max() < 1e-3
@@ -141,5 +141,64 @@ def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch):
     session = fast_decode.Session(fast, spec, 40, compiled=True)
     ids = [3, 14, 15, 9, 2]
     logits = [session.prefill(ids[:3])] + [session.step(t) for t in ids[3:]]
-    assert not session.compiled and fast.compile_failure == "RuntimeError: no C++ compiler here"
+    assert not session.compiled and session.failure == "RuntimeError: no C++ compiler here"
+    assert session.note == "The compiled step failed (RuntimeError: no C++ compiler here), so this generation decodes uncompiled."
     torch.testing.assert_close(logits[-1], _hf_logits(model, ids, spec, SparsityCounter()), rtol=1e-4, atol=1e-5)
+    again = fast_decode.Session(fast, spec, 40, compiled=True)  # the same shape: eager from the start, not compiled again
+    assert not again.compiled and again.ready and "compile failed earlier (RuntimeError" in again.note
+    assert fast_decode.prepare(model, spec, 40) == again.note
+
+
+def test_more_shapes_and_methods_than_the_compile_limit_all_complete(monkeypatch):
+    """Four methods x four cache sizes is 16 compiled shapes, twice dynamo's recompile limit (8): each variant is its
+    own code object, so none reaches the limit, every generation runs compiled, and its tokens are the eager ones.
+    A generation longer than the compiled step's largest cache decodes eagerly and says so in one sentence."""
+    monkeypatch.setattr(fast_decode, "CACHE_BUCKET", 16)
+    monkeypatch.setattr(fast_decode, "MAX_COMPILED_POSITIONS", 128)
+    import torch._dynamo
+    assert torch._dynamo.config.recompile_limit == 8
+    model = _tiny("llama")
+    fast = fast_decode.decoder(model)
+    specs = _specs(model)
+    ids = torch.randint(0, VOCAB, (140,), generator=torch.Generator().manual_seed(1)).tolist()
+    shapes = 0
+    for positions in (12, 30, 60, 120):  # caches of 16, 32, 64, 128 positions
+        for method, spec in specs.items():
+            prompt = ids[:positions - 4]  # a different prompt length every time
+            runs = {}
+            for compiled in (True, False):
+                session = fast_decode.Session(fast, spec, positions, compiled=compiled)
+                runs[compiled] = [session.prefill(prompt)] + [session.step(t) for t in ids[positions - 4:positions - 1]]
+                assert session.compiled == compiled and session.note is None, (method, positions, session.note)
+            shapes += 1
+            for eager, compiled in zip(runs[False], runs[True]):
+                torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert shapes == 16 > torch._dynamo.config.recompile_limit
+    long = fast_decode.Session(fast, specs["teal"], 130, compiled=True)
+    assert not long.compiled and long.note == ("This generation needs a 256-position cache, more than the 128 the "
+                                               "compiled step is built for, so it decodes uncompiled.")
+    assert long.prefill(ids[:126]).shape == (VOCAB,)
+
+
+def test_a_compile_limit_hit_falls_back_for_that_generation_only(monkeypatch):
+    """Should a compile limit be reached anyway (here set to one shape per step), the generation that hits it
+    continues eagerly with its reason, and a later generation of a shape already compiled still runs compiled."""
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = _tiny("mistral")
+    fast = fast_decode.decoder(model)
+    spec = _specs(model)["topk"]
+    first = fast_decode.Session(fast, spec, 40)
+    first.prefill([1, 2, 3])
+    first.step(4)
+    assert first.compiled
+    second = fast_decode.Session(fast, spec, 300)  # another cache size: one compiled shape too many
+    logits = [second.prefill([1, 2, 3])] + [second.step(t) for t in (4, 5)]
+    assert not second.compiled and "RecompileLimit" in second.note and second.note.endswith("decodes uncompiled.")
+    eager = fast_decode.Session(fast, spec, 300, compiled=False)
+    expected = [eager.prefill([1, 2, 3])] + [eager.step(t) for t in (4, 5)]
+    torch.testing.assert_close(torch.stack(logits), torch.stack(expected), rtol=1e-4, atol=1e-5)
+    third = fast_decode.Session(fast, spec, 40)
+    third.prefill([1, 2, 3])
+    third.step(4)
+    assert third.compiled and third.note is None

@@ -121,5 +121,25 @@ def test_per_layer_frame_and_decode_breakdown(tiny):
     assert list(frame.columns) == ["layer", "skipped", *GROUPS] and 0 < frame["skipped"][0] < 1
 
     breakdown = report.decode_step_breakdown(tiny, prompt, _teal(tiny, 0.05), new_tokens=3)
-    assert list(breakdown["part"]) == ["layer 0", "rest"]
-    assert (breakdown[["dense_ms", "sparse_ms"]] > 0).all().all()
+    assert list(breakdown.frame["part"]) == ["layer 0", "rest"]
+    assert (breakdown.frame[["dense_ms", "sparse_ms"]] > 0).all().all()
+    assert (breakdown.frame[["dense_iqr_ms", "sparse_iqr_ms"]] >= 0).all().all()
+    assert 1.0 <= breakdown.bound < 2.0
+
+
+def test_a_layer_timing_above_its_bound_or_with_a_moving_rest_is_flagged(tiny, monkeypatch):
+    """The same guards as the decode benchmark: a whole-step speedup above 1.05 x its bound is not a result, and
+    neither is one whose never-sparsified rest changed between the runs (the machine's pace moved)."""
+    prompt = generate.Prompt((1, 2, 3), 0)
+    spec = _teal(tiny, 0.05)
+    pace = {"dense": (0.005, 0.005), "sparse": (0.002, 0.002)}  # (layer, rest) seconds: sparse 2.5x faster overall
+
+    def timed(model, prompt, run_spec, new_tokens):
+        layer, rest = pace["dense" if run_spec is None else "sparse"]
+        return [[layer] * (new_tokens + 1)], [layer + rest] * (new_tokens + 1)
+    monkeypatch.setattr(report, "_timed_layers", timed)
+    assert report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag.startswith("invalid")
+    pace["sparse"] = (0.0065, 0.004)  # slower overall, but the rest no sparsity touches moved by 20 %
+    assert "never-sparsified rest" in report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag
+    pace["sparse"] = (0.0049, 0.005)  # the layer a little faster, the rest the same: a result
+    assert report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag is None
