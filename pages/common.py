@@ -150,14 +150,16 @@ def prepare_ahead(model: models.SparseModel) -> warmup.Warmup | None:
 
 
 @contextlib.contextmanager
-def foreground() -> Iterator[None]:
+def foreground(notice=None) -> Iterator[None]:
     """Work a visitor waits for, or that is timed: every background preparation holds still meanwhile, and a
-    background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it is."""
+    background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it is (in
+    `notice`, a placeholder beside the button that asked, when given)."""
     with warmup.paused():
         compiling = warmup.compile_in_flight()
         if compiling is not None:
-            with st.spinner(f"Waiting for {compiling.describe()} to finish first: a compile cannot be interrupted, "
-                            "and nothing is timed beside one…", show_time=True):
+            with (notice.container() if notice else contextlib.nullcontext()), st.spinner(
+                    f"Waiting for {compiling.describe()} to finish first: a compile cannot be interrupted, and "
+                    "nothing is timed beside one…", show_time=True):
                 warmup.wait_for_compiles()
         yield
 

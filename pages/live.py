@@ -135,7 +135,9 @@ def report_html(result: Result) -> str:
     flagged = bench.flagged_decode(model, spec, result.compiled)
     setting = dict(model=model.name, method=result.method, spec=result.name, target=_uniform_target(spec),
                    dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type,
-                   decoder="compiled step" if result.ran_compiled else "uncompiled step" if result.compiled else "HF forward")
+                   decoder="compiled step" if result.ran_compiled else "uncompiled step" if result.compiled else "HF forward",
+                   generation=(f"Partial result: stopped after {len(result.tokens['sparse'])} sparse and "
+                               f"{len(result.tokens['dense'])} dense tokens" if result.partial else "complete"))
     headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound, ppl_dense=quality.ppl_dense,
                     ppl_sparse=quality.ppl_sparse, ppl_increase=quality.ppl_increase,
                     top1_agreement=quality.top1_agreement, kl=quality.kl,

@@ -18,11 +18,13 @@ def _use_preset() -> None:
     st.session_state.prompt = common.PRESETS[st.session_state.preset]
 
 
-def _generate(current: common.Settings, prompt_text: str, panes: dict, view: live.LiveView | None) -> live.Result | None:
+def _generate(current: common.Settings, prompt_text: str, panes: dict, view: live.LiveView | None,
+              notice) -> live.Result | None:
     """Interleave the dense and the sparse stream one token at a time: the text panes update every token, the live
     view between forward passes (never inside the timed ones). Both runs carry a SparsityCounter, so observer
     overhead is the same on both sides of the speed comparison. The result is saved before the compile and after
-    every token, so a Stop at any point finds it."""
+    every token, so a Stop at any point finds it. What it waits for first (a compile) shows in `notice`, under the
+    Generate button."""
     model = current.model
     try:
         prompt = generate.encode_prompt(model, prompt_text, max_new_tokens=current.max_new_tokens)
@@ -33,9 +35,9 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
     result = live.Result(model, prompt, prompt_text, {run: [] for run in RUNS}, current.spec, current.method,
                          current.name, current.setting, counters["sparse"], current.compiled)
     st.session_state.generation = result
-    with common.foreground():
+    with common.foreground(notice):
         if current.compiled:
-            result.notes += _compile_both(current, prompt)
+            result.notes += _compile_both(current, prompt, notice)
         streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
                                         observers=(counters[run],), compiled=current.compiled)
                    for run, spec in zip(RUNS, (None, current.spec))}
@@ -45,7 +47,7 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
     return result
 
 
-def _compile_both(current: common.Settings, prompt) -> list[str]:
+def _compile_both(current: common.Settings, prompt, notice) -> list[str]:
     """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it;
     why a run will decode uncompiled, if one will."""
     positions = len(prompt.ids) + current.max_new_tokens
@@ -57,7 +59,7 @@ def _compile_both(current: common.Settings, prompt) -> list[str]:
         known = [seconds for seconds in on_record if seconds is not None]
         estimate = (f"the first compile of these took {sum(known):.0f} s on this machine; from the cache it takes seconds"
                     if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
-        with st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the compile in progress "
+        with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the compile in progress "
                         "ends…", show_time=True):
             notes = [fast_decode.prepare(current.model, spec, positions) for spec in waiting]
     return [note for note in dict.fromkeys(notes) if note]
@@ -180,6 +182,7 @@ prompt_text = st.text_area("Prompt", common.PRESETS["Chat question"], key="promp
 buttons = st.columns([1, 1, 3])
 clicked = buttons[0].button("Generate", type="primary")
 buttons[1].button("Stop", key="stop", help="Stops a running generation; what it made so far is kept, marked partial.")
+notice = st.empty()  # what a Generate waits for before its first token, right under the button
 live_on = buttons[2].toggle("Live charts", value=True, key="live_charts",
                             help="Draw the heatmap and the running rates while tokens stream (redrawn at most every "
                                  f"{live.DRAW_EVERY_S * 1000:.0f} ms, between forward passes). Off: drawn once at the end.")
@@ -195,7 +198,7 @@ for run, column in columns.items():
 st.subheader("Live: where the sparse run skips, token by token")
 view = live.LiveView()
 if clicked:
-    fresh = _generate(current, prompt_text, panes, view if live_on else None)
+    fresh = _generate(current, prompt_text, panes, view if live_on else None, notice)
     if fresh is not None:
         result = fresh
 if result is None:

@@ -61,20 +61,25 @@ def watch_sweep() -> None:
     st.button("Stop sweep", key="stop_sweep", on_click=running.stop)  # before this run: its bar says so at once
 
 
-if job is not None and job.running:
-    watch_sweep()
-    st.stop()
-if job is not None and st.session_state.get("sweep_from") is not job:  # collect the outcome once
+running = job is not None and job.running
+if running:
+    watch_sweep()  # the previous sweep's charts stay below while this one runs
+elif job is not None and st.session_state.get("sweep_from") is not job:  # collect the outcome once
     st.session_state.sweep_from = job
-    st.session_state.sweep_on = common.model_setting(job.model)
     if job.state == "finished":
         st.session_state.sweep, st.session_state.sweep_note = job.frame, None
-    elif job.state == "stopped":
+        st.session_state.sweep_on = common.model_setting(job.model)
+    elif job.state == "stopped" and len(job.frame):
         st.session_state.sweep = job.frame
-        st.session_state.sweep_note = (f"Partial sweep: stopped after {len(job.frame)} of {job.planned} points."
-                                       if len(job.frame) else "Sweep stopped before its first point was finished.")
+        st.session_state.sweep_on = common.model_setting(job.model)
+        st.session_state.sweep_note = f"Partial sweep: stopped after {len(job.frame)} of {job.planned} points."
 if job is not None and job.state == "failed":
     st.error(job.error)
+if job is not None and job.state == "stopped" and not len(job.frame):
+    st.info("The sweep was stopped before its first point was finished"
+            + ("; the charts below are the previous sweep." if st.session_state.get("sweep") is not None else "."))
+if running and st.session_state.get("sweep") is not None:
+    st.caption("Below: the previous sweep, until this one finishes.")
 if st.session_state.get("sweep_note"):
     st.warning(st.session_state.sweep_note)
 

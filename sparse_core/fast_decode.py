@@ -328,7 +328,10 @@ class Session:
         load from inductor's cache, one caller at a time per shape. The first compile on this machine is kept on
         record; a failed one is kept on the decoder, so later sessions of this shape decode eagerly at once."""
         with self.fast.compiling(self._key):
-            if self.ready:  # another caller compiled it meanwhile
+            if self._key in self.fast.failed:  # another caller's compile of this shape failed meanwhile
+                self.compiled, self._step = False, self.fast.forward
+                self.note = self.fast.why_eager(self._key, self.caches[0].shape[1])
+            if self.ready:  # or compiled it meanwhile
                 return
             began = time.perf_counter()
             device = self.fast.model.device  # two tensors: one passed twice would compile an aliased variant

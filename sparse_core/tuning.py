@@ -139,14 +139,15 @@ def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text
     ids = calibration.token_chunks(model, text, tokens)[0]
     _check(cancel)
     histogram = None if method == "topk" else calibration.score_histograms(
-        model, method, text, chunk_tokens=HISTOGRAM_CHUNK_TOKENS, progress=lambda done, _: report(done, total))
+        model, method, text, chunk_tokens=HISTOGRAM_CHUNK_TOKENS, progress=lambda done, _: _check(cancel) or report(done, total))
     report(chunks, total)  # also when the histogram was cached
     tables = greedy_targets(model, method, targets, ids, histogram, step,
                             lambda done, _: report(chunks + done, total), cancel)
     specs = {}
     for done, (t, table) in enumerate(tables.items(), chunks + model.num_layers + 1):
         _check(cancel)
-        specs[t] = calibration.calibrate(model, method, table, text=text).with_provenance(allocation="greedy", target=f"{t:g}")
+        specs[t] = calibration.calibrate(model, method, table, text=text,
+                                         progress=lambda *_: _check(cancel)).with_provenance(allocation="greedy", target=f"{t:g}")
         report(done, total)
     return specs
 
@@ -191,8 +192,10 @@ def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[f
         offset += method_steps
     for done, (method, allocation, target) in enumerate(plan, 1):
         _check(cancel)
-        spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(model, method, target)
-        result = measured(model, spec, text=text, max_tokens=max_tokens)
+        between_chunks = lambda done, total: _check(cancel)  # a Stop takes effect within a chunk, not a point
+        spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(
+            model, method, target, progress=between_chunks)
+        result = measured(model, spec, text=text, max_tokens=max_tokens, progress=between_chunks)
         point = SweepPoint(method, allocation, target, result.ppl_dense, result.ppl_sparse,
                            result.ppl_sparse / result.ppl_dense, result.kl, result.top1_agreement,
                            result.achieved_sparsity, result.weight_reads_skipped, result.bound)

@@ -140,12 +140,12 @@ def test_the_compiled_step_toggle_generates_the_same_text_and_says_so():
 
 
 def test_the_report_download_is_one_offline_html_file_of_the_generation(tmp_path):
-    from pages import live
     at = _generate(_ok(_app()))
     assert any(b.label == "Download report" for b in at.get("download_button"))
     generation = at.session_state["generation"]
+    assert generation.report is not None  # built in the page run, not on click
     path = tmp_path / "report.html"
-    path.write_text(live.report_html(generation), encoding="utf-8")  # what the button hands the browser
+    path.write_text(generation.report, encoding="utf-8")  # what the button hands the browser
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot(") == 3  # heatmap, speed, quality
     assert "<script src=" not in page and "<link" not in page  # nothing to fetch: opens offline
@@ -167,20 +167,41 @@ def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_
     from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)  # the page passes these at call time: a short measurement
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
+    monkeypatch.setattr(bench, "flag", lambda *args: None)  # a valid measurement (the flags have tests of their own)
     shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)  # the tests' own cache (conftest): measure anew
     at = _ok(_app(target=0.35))
     assert _metric(at, "Decode speedup") == "—"
-    assert any(m.value.endswith("decode speed not measured yet.") for m in at.markdown)
+    assert any(m.value.endswith("no valid decode measurement yet, so no speedup is claimed.") for m in at.markdown)
     next(b for b in at.button if b.label == "Measure decode speed").click()
     _ok(at.run())
     shown = _metric(at, "Decode speedup")
-    flagged = [w.value for w in at.warning if w.value.startswith("The last decode measurement of this setting is not shown")]
-    assert (shown.startswith("×") and not flagged) or (shown == "—" and flagged)
+    assert shown.startswith("×") and not at.warning
     headline = next(m.value for m in at.markdown if m.value.startswith("Skips "))
-    assert (f"{shown} " in headline) if not flagged else "no speedup is claimed" in headline
+    assert f"{shown} " in headline
     _ok(at.switch_page("pages/speedup.py").run())
     assert _metric(at, "Speedup") == shown  # the same stored measurement on both pages
     assert any(c.value.startswith("Measured for TEAL thresholds at 35% · float32") for c in at.caption)
+
+
+def test_a_flagged_decode_measurement_is_said_and_never_drawn(monkeypatch):
+    """A measurement on a busy machine is flagged: the headline claims no speedup, the Speedup page draws no bars
+    and says why, and the table keeps the raw figures with the flag."""
+    from sparse_core import bench, store
+    monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
+    monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
+    noisy = "noisy: interquartile range 40% of the median (the machine was busy)"
+    monkeypatch.setattr(bench, "flag", lambda *args: noisy)
+    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
+    at = _ok(_app(target=0.4))
+    next(b for b in at.button if b.label == "Measure decode speed").click()
+    _ok(at.run())
+    assert _metric(at, "Decode speedup") == "—"
+    assert [w.value for w in at.warning] == [f"The last decode measurement of this setting is not shown as a result: {noisy}."]
+    assert any(m.value.endswith("no speedup is claimed.") for m in at.markdown if m.value.startswith("Skips "))
+    _ok(at.switch_page("pages/speedup.py").run())
+    assert not [m for m in at.metric if m.label == "Speedup"] and not _figures(at)
+    assert any(w.value.startswith(f"The last measurement of this setting is not a result: {noisy}") for w in at.warning)
+    assert at.dataframe[-1].value.iloc[0]["flag"] == noisy
 
 
 def test_user_errors_are_one_sentence_and_the_app_keeps_running():
@@ -256,9 +277,11 @@ def test_heatmaps_page_opens_with_charts_on_first_visit():
 
 
 def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
-    from sparse_core import bench, store
+    from sparse_core import bench, report, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
+    monkeypatch.setattr(bench, "flag", lambda *args: None)  # every timing valid: the page draws them all
+    monkeypatch.setattr(report, "REST_DRIFT", float("inf"))
     shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
     _ok(at.switch_page("pages/speedup.py").run())
@@ -278,6 +301,7 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     layers = at.dataframe[1].value
     assert len(layers) == 31 and (layers[["dense_ms", "sparse_ms"]] >= 0).all().all()
     assert "Produced by: top-k at 30% · float32 · inputs layout · cpu." in [c.value for c in at.caption]
+    assert any(c.value.startswith("Whole step: ") and "bound ×" in c.value for c in at.caption)
 
     assert at.info and at.info[-1].value.startswith("Not measured for this setting yet")
     next(b for b in at.button if b.label == "Measure tokens/s").click()
@@ -349,7 +373,7 @@ def _until_the_sweep_ends(at: AppTest, timeout: float = 300) -> AppTest:
 
 def test_a_sweep_runs_beside_clicks_and_stops_with_its_finished_points(monkeypatch):
     """The sweep runs in the background: a rerun from another widget leaves it running with its progress shown;
-    "Stop sweep" ends it at its next step, and the points finished so far are drawn and labelled partial, uncached."""
+    "Stop sweep" ends it within the point it is measuring, and the points finished so far are drawn and labelled partial, uncached."""
     import threading
     import time
     from sparse_core import tuning
@@ -359,6 +383,7 @@ def test_a_sweep_runs_beside_clicks_and_stops_with_its_finished_points(monkeypat
     def held(model, spec, **kwargs):  # the second point waits until the test has clicked around and pressed Stop
         if measured_calls:
             release.wait(timeout=300)
+            kwargs["progress"](1, 4)  # its first chunk done: a Stop takes effect here, inside the point
         measured_calls.append(spec)
         return real_measured(model, spec, **kwargs)
     monkeypatch.setattr(tuning, "measured", held)
@@ -393,11 +418,50 @@ def test_a_sweep_runs_beside_clicks_and_stops_with_its_finished_points(monkeypat
         release.set()
     _until_the_sweep_ends(at)
     assert job.state == "stopped" and not job.running
-    assert [w.value for w in at.warning] == ["Partial sweep: stopped after 2 of 6 points."]
+    assert [w.value for w in at.warning] == ["Partial sweep: stopped after 1 of 6 points."]
     table = at.dataframe[0].value
     assert 0 < len(table) == len(job.points) < job.planned and table.partial.all()
     assert len(at.get("plotly_chart")) == 2
     assert set(tuning._SWEEPS) == cached_before  # asked again, a partial sweep is computed again
+
+
+def test_the_previous_sweep_stays_drawn_while_a_new_one_runs_and_after_it_is_stopped_empty(monkeypatch):
+    import threading
+    from sparse_core import tuning
+    at = _ok(_app())
+    _ok(at.switch_page("pages/quality.py").run())
+    at.multiselect[0].set_value(["top-k"])
+    at.multiselect[2].set_value([0.3])
+    at.select_slider[0].set_value(256)
+    next(b for b in at.button if b.label == "Run sweep").click()
+    _until_the_sweep_ends(_ok(at.run()))
+    first = at.dataframe[0].value
+    assert len(first) == 1 and len(at.get("plotly_chart")) == 2
+
+    release = threading.Event()
+    real_measured = tuning.measured
+
+    def held(model, spec, **kwargs):  # the new sweep's first point waits for the Stop
+        release.wait(timeout=300)
+        kwargs["progress"](1, 4)
+        return real_measured(model, spec, **kwargs)
+    monkeypatch.setattr(tuning, "measured", held)
+    try:
+        at.multiselect[2].set_value([0.45])
+        next(b for b in at.button if b.label == "Run sweep").click()
+        _ok(at.run())
+        assert at.session_state["sweep_job"].running
+        assert "Below: the previous sweep, until this one finishes." in [c.value for c in at.caption]
+        assert len(at.get("plotly_chart")) == 2 and at.dataframe[0].value.equals(first)
+        next(b for b in at.button if b.label == "Stop sweep").click()
+        _ok(at.run())
+    finally:
+        release.set()
+    _until_the_sweep_ends(at)
+    assert at.session_state["sweep_job"].state == "stopped"
+    assert [i.value for i in at.info] == ["The sweep was stopped before its first point was finished; the charts "
+                                          "below are the previous sweep."]
+    assert len(at.get("plotly_chart")) == 2 and at.dataframe[0].value.equals(first)
 
 
 def test_a_failed_sweep_says_why_in_one_sentence(monkeypatch):

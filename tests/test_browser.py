@@ -131,6 +131,17 @@ def _slide(page, label: str, keys: list[str], accept) -> str:
     return slider.input_value()
 
 
+def _download_report(page, name: str) -> str:
+    """Press "Download report" and read the file the browser saves (it must come, every time)."""
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Download report").click()
+    path = ARTIFACTS / name
+    download.value.save_as(path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.count("Plotly.newPlot(") == 3
+    return text
+
+
 def test_every_page_in_a_real_browser(server, browser, page):
     page.goto(server)
     _metric(page, "Perplexity change").wait_for(timeout=FIRST_LOAD_MS)  # TEAL 25 % calibrated, its quality measured
@@ -173,14 +184,10 @@ def test_every_page_in_a_real_browser(server, browser, page):
     assert len(texts) == 2 and all(t.strip() for t in texts)
     page.screenshot(path=ARTIFACTS / "live_heatmap_end.png", full_page=True)
 
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Download report").click()
-    report = ARTIFACTS / "report.html"
-    download.value.save_as(report)
-    text = report.read_text(encoding="utf-8")
-    assert text.startswith("<!DOCTYPE html>") and "top-k at 30%" in text and text.count("Plotly.newPlot(") == 3
+    report = _download_report(page, "report.html")
+    assert "top-k at 30%" in report and PRESETS["A story"] in report and "<|im_start|>" not in report
     opened = browser.new_page()  # a second tab: the file itself, offline
-    opened.goto(report.as_uri())
+    opened.goto((ARTIFACTS / "report.html").as_uri())
     expect(opened.locator(".js-plotly-plot")).to_have_count(3)
     opened.screenshot(path=ARTIFACTS / "report_opened.png", full_page=True)
     opened.close()
@@ -193,7 +200,13 @@ def test_every_page_in_a_real_browser(server, browser, page):
     page.get_by_text("Partial result: the run was stopped after").wait_for()
     _settle(page)
     assert len(page.locator(".generated").all_inner_texts()[1]) > 0  # what it made is kept
+    assert "Partial result" in _download_report(page, "report_partial.html")  # the second generation's report
     assert 1 < int(_slide(page, "Max new tokens", ["Home"] + ["ArrowRight"] * 7, lambda v: 1 < int(v) <= 10)) <= 10
+    page.get_by_label("Prompt").fill(PRESETS["Translation"])  # a third generation, and its report
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("Produced by: top-k at 30%").wait_for()
+    _settle(page)
+    assert PRESETS["Translation"] in _download_report(page, "report_third.html")
 
     page.locator("[data-testid=stSidebarNav] a", has_text="Heatmaps").click()
     page.get_by_role("heading", name="Heatmaps").wait_for()
