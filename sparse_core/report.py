@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import threading
 import time
 from collections import defaultdict
 from typing import Sequence
@@ -174,13 +175,17 @@ def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: Spar
     seconds: dict[int, list[float]] = defaultdict(list)
     device = model.device
 
+    timing = threading.get_ident()  # the model is shared: other visitors' passes run these hooks too, and are not timed
+
     def start(index: int) -> None:
-        models.synchronize(device)  # on a GPU the work queued before this layer is not its time
-        started[index] = time.perf_counter()
+        if threading.get_ident() == timing:
+            models.synchronize(device)  # on a GPU the work queued before this layer is not its time
+            started[index] = time.perf_counter()
 
     def stop(index: int) -> None:
-        models.synchronize(device)
-        seconds[index].append(time.perf_counter() - started[index])
+        if threading.get_ident() == timing:
+            models.synchronize(device)
+            seconds[index].append(time.perf_counter() - started[index])
 
     handles = []
     for index, block in enumerate(blocks):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable, Iterator, Sequence
@@ -293,6 +294,7 @@ def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[fl
             job.error = str(err)
             job.state = "failed"
         except Exception as err:  # noqa: BLE001 - the thread has no one to raise to: the page shows one sentence
+            logging.getLogger(__name__).exception("sweep failed")  # the traceback goes to the server's log only
             job.error = f"The sweep failed ({type(err).__name__}: {err})."
             job.state = "failed"
 
