@@ -1,8 +1,8 @@
 """Settings prepared before the visitor asks: every slider step's calibration and quality measurement, computed in
 one background thread per model and kept on disk, so moving the slider shows a setting in seconds instead of
-recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the compiled decode steps
-(where the compiled step is on: dense and TEAL share one, CATS and top-k have their own), so a first Generate does
-not wait for a compile.
+recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the default setting, then
+the compiled decode steps (where the compiled step is on: dense and TEAL share one, CATS and top-k have their own),
+so a first Generate does not wait for a compile.
 
 It yields by design. It works only while some visitor holds a lease on its model (`lease`, released when the visitor
 moves to another model or leaves), stops for good when its model is evicted (`stop`), and holds still between steps
@@ -128,10 +128,9 @@ class Warmup:
         self._leases = 0
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        if fast_decode.compile_by_default(model):
-            for method in dict.fromkeys(("teal", *methods, "topk")):
-                self._queue.put((_LATER, next(self._order), (COMPILE, method)))
-        for item in self.plan:
+        compiles = [(COMPILE, method) for method in dict.fromkeys(("teal", *methods, "topk"))
+                    if fast_decode.compile_by_default(model)]
+        for item in self.plan[:1] + compiles + self.plan[1:]:  # the default setting is the first a visitor sees
             self._queue.put((_LATER, next(self._order), item))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None  # alive while there is work queued, a lease and no stop

@@ -45,7 +45,7 @@ def test_a_requested_setting_is_measured_first_and_after_the_plan(smollm2, tmp_p
     assert order[-1] == "TOPK 45%" and metrics.stored(smollm2, later) is not None
 
 
-def test_the_compiled_step_is_prepared_after_the_requested_setting_and_before_the_grid(smollm2, tmp_path, monkeypatch):
+def test_the_compiled_step_is_prepared_after_the_requested_and_the_default_setting_and_before_the_grid(smollm2, tmp_path, monkeypatch):
     """Where the compiled step is on (the app's default), the first Generate should not wait for its compile."""
     from sparse_core import fast_decode
     monkeypatch.setenv("SPARSE_LAB_COMPILE", "1")
@@ -61,7 +61,7 @@ def test_the_compiled_step_is_prepared_after_the_requested_setting_and_before_th
         prepared.request(calibrate.calibrate(smollm2, "topk", 0.3))
     assert prepared.wait(timeout=600) and prepared.done == 2
     steps = [("compile", method, fast_decode.CACHE_BUCKET) for method in (None, "cats", "topk")]  # TEAL's is dense's
-    assert order == ["TOPK 30%", *steps, "TEAL 20%", "CATS 20%"]
+    assert order == ["TOPK 30%", "TEAL 20%", *steps, "CATS 20%"]  # the request, the default setting, the compiles
     monkeypatch.setenv("SPARSE_LAB_COMPILE", "0")
     assert not [item for _, _, item in warmup.Warmup(smollm2)._queue.queue if item[0] == warmup.COMPILE]
 
