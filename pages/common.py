@@ -145,17 +145,17 @@ def prepare_ahead(model: models.SparseModel) -> warmup.Warmup | None:
         return None
     key = (*model_key(model), id(model))  # a model loaded again after an eviction gets a new preparation
     prepared = _warmup(model, key)
-    _visitor_lease(prepared, key)
+    _visitor_lease(prepared, (*key, id(prepared)))  # a new preparation of the same model takes a new lease
     return prepared
 
 
 @contextlib.contextmanager
-def foreground(notice=None) -> Iterator[None]:
-    """Work a visitor waits for, or that is timed: every background preparation holds still meanwhile, and a
-    background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it is (in
-    `notice`, a placeholder beside the button that asked, when given)."""
+def foreground(notice=None, timed: bool = True) -> Iterator[None]:
+    """Work a visitor waits for, or that is timed: every background preparation holds still meanwhile. Before timed
+    work a background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it
+    is (in `notice`, a placeholder beside the button that asked, when given)."""
     with warmup.paused():
-        compiling = warmup.compile_in_flight()
+        compiling = warmup.compile_in_flight() if timed else None
         if compiling is not None:
             with (notice.container() if notice else contextlib.nullcontext()), st.spinner(
                     f"Waiting for {compiling.describe()} to finish first: a compile cannot be interrupted, and "
@@ -290,7 +290,7 @@ def sidebar() -> Settings:
                                "trust: it runs on this machine with your permissions.")
         model = _resolve_model(name, dtype, layout, device, trust, notice)
         prepared = prepare_ahead(model)
-        if prepared is not None and not prepared.finished:
+        if prepared is not None and prepared.working and not prepared.finished:
             st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "
                        "calibrated and measured, so the slider answers in seconds.")
         st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
@@ -365,8 +365,8 @@ def speedup_delta(ratio: float) -> dict:
 def _await_quality(model: models.SparseModel, spec: SparsitySpec, prepared: warmup.Warmup) -> None:
     """What the headline waits for, said again every second; reruns the page once the background measurement of
     this setting's quality is on disk."""
-    if metrics.stored(model, spec) is not None:
-        st.rerun()
+    if metrics.stored(model, spec) is not None or not prepared.working:
+        st.rerun()  # measured, or the preparation cannot measure it (stopped, failed): the page measures it itself
     last = prepared.measure_seconds
     takes = f"the measurement itself took {last:.0f} s last time" if last else "the measurement itself takes seconds"
     st.info(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS:,} held-out tokens in the background, first "
@@ -379,7 +379,7 @@ def headline(current: Settings) -> None:
     page stays usable; the card fills in when it is done."""
     prepared = prepare_ahead(current.model)
     quality_now = metrics.stored(current.model, current.spec)
-    if quality_now is None and prepared is not None and not prepared.stopped and prepared.error is None:
+    if quality_now is None and prepared is not None and prepared.working:
         prepared.request(current.spec)
         with st.container(border=True, key="headline"):
             st.markdown(f"**{current.setting}**")

@@ -48,7 +48,7 @@ class Result:
     def ran_compiled(self) -> bool:
         """Every decode step of both runs ran the compiled step (the prefill passes are eager by design)."""
         steps = [t for run in RUNS for t in self.tokens[run][1:]]
-        return self.compiled and bool(steps) and all(t.compiled for t in steps)
+        return self.compiled and all(t.compiled for t in steps)
 
     @property
     def produced_by(self) -> str:

@@ -36,8 +36,8 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
                          current.name, current.setting, counters["sparse"], current.compiled)
     st.session_state.generation = result
     with common.foreground(notice):
-        if current.compiled:
-            result.notes += _compile_both(current, prompt, notice)
+        if current.compiled:  # why a run then decodes uncompiled, if one does, comes with its first token
+            _compile_both(current, prompt, notice)
         streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
                                         observers=(counters[run],), compiled=current.compiled)
                    for run, spec in zip(RUNS, (None, current.spec))}
@@ -47,12 +47,10 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
     return result
 
 
-def _compile_both(current: common.Settings, prompt, notice) -> list[str]:
-    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it;
-    why a run will decode uncompiled, if one will."""
+def _compile_both(current: common.Settings, prompt, notice) -> None:
+    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it."""
     positions = len(prompt.ids) + current.max_new_tokens
     waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
-    notes = []
     if waiting:
         on_record = [fast_decode.compile_seconds_on_record(fast_decode.decoder(current.model), spec, positions)
                      for spec in waiting]
@@ -61,8 +59,8 @@ def _compile_both(current: common.Settings, prompt, notice) -> list[str]:
                     if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
         with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the compile in progress "
                         "ends…", show_time=True):
-            notes = [fast_decode.prepare(current.model, spec, positions) for spec in waiting]
-    return [note for note in dict.fromkeys(notes) if note]
+            for spec in waiting:
+                fast_decode.prepare(current.model, spec, positions)
 
 
 def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:
@@ -119,8 +117,18 @@ def _fill_panes(result: live.Result, panes: dict) -> None:
                    f"continue from different text, so later differences are expected.")
     lengths = {run: len(result.tokens[run]) for run in RUNS}
     if lengths["dense"] != lengths["sparse"] and rates is not None:
-        st.caption(f"Dense made {lengths['dense']} tokens and sparse {lengths['sparse']}; their rates compare the "
+        st.caption(f"Dense made {lengths['dense']} token{'s' if lengths['dense'] != 1 else ''} and sparse "
+                   f"{lengths['sparse']}; their rates compare the "
                    f"first {rates.steps} decode steps of each.")
+
+
+def _report(result: live.Result) -> str:
+    """The result's report, or "" with one sentence on the page when it cannot be built."""
+    try:
+        return live.report_html(result)
+    except Exception as err:  # noqa: BLE001 - a report that fails must not take the generation with it
+        st.error(f"The report could not be built ({type(err).__name__}: {err}).")
+        return ""
 
 
 def _wrote(token: generate.Token, eos: set[int]) -> str:
@@ -205,8 +213,8 @@ if result is None:
     view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
 elif not result.tokens["sparse"] and not result.tokens["dense"]:
     view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
-    st.warning("Stopped before the first token, while the decode steps compiled; the compile that was running "
-               "finished and is kept, so the next Generate starts sooner." if result.stage == "compiling" else
+    st.warning("Stopped before the first token, while the generation waited for a compile; the compile that was "
+               "running finished and is kept, so the next Generate starts sooner." if result.stage == "compiling" else
                "Stopped before the first token.")
 else:
     view.update(result, final=True)
@@ -214,10 +222,10 @@ else:
     for note in result.notes:
         st.warning(note)
     if result.report is None:  # built once, in the page run: a file built on click could be lost (CI lost some)
-        with common.foreground(), st.spinner("Building the report…"):
-            result.report = live.report_html(result)
-    st.download_button("Download report", result.report, file_name="sparsity-lab-report.html", mime="text/html",
-                       key="download_report", on_click="ignore",
+        with common.foreground(timed=False), st.spinner("Building the report…"):
+            result.report = _report(result)
+    st.download_button("Download report", result.report or "", file_name="sparsity-lab-report.html", mime="text/html",
+                       key="download_report", on_click="ignore", disabled=not result.report,
                        help="One HTML file that opens offline: the setting, the headline numbers, both texts with the "
                             "divergence marked, the charts with the bound, and this machine.")
     _fill_panes(result, panes)

@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages import common
-from sparse_core import figures, metrics, tuning
+from sparse_core import figures, metrics, tuning, warmup
 
 st.title("Quality")
 st.caption("Sparsity trades quality for speed. A sweep measures, on held-out text the thresholds never saw, how far "
@@ -23,7 +23,7 @@ with st.form("sweep_form"):
                                            "bar estimates the time left from its pace.")
     targets = cols[2].multiselect("Targets", [round(0.05 * i, 2) for i in range(1, 19)], default=[0.25, 0.4, 0.5, 0.6])
     tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=metrics.QUALITY_TOKENS,
-                                   help=f"{metrics.QUALITY_TOKENS} is the one quality measurement every page shows for a setting.")
+                                   help=f"{metrics.QUALITY_TOKENS:,} is the one quality measurement every page shows for a setting.")
     text = common.uploaded_text("Your own evaluation text (optional)", key="quality_text")
     run = st.form_submit_button("Run sweep", type="primary")
 
@@ -39,10 +39,8 @@ if run:
             job.stop()  # a new request replaces the running sweep, which stops at its next step
         # The sweep runs in its own thread with the model captured now; reruns of this page (any click) find it
         # in the session and show its progress instead of killing it.
-        prepared = common.prepare_ahead(model)
         job = st.session_state.sweep_job = tuning.start_sweep(model, chosen, sorted(targets), allocations,
-                                                              text=text, max_tokens=tokens,
-                                                              hold=prepared.paused() if prepared else None)
+                                                              text=text, max_tokens=tokens, hold=warmup.paused())
 
 
 @st.fragment(run_every=1.0)

@@ -30,7 +30,7 @@ class Token:
     id: int
     text: str        # the new text this token adds (may be empty mid-way through a multi-byte character)
     seconds: float   # wall time of the forward pass that produced it
-    compiled: bool = False   # that pass ran the compiled step (fast_decode)
+    compiled: bool = False   # the stream decodes with the compiled step (fast_decode) at this token (prefill: eager)
     note: str | None = None  # set on the token where a compiled stream fell back to eager decoding: why
 
 

@@ -54,7 +54,8 @@ class Evaluation:
 def ppl_change(increase: float) -> str:
     """A perplexity change as people read it, on every surface: a percentage up to doubling, a factor beyond
     (×301, not +29953.3 %)."""
-    return f"{increase:+.1%}" if increase < 1.0 else f"×{increase + 1:.3g}"
+    ratio = increase + 1
+    return f"{increase:+.1%}" if increase < 1.0 else f"×{ratio:.3g}" if ratio < 1000 else f"×{ratio:,.0f}"
 
 
 def measured(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int = QUALITY_TOKENS,

@@ -151,9 +151,17 @@ class Warmup:
     def leased(self) -> bool:
         return self._leases > 0
 
+    @property
+    def working(self) -> bool:
+        """It can still prepare what a visitor asks for: leased, not stopped, not failed."""
+        return self.leased and not self.stopped and self.error is None
+
     def stop(self) -> None:
-        """For good (the model was evicted): the thread ends after its current step."""
-        self.stopped = True
+        """For good (the model was evicted): the thread ends after its current step and lets the model go."""
+        with self._lock:
+            self.stopped = True
+            if self._thread is None:
+                self.model = None
 
     def start(self) -> "Warmup":
         """Work through the queue in a background thread (one at a time; again after `request` adds work)."""
@@ -182,11 +190,11 @@ class Warmup:
 
     def status(self) -> str:
         """What the preparation is doing, for a visitor waiting on it (one clause)."""
-        if not _FOREGROUND.idle.is_set():
-            return "paused while a visitor generates or measures"
         compiling = _IN_FLIGHT.get(id(self))
         if compiling is not None:
             return f"busy with {compiling.describe()}"
+        if not _FOREGROUND.idle.is_set():
+            return "paused while a visitor generates or measures"
         return self.doing or "starting"
 
     def _any_spec(self, method: str) -> SparsitySpec | None:
@@ -216,6 +224,10 @@ class Warmup:
         record = fast and fast_decode.compile_seconds_on_record(fast, spec, fast_decode.CACHE_BUCKET)
         _IN_FLIGHT[id(self)] = Compiling(what, time.monotonic(), record)
         try:
+            # Announced first, checked second: foreground work that began meanwhile either saw the announcement (and
+            # waits for this compile) or is seen here (and this compile waits for it).
+            if not _FOREGROUND.idle.is_set():
+                raise _Leave
             fast_decode.prepare(self.model, spec, fast_decode.CACHE_BUCKET)
         finally:
             _IN_FLIGHT.pop(id(self), None)
@@ -226,8 +238,10 @@ class Warmup:
             with self._lock:  # deciding to end and `start` deciding to start never interleave
                 if self.stopped or not self.leased or self._queue.empty():
                     self._thread = self.doing = None
+                    if self.stopped:
+                        self.model = None  # evicted: nothing here keeps it in memory
                     return
-                priority, _, item = self._queue.get_nowait()
+                priority, order, item = self._queue.get_nowait()
             try:
                 if isinstance(item, tuple) and item[0] == COMPILE:
                     self._compile(item[1])
@@ -244,8 +258,8 @@ class Warmup:
                     self.measure_seconds = time.monotonic() - began
                 if priority == _LATER:
                     self.done += 1
-            except _Leave:  # stopped or left mid-step: the item goes back, for when a visitor returns
-                self._queue.put((priority, next(self._order), item))
+            except _Leave:  # stopped, left or paused mid-step: the item goes back, to be done later
+                self._queue.put((priority, order, item))  # in its old place
             except Exception as err:  # noqa: BLE001 - a failed warm-up only means slower slider steps; say why
                 with self._lock:
                     self.error, self._thread, self.doing = f"{type(err).__name__}: {err}", None, None

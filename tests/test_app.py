@@ -559,3 +559,35 @@ def test_uploads_are_size_limited_and_parsed_never_executed():
         common.read_spec(Upload(b"\xff\xfe\x00"))
     with pytest.raises(SpecError, match="not valid JSON"):
         common.read_spec(Upload(b"{'__import__': 'os'}"))
+
+
+def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_sweep_runs_beside_it(monkeypatch, tmp_path):
+    """The app as users run it (SPARSE_LAB_WARMUP on; the compiled step off, as in every app test): this visitor's
+    lease makes the preparation work, the headline of a setting not measured yet says what it is doing and fills in
+    once it has measured it, and a sweep runs while every preparation holds still."""
+    import time
+    from sparse_core import warmup
+    monkeypatch.setenv("SPARSE_LAB_WARMUP", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing measured yet (the model stays loaded in memory)
+    try:
+        at = _ok(_app())
+        waiting = [i.value for i in at.info if i.value.startswith("Measuring this setting's quality on 1,024 held-out")]
+        assert waiting and "Now: " in waiting[0] and not [m for m in at.metric if m.label == "Perplexity change"]
+        prepared = next(p for p in list(warmup._EVERY) if p.leased and not p.stopped)
+        deadline = time.monotonic() + 300
+        while not [m for m in at.metric if m.label == "Perplexity change"]:  # AppTest runs no fragment timers
+            assert time.monotonic() < deadline and prepared.error is None, prepared.error
+            time.sleep(1.0)
+            _ok(at.run())
+        assert _metric(at, "Perplexity change").startswith("+")
+        _ok(at.switch_page("pages/quality.py").run())
+        at.multiselect[0].set_value(["top-k"])
+        at.multiselect[2].set_value([0.35])
+        at.select_slider[0].set_value(256)
+        next(b for b in at.button if b.label == "Run sweep").click()
+        _until_the_sweep_ends(_ok(at.run()))
+        assert at.session_state["sweep_job"].state == "finished" and len(at.get("plotly_chart")) == 2
+    finally:
+        for preparation in list(warmup._EVERY):  # nothing keeps working beside the tests that follow
+            preparation.stop()
+            preparation.wait(timeout=600)

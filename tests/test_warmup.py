@@ -36,13 +36,14 @@ def test_a_requested_setting_is_measured_first_and_after_the_plan(smollm2, tmp_p
     order = []
     measured = metrics.measured
     monkeypatch.setattr(metrics, "measured", lambda model, s, **kw: order.append(s.label) or measured(model, s, **kw))
-    prepared.lease()
+    visitor = prepared.lease()
     with warmup.paused():
         prepared.request(spec)
     assert prepared.wait(timeout=600) and order == ["TOPK 30%", "TEAL 20%"]
     prepared.request(later)
     prepared.wait(timeout=600)
     assert order[-1] == "TOPK 45%" and metrics.stored(smollm2, later) is not None
+    visitor.release()
 
 
 def test_the_compiled_step_is_prepared_after_the_requested_and_the_default_setting_and_before_the_grid(smollm2, tmp_path, monkeypatch):
