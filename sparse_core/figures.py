@@ -15,8 +15,9 @@ from .spec import GROUPS
 GROUP_TITLES = {"attn_in": "Attention input (q, k, v)", "attn_out": "Attention output (o)",
                 "mlp_in": "MLP input (gate, up)", "mlp_mid": "MLP intermediate (down)"}
 MAX_TOKEN_TICKS = 64  # word labels that fit under a full-width chart; beyond this every n-th token is labelled
-# Plotly's toolbar floats over the top right ~30 px of a chart: a chart with titles at its top keeps them below it.
-TITLED_MARGIN = dict(t=80, b=10)
+# Plotly's toolbar floats over the top right ~30 px of a chart: a chart with titles at its top keeps them below it
+# (and room at the bottom for the x labels, which a fixed-height chart in the report would otherwise clip).
+TITLED_MARGIN = dict(t=80, b=40)
 SKIPPED_GREY = "#9ca3af"  # plot background, so the NaN (skipped) cells of the neuron view show as grey
 
 

@@ -75,7 +75,7 @@ def speed_figure(dense_tok_s: float, sparse_tok_s: float, bound: float, speedup:
                          line=dict(color="#111827", dash="dot"))
         figure.add_annotation(x=column, y=limit, text=f"bandwidth limit {limit:.0f} tok/s", showarrow=False, yshift=10)
         top = max(top, limit)
-    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, top * 1.15], margin=dict(t=30, b=10), showlegend=False)
+    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, top * 1.15], margin=dict(t=30, b=40), showlegend=False)
     return figure
 
 

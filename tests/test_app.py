@@ -359,6 +359,15 @@ def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
                                                                             measured.weight_reads_skipped)
 
 
+def _sweep_topk(at: AppTest, target: float) -> AppTest:
+    """On the Quality page: a one-point top-k sweep on 256 held-out tokens, Run pressed."""
+    at.multiselect[0].set_value(["top-k"])
+    at.multiselect[2].set_value([target])
+    at.select_slider[0].set_value(256)
+    next(b for b in at.button if b.label == "Run sweep").click()
+    return _ok(at.run())
+
+
 def _until_the_sweep_ends(at: AppTest, timeout: float = 300) -> AppTest:
     """Rerun the page (AppTest runs fragments only with the script, never on their timer) until the background
     sweep has ended, then once more: the run that finds it ended draws its results."""
@@ -430,11 +439,7 @@ def test_the_previous_sweep_stays_drawn_while_a_new_one_runs_and_after_it_is_sto
     from sparse_core import tuning
     at = _ok(_app())
     _ok(at.switch_page("pages/quality.py").run())
-    at.multiselect[0].set_value(["top-k"])
-    at.multiselect[2].set_value([0.3])
-    at.select_slider[0].set_value(256)
-    next(b for b in at.button if b.label == "Run sweep").click()
-    _until_the_sweep_ends(_ok(at.run()))
+    _until_the_sweep_ends(_sweep_topk(at, 0.3))
     first = at.dataframe[0].value
     assert len(first) == 1 and len(at.get("plotly_chart")) == 2
 
@@ -473,12 +478,7 @@ def test_a_failed_sweep_says_why_in_one_sentence(monkeypatch):
     monkeypatch.setattr(tuning, "measured", refuse)
     at = _ok(_app())
     _ok(at.switch_page("pages/quality.py").run())
-    at.multiselect[0].set_value(["top-k"])
-    at.multiselect[2].set_value([0.35])
-    at.select_slider[0].set_value(256)
-    next(b for b in at.button if b.label == "Run sweep").click()
-    _ok(at.run())
-    _until_the_sweep_ends(at)
+    _until_the_sweep_ends(_sweep_topk(at, 0.35))
     assert at.session_state["sweep_job"].state == "failed"
     assert [e.value for e in at.error] == ["The text is empty; give some text to calibrate or evaluate on."]
     assert at.info and not at.get("plotly_chart")  # nothing half-drawn
@@ -581,11 +581,7 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
             _ok(at.run())
         assert _metric(at, "Perplexity change").startswith("+")
         _ok(at.switch_page("pages/quality.py").run())
-        at.multiselect[0].set_value(["top-k"])
-        at.multiselect[2].set_value([0.35])
-        at.select_slider[0].set_value(256)
-        next(b for b in at.button if b.label == "Run sweep").click()
-        _until_the_sweep_ends(_ok(at.run()))
+        _until_the_sweep_ends(_sweep_topk(at, 0.35))
         assert at.session_state["sweep_job"].state == "finished" and len(at.get("plotly_chart")) == 2
     finally:
         for preparation in list(warmup._EVERY):  # nothing keeps working beside the tests that follow
