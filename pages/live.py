@@ -39,7 +39,7 @@ class Result:
     partial: bool = True
     stage: str = "compiling"  # then "streaming", then "done"
     report: str | None = None  # the stakeholder report of the finished (or stopped) result, built once
-    notes: list[str] = dataclasses.field(default_factory=list)  # why a run decoded uncompiled, or stopped early
+    notes: list[str] = dataclasses.field(default_factory=list)  # why a run decoded uncompiled (one sentence each)
 
     def text(self, run: str) -> str:
         return "".join(t.text for t in self.tokens[run])

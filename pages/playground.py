@@ -52,13 +52,10 @@ def _compile_both(current: common.Settings, prompt, notice) -> None:
     positions = len(prompt.ids) + current.max_new_tokens
     waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
     if waiting:
-        on_record = [fast_decode.compile_seconds_on_record(fast_decode.decoder(current.model), spec, positions)
-                     for spec in waiting]
-        known = [seconds for seconds in on_record if seconds is not None]
-        estimate = (f"the first compile of these took {sum(known):.0f} s on this machine; from the cache it takes seconds"
-                    if len(known) == len(waiting) else "the first time on this machine this takes a minute or two per step")
-        with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the compile in progress "
-                        "ends…", show_time=True):
+        estimate = fast_decode.compile_estimate([fast_decode.compile_seconds_on_record(
+            fast_decode.decoder(current.model), spec, positions) for spec in waiting])
+        with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the "
+                                            "compile in progress ends…", show_time=True):
             for spec in waiting:
                 fast_decode.prepare(current.model, spec, positions)
 

@@ -99,7 +99,7 @@ if st.session_state.get("layer_times") is not None:
         figure.update_layout(height=340, margin=dict(t=30, b=10))
         st.plotly_chart(figure, width="stretch", key="layer_chart")
         st.caption(f"Whole step: {totals['dense_ms']:.1f} ms dense, {totals['sparse_ms']:.1f} ms sparse "
-                   f"(×{breakdown.speedup:.2f}, bound ×{breakdown.bound:.2f}); medians of 3 interleaved runs of 8 steps.")
+                   f"(×{breakdown.speedup:.2f}, bound ×{breakdown.bound:.2f}); medians of {breakdown.rounds} interleaved runs of {breakdown.steps} steps.")
     common.table_with_download(breakdown.frame, "decode_step_layers.csv")
 
 st.subheader("End to end: tokens per second")

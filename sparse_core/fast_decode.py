@@ -329,8 +329,7 @@ class Session:
         record; a failed one is kept on the decoder, so later sessions of this shape decode eagerly at once."""
         with self.fast.compiling(self._key):
             if self._key in self.fast.failed:  # another caller's compile of this shape failed meanwhile
-                self.compiled, self._step = False, self.fast.forward
-                self.note = self.fast.why_eager(self._key, self.caches[0].shape[1])
+                self._go_eager(self.fast.why_eager(self._key, self.caches[0].shape[1]))
             if self.ready:  # or compiled it meanwhile
                 return
             began = time.perf_counter()
@@ -350,10 +349,13 @@ class Session:
                 return self._step(ids, start, self.caches, self.setting)
             except Exception as err:  # noqa: BLE001 - no compiler, a refused op, a compile limit: all mean eager
                 text = str(err).strip().splitlines()
-                self.compiled, self._step = False, self.fast.forward
                 self.failure = f"{type(err).__name__}: {text[0][:160] if text else ''}"
-                self.note = f"The compiled step failed ({self.failure}), so this generation decodes uncompiled."
+                self._go_eager(f"The compiled step failed ({self.failure}), so this generation decodes uncompiled.")
         return self.fast.forward(ids, start, self.caches, self.setting)
+
+    def _go_eager(self, note: str) -> None:
+        """Decode eagerly from here on, saying why."""
+        self.compiled, self._step, self.note = False, self.fast.forward, note
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -377,6 +379,15 @@ class Session:
         """True when the first step will not wait for a compile: its shape already ran compiled in this process, or
         this session decodes eagerly."""
         return not self.compiled or self._key in self.fast.shapes_run
+
+
+def compile_estimate(seconds_on_record: list[float | None]) -> str:
+    """How long compiling these steps will take, as every wait for a compile says it: their first compiles on this
+    machine when all are on record (a later one loads from the cache in seconds), else the usual first time."""
+    if seconds_on_record and all(seconds is not None for seconds in seconds_on_record):
+        return (f"the first compile took {sum(seconds_on_record):.0f} s on this machine; from the cache it takes "
+                "seconds")
+    return "the first time on this machine this takes a minute or two per step"
 
 
 def compile_seconds_on_record(fast: Decoder, spec: SparsitySpec | None, max_positions: int,

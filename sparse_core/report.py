@@ -130,6 +130,8 @@ class StepBreakdown:
     speedup: float       # the whole step, dense median over sparse median
     bound: float         # 1/(1-s) for the share of weight reads the sparse run skipped
     flag: str | None
+    rounds: int          # interleaved runs of each
+    steps: int           # decode steps per run
 
 
 def decode_step_breakdown(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,
@@ -165,7 +167,7 @@ def decode_step_breakdown(model: models.SparseModel, prompt: generate.Prompt, sp
     if flag is None and rest_dense > 0 and abs(rest_sparse / rest_dense - 1) > REST_DRIFT:
         flag = (f"noisy: the never-sparsified rest took {rest_dense:.1f} ms dense and {rest_sparse:.1f} ms sparse "
                 "(the machine's pace moved between the runs)")
-    return StepBreakdown(frame.round(3), round(speedup, 3), round(bound, 3), flag)
+    return StepBreakdown(frame.round(3), round(speedup, 3), round(bound, 3), flag, rounds, new_tokens)
 
 
 def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,

@@ -71,9 +71,8 @@ class Compiling:
 
     def describe(self) -> str:
         elapsed = time.monotonic() - self.since
-        known = (f"; its first compile on this machine took {self.seconds_on_record:.0f} s, from the cache it takes seconds"
-                 if self.seconds_on_record else "; a first compile on this machine takes a minute or two")
-        return f"the background compile of the {self.what} (running for {elapsed:.0f} s{known})"
+        estimate = fast_decode.compile_estimate([self.seconds_on_record])
+        return f"the background compile of the {self.what} (running for {elapsed:.0f} s; {estimate})"
 
 
 _IN_FLIGHT: dict[int, Compiling] = {}  # id(Warmup) -> its compile in flight
