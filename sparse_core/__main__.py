@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import calibrate as calibration
 from . import generate as generation
-from . import fast_decode, metrics, models, ops, tuning
+from . import fast_decode, metrics, models, ops, peer, tuning
 from .spec import METHODS, SparsitySpec, SpecError
 
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                             layout=args.layout, device_map=args.device_map)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
         commands[args.command](args, model)
-    except (models.ModelLoadError, SpecError, generation.GenerationError, ValueError, OSError) as err:
+    except (models.ModelLoadError, SpecError, generation.GenerationError, peer.PeerMissing, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -334,7 +334,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_arguments(parser):
-    parser.add_argument("what", choices=["kernels", "decode"])
+    parser.add_argument("what", choices=["kernels", "decode", "peer"])
     parser.add_argument("--json", action="store_true", help="machine-readable output (decode: one JSON object per line)")
     parser.add_argument("--quick", action="store_true", help="kernels: fewer sparsities and repeats (under a minute)")
     parser.add_argument("--method", default="teal", choices=["teal", "cats", "topk"], help="decode: sparsity method")
@@ -345,6 +345,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="decode: the compiled decode step (default: on where the model supports it)")
+    parser.add_argument("--rounds", type=int, default=3, help="peer: interleaved rounds of llama.cpp and the lab")
 
 
 def _bar(label: str) -> Progress:
@@ -372,6 +373,21 @@ def run(args) -> int:
             print(f"{r['out_features']:>5}x{r['in_features']:<6} {r['dtype']:>9} {r['sparsity']:>5} {r['dense_path']:>6} "
                   f"{r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} {r['speedup']:>8.2f} {r['bound']:>6.2f} "
                   f"{r['dense_gbs']:>10.1f} {r['sparse_gbs']:>11.1f}  {r['flag'] or ''}")
+        return 0
+    if args.what == "peer":
+        from . import peer
+        result = peer.run(rounds=args.rounds, tokens=args.new_tokens if args.new_tokens != DECODE_TOKENS else peer.TOKENS,
+                          device=device, progress=_bar("peer"))
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"llama.cpp {result['llama_cpp']} on {result['machine']}, {result['tokens']} tokens, {result['rounds']} rounds")
+        for r in result["rows"]:
+            extra = f"  x{r['vs_llama_cpp']:.2f} llama.cpp" if "vs_llama_cpp" in r else ""
+            if "vs_lab_dense" in r:
+                extra += f"  x{r['vs_lab_dense']:.2f} lab dense (bound x{r['bound']:.2f})"
+            print(f"{r['decoder']:>9} {r['precision']:>5} {r['setting']:>15} {r['tok_s']:>7.1f} tok/s "
+                  f"[{r['q1']:.1f}-{r['q3']:.1f}]{extra}")
         return 0
     from . import calibrate, fast_decode
     model = models.load(dtype=args.dtype, layout=args.layout, device=device)
