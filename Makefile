@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt
 
 # Rebuilt when its source changes. Without a compiler this only prints why (the app then runs its fallback),
 # and is retried on the next make.
-$(KERNEL): $(VENV)/.installed sparse_core/kernels/csrc/sparse_gemv.cpp
+$(KERNEL): $(VENV)/.installed $(wildcard sparse_core/kernels/csrc/*)
 	$(PY) -c "from sparse_core.kernels import cpu_native; cpu_native.build()"
 	@[ ! -f $@ ] || touch $@
 

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, cost, figures, generate, metrics, models, report, stakeholder_report
+from sparse_core import bench, cost, figures, generate, metrics, models, peer, report, stakeholder_report
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
 
@@ -128,7 +128,7 @@ class LiveView:
 def report_html(result: Result) -> str:
     """The stakeholder report of a generation: the setting's headline numbers (its stored quality and valid speed
     measurements, the same the headline card shows), both texts, the live heatmap's final state, the speed and quality
-    charts with the bound, and the machine."""
+    charts with the bound, llama.cpp's rates beside the lab's (bench peer), and the machine."""
     model, spec = result.model, result.spec
     quality = metrics.measured(model, spec)
     speed = bench.stored_decode(model, spec, result.compiled)
@@ -160,7 +160,8 @@ def report_html(result: Result) -> str:
     charts[f"Quality on {quality.held_out_tokens:,} held-out tokens"] = stakeholder_report.quality_figure(
         quality.ppl_dense, quality.ppl_sparse, quality.top1_agreement)
     texts = {"prompt": result.prompt_text, "dense": result.text("dense"), "sparse": result.text("sparse")}
-    return stakeholder_report.build(setting, headline, texts, divergence_chars, charts)
+    return stakeholder_report.build(setting, headline, texts, divergence_chars, charts,
+                                    peer=peer.stored(model.device.type))
 
 
 def _uniform_target(spec: SparsitySpec) -> float | None:

@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, figures, generate, ops, report, stakeholder_report
+from sparse_core import bench, figures, generate, ops, peer, report, stakeholder_report
 
 
 def _kernel_chart(kernels: pd.DataFrame) -> None:
@@ -144,3 +144,14 @@ if decode is not None or flagged is not None:
     rows = [row for row in (decode, flagged) if row is not None]
     common.table_with_download(pd.DataFrame([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
                                              for row in rows]), "decode_benchmark.csv")
+
+st.subheader("Beside llama.cpp")
+measured_peer = peer.stored(current.model.device.type)
+if measured_peer is None:
+    st.info("llama.cpp has not been measured on this machine: run `make peer` (builds it, about eight minutes), then "
+            "`python -m sparse_core bench peer`. A sparse gain over a slow dense path is no gain: this is the decoder "
+            "a user could run instead.")
+else:
+    st.caption(peer.caption(measured_peer) + " “× llama.cpp” compares each lab rate with llama.cpp at the same "
+               "precision; “× lab dense” is TEAL over the lab's own fastest dense, beside its bound.")
+    common.table_with_download(peer.table(measured_peer), "peer_benchmark.csv")

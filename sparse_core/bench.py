@@ -57,26 +57,30 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
     return max(sizes, default=64 << 20)
 
 
-BANDWIDTH_BYTES = 256 << 20  # the read-bandwidth probe: far beyond any CPU's last-level cache
-_BANDWIDTH = DiskStore("read_bandwidth")
+BANDWIDTH_BYTES, BANDWIDTH_REPEATS = 1 << 30, 10  # the read-bandwidth probe: far beyond any last-level cache
+_BANDWIDTH = DiskStore("read_bandwidth-v2")  # v2: the native probe (v1 timed torch's sum over 256 MiB)
 
 
-def read_bandwidth_gbs(device: str = "cpu", repeats: int = 50) -> float:
-    """This machine's memory read bandwidth in GB/s: the fastest of `repeats` sums over a 256 MiB tensor (1 GiB on a
-    GPU, beyond its L2) with torch's threads, and the fastest any probe has shown on this machine, kept on disk. The
-    limit batch-1 decoding runs against: every weight byte is read once per token, so tok/s x weight bytes per token
-    can at best reach it. A limit, so the best seen: on this shared machine single probes ranged 30-59 GB/s."""
-    size = BANDWIDTH_BYTES * (4 if device == "cuda" else 1)
-    data = torch.ones(size // 4, dtype=torch.float32, device=device)
+def read_bandwidth_gbs(device: str = "cpu", repeats: int = BANDWIDTH_REPEATS) -> float:
+    """This machine's memory read bandwidth in GB/s, the limit batch-1 decoding runs against (every weight byte is
+    read once per token): the fastest of `repeats` reads of 1 GiB, on the CPU by the kernels' own vector loads on
+    all threads (sparse_lab::stream_read), on a GPU by a sum; and the fastest any probe has shown on this machine,
+    kept on disk. A limit, so the best seen: a rate above it means the probe or the measurement is wrong."""
+    data = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32, device=device)
+    read = torch.ops.sparse_lab.stream_read if device == "cpu" else torch.sum
+    if device == "cpu":
+        from .kernels import cpu_native
+        cpu_native.native()  # the probe's CPU implementation: the native kernel's, or torch's sum without a build
     seconds = []
     for _ in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
-        data.sum()
+        read(data)
         synchronize(device)
         seconds.append(time.perf_counter() - start)
+    del data
     key = digest(machine(torch.device(device)))
-    best = max(size / min(seconds[1:]) / 1e9, (_BANDWIDTH.load(key) or {}).get("gbs", 0.0))
+    best = max(BANDWIDTH_BYTES / min(seconds[1:]) / 1e9, (_BANDWIDTH.load(key) or {}).get("gbs", 0.0))
     _BANDWIDTH.save(key, {"gbs": round(best, 2)})
     return round(best, 2)
 
@@ -113,10 +117,14 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return quartiles[0], quartiles[2]
 
 
-def flag(speedup: float, bound: float, *timings: Timing) -> str | None:
-    """Why a measured speedup must not be presented as a result, or None when it may."""
+def flag(speedup: float, bound: float, *timings: Timing, gbs: float = 0.0, limit: float | None = None) -> str | None:
+    """Why a measured speedup must not be presented as a result, or None when it may: above its bound, a read rate
+    `gbs` above the measured bandwidth `limit` (the probe or the measurement is wrong), or too wide a spread."""
     if speedup > BOUND_SLACK * bound:
         return f"invalid: x{speedup:.2f} is above the bound x{bound:.2f} (an unfair baseline or noise)"
+    if limit and gbs > BOUND_SLACK * limit:
+        return (f"invalid: {gbs:.1f} GB/s is above the measured read bandwidth {limit:.1f} GB/s (weights from cache, "
+                "or a wrong probe)")
     widest = max(t.spread for t in timings)
     if widest > NOISY_SPREAD:
         return f"noisy: interquartile range {widest:.0%} of the median (the machine was busy)"
@@ -154,7 +162,8 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
             dtype = getattr(torch, dtype_name)
             template = torch.randn(out_features, in_features, dtype=dtype, device=device)
             weight_bytes = template.numel() * template.element_size()
-            copies = min(512, max(2, -(-3 * cache // (2 * weight_bytes))))
+            read_bytes = weight_bytes * (1.0 - max(sparsities))  # the fewest bytes a call reads must still miss the cache
+            copies = min(512, max(2, math.ceil(3 * cache / (2 * read_bytes))))
             plain = [template.clone() for _ in range(copies)]
             stored = [template.t().contiguous().t() for _ in range(copies)]
             with torch.inference_mode():
@@ -181,7 +190,8 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                                      bound=round(bound, 3), dense_gbs=round(dense_gbs, 2), sparse_gbs=round(sparse_gbs, 2),
                                      bandwidth_gbs=bandwidth, dense_fraction_of_limit=round(dense_gbs / bandwidth, 3),
                                      sparse_fraction_of_limit=round(sparse_gbs / bandwidth, 3),
-                                     flag=flag(speedup, bound, dense, sparse)))
+                                     flag=flag(speedup, bound, dense, sparse, gbs=max(dense_gbs, sparse_gbs),
+                                               limit=bandwidth)))
                     if progress:
                         progress(len(rows), total)
             del plain, stored, template
@@ -324,7 +334,8 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
                   if compiled else None,
                   compile_failure=why_not_compiled,
                   flag=(f"not compiled: {why_not_compiled}" if why_not_compiled else None)
-                  or flag(speedup, cost.bound, dense, sparse))
+                  or flag(speedup, cost.bound, dense, sparse, limit=bandwidth,
+                          gbs=max(1e3 / dense.median * cost.dense_bytes, 1e3 / sparse.median * cost.sparse_bytes) / 1e9))
     key = _decode_key(model, spec, compiled)
     if result["flag"]:
         return _DECODES.save(key + "-flagged", result)

@@ -104,6 +104,10 @@ class Decoder:
         inner = model.model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb
         self.head = model.model.lm_head.weight
+        # The lm_head is the largest matrix (tied: the embedding's rows); on the CPU a dot-product GEMV over its (out, in)
+        # rows reads it at the kernels' rate, where MKL's GEMV does not (docs/PERFORMANCE.md).
+        native_head = model.device.type == "cpu" and cpu_native.native()
+        self._head = torch.ops.sparse_lab.dot_linear.default if native_head else F.linear
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
@@ -211,7 +215,7 @@ class Decoder:
         x, skipped = F.embedding(ids, self.embed), []
         for index in range(len(self.blocks)):
             x = self._layer(x, index, cos, sin, positions, mask, caches, setting, skipped)
-        logits = F.linear(self._rms(x[-1:], self.norm), self.head)[0]
+        logits = self._head(self._rms(x[-1:], self.norm), self.head)[0]
         return logits, torch.stack(skipped).view(len(self.blocks), len(GROUPS))
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype):

@@ -184,6 +184,21 @@ def stored(device: str = "cpu") -> dict | None:
     return _RESULTS.load(digest(machine(torch.device(device))))
 
 
+def table(result: dict):
+    """A stored `bench peer` result as the rows every surface shows (the Speedup page, the report)."""
+    import pandas as pd
+    rows = [{"decoder": r["decoder"], "precision": r["precision"], "setting": r["setting"], "tok/s": r["tok_s"],
+             "interquartile range": f"{r['q1']:.1f}–{r['q3']:.1f}",
+             "× llama.cpp (same precision)": r.get("vs_llama_cpp"), "× lab dense": r.get("vs_lab_dense"),
+             "bound": r.get("bound")} for r in result["rows"]]
+    return pd.DataFrame(rows)
+
+
+def caption(result: dict) -> str:
+    return (f"llama.cpp {result['llama_cpp']} (llama-bench, {result['threads']} threads) and the lab's compiled decode "
+            f"on {result['machine']}: {result['tokens']} tokens, median of {result['rounds']} interleaved rounds.")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["convert"]:
         convert()

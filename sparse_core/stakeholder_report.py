@@ -100,7 +100,7 @@ def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -
 
 
 def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars: int | None,
-          figures: dict[str, go.Figure], machine: dict | None = None) -> str:
+          figures: dict[str, go.Figure], machine: dict | None = None, peer: dict | None = None) -> str:
     """The whole report as one self-contained HTML document (write it with encoding="utf-8").
 
     setting: model, method, spec (its name), target (or None), dtype, layout, device, decoder; shown as a table in
@@ -112,6 +112,7 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
         dense (None when identical); the rest of the sparse text is marked.
     figures: charts by title, embedded in this order (plotly.js goes inline with the first one only).
     machine: the machine table; machine_info() when not given.
+    peer: this machine's stored `bench peer` result (peer.stored()), shown beside the lab's rates; None: none yet.
     """
     machine = machine_info() if machine is None else machine
     title = f"Sparsity lab report — {setting['model']} · {setting['spec']}"
@@ -127,11 +128,23 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
         height = f"{figure.layout.height}px" if figure.layout.height else FIGURE_HEIGHT  # its own, or it is clipped
         chart = figure.to_html(full_html=False, include_plotlyjs=i == 0, default_height=height)
         body.append(f"<section class='chart'><h3>{_esc(chart_title)}</h3>{chart}</section>")
-    body += ["<h2>Machine</h2>", _table(machine)]
+    body += ["<h2>Beside llama.cpp</h2>", _peer(peer), "<h2>Machine</h2>", _table(machine)]
     return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
             f"<title>{_esc(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
             + "\n".join(part for part in body if part) + "\n</body>\n</html>\n")
+
+
+def _peer(result: dict | None) -> str:
+    if result is None:
+        return ("<p class='muted'>Not measured on this machine: run <code>make peer</code>, then "
+                "<code>python -m sparse_core bench peer</code>.</p>")
+    from . import peer
+    frame = peer.table(result)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{_esc(None if v != v else v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<p class='muted'>{_esc(peer.caption(result))}</p><table><tr>{head}</tr>{rows}</table>"
 
 
 def _esc(value) -> str:

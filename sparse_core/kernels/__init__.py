@@ -15,6 +15,8 @@ LIBRARY = torch.library.Library("sparse_lab", "DEF")
 LIBRARY.define("sparse_linear(Tensor x, Tensor weight, Tensor weight_t, Tensor? bias, Tensor? threshold, "
                "float scalar_threshold) -> Tensor")
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
+LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
+LIBRARY.define("stream_read(Tensor data) -> Tensor")  # the sum of float32 data: the read-bandwidth probe
 
 
 class OpContractError(ValueError):
@@ -52,6 +54,16 @@ def _sparse_linear_fake(x, weight, weight_t, bias, threshold, scalar_threshold):
 @torch.library.register_fake("sparse_lab::rows_linear")
 def _rows_linear_fake(x, weight, bias, keep):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("sparse_lab::dot_linear")
+def _dot_linear_fake(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("sparse_lab::stream_read")
+def _stream_read_fake(data):
+    return data.new_empty(())
 
 
 def input_rows(weight: torch.Tensor) -> bool:

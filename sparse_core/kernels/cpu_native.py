@@ -18,7 +18,12 @@ import torch.nn.functional as F
 
 from . import LIBRARY, check_call, kernel_ready, sparse_linear
 
-SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# The launcher, and the vector kernels once per instruction set (each file sets its own target; no -march, so the
+# build runs on any x86-64 and picks its path at run time).
+SOURCES = [CSRC / name for name in ("sparse_gemv.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
+                                    "kernels_avx512_bf16.cpp")]
+VECTOR_PATHS = ("scalar", "avx2", "avx512", "avx512_bf16")  # narrowest first, as the C++ numbers them
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in the C++ kernel
 
@@ -64,14 +69,17 @@ def _load() -> str | None:
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            cpp_extension.load(name="sparse_lab_cpu", sources=[str(SOURCE)], build_directory=str(folder),
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name="sparse_lab_cpu", sources=[str(s) for s in SOURCES], build_directory=str(folder),
+                               extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(CSRC)],
+                               extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
             return None
         except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
             reason = f"build failed: {type(err).__name__}"
     warnings.warn(f"sparse_core: the native CPU kernel is unavailable ({reason}); using the embedding_bag fallback.")
     LIBRARY.impl("sparse_linear", _embedding_bag_sparse_linear, "CPU")
+    LIBRARY.impl("dot_linear", lambda x, weight: F.linear(x, weight), "CPU")
+    LIBRARY.impl("stream_read", lambda data: data.sum(), "CPU")
     return reason
 
 
@@ -90,13 +98,30 @@ def _embedding_bag_sparse_linear(x, weight, weight_t, bias, threshold, scalar_th
     return y.reshape(*x.shape[:-1], -1)
 
 
+def vector_path(want: str | None = None) -> str:
+    """The vector path the native kernels run ("scalar" .. "avx512_bf16", the CPU's widest unless SPARSE_LAB_ISA
+    narrows it), after switching to `want` when given (never wider than the CPU has); "torch" without the build."""
+    if not native():
+        return "torch"
+    number = torch.ops.sparse_lab.vector_path(-1 if want is None else VECTOR_PATHS.index(want))
+    return VECTOR_PATHS[number]
+
+
+def supported_paths() -> tuple[str, ...]:
+    """Every vector path this CPU can run, narrowest first."""
+    current = vector_path()
+    widest = vector_path(VECTOR_PATHS[-1])
+    vector_path(current)
+    return VECTOR_PATHS[:VECTOR_PATHS.index(widest) + 1]
+
+
 def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu" and kernel_ready(x, weight, DTYPES)
 
 
 def describe() -> str:
     if native():
-        return "native C++/OpenMP row gather (float32, bfloat16)"
+        return f"native C++/OpenMP row gather (float32, bfloat16; {vector_path()} vector path)"
     return f"fallback ({native_failure()}): pure-torch embedding_bag row gather"
 
 

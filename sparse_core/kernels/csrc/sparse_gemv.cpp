@@ -1,19 +1,66 @@
-// Input-sparse linear on CPU: y[t] = sum over active inputs i of x[t, i] * wt[i, :] (+ bias).
+// The CPU ops' launchers: input-sparse linear, output-sparse rows, the dense (out, in) GEMV of the tied lm_head and
+// the bandwidth probe. The vector work runs in the kernels of the CPU's widest instruction set (vector_kernels.h),
+// chosen at run time; SPARSE_LAB_ISA (scalar, avx2, avx512, avx512_bf16) narrows the choice, and the
+// sparse_lab::vector_path op reads or changes it (the tests run every path the CPU has).
 //
-// wt is the weight TRANSPOSED to (in, out) and contiguous, so every active input is one contiguous row to stream
-// and every skipped input is a row never read. Threads split the active rows (split-K), each accumulates into its
-// own float32 buffer, and the buffers are summed at the end. bfloat16 rows are widened to float32 in registers.
+// sparse_linear: y[t] = sum over active inputs i of x[t, i] * wt[i, :] (+ bias). wt is the weight TRANSPOSED to
+// (in, out) and contiguous, so every active input is one contiguous row to stream and every skipped input is a row
+// never read. Threads split the active rows (split-K), each accumulates into its own float32 buffer, and the buffers
+// are summed at the end.
+#include "vector_kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+using sparse_lab::VectorKernels;
+
+// The vector paths, narrowest first: vector_path's numbers.
+const VectorKernels* const kPaths[] = {&sparse_lab::kScalarKernels, &sparse_lab::kAvx2Kernels,
+                                       &sparse_lab::kAvx512Kernels, &sparse_lab::kAvx512Bf16Kernels};
+
+int64_t widest_supported() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+
+int64_t initial_path() {
+  const int64_t widest = widest_supported();
+  const char* asked = std::getenv("SPARSE_LAB_ISA");
+  if (asked == nullptr || *asked == 0) return widest;
+  for (int64_t p = 0; p < 4; ++p)
+    if (std::string(asked) == kPaths[p]->name) return std::min(p, widest);
+  TORCH_WARN("SPARSE_LAB_ISA=", asked, " is not one of scalar, avx2, avx512, avx512_bf16; using ",
+             kPaths[widest]->name, ".");
+  return widest;
+}
+
+std::atomic<int64_t>& active_path() {
+  static std::atomic<int64_t> path{initial_path()};
+  return path;
+}
+
+const VectorKernels& vec() { return *kPaths[active_path().load(std::memory_order_relaxed)]; }
+
+// want < 0: which path runs now; else switch to `want` (narrowed to what this CPU has). Returns the active path.
+int64_t vector_path(int64_t want) {
+  if (want >= 0) active_path().store(std::min(want, widest_supported()));
+  return active_path().load();
+}
 
 // Measured crossover (docs/PERFORMANCE.md): up to 8 tokens the gather beats MKL's masked dense matmul even when
 // the union keeps every row (one token: 1.3-2x faster than at::linear on either layout, float32 and bfloat16;
@@ -27,36 +74,6 @@ inline float widen(c10::BFloat16 v) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
-}
-
-// acc[t, :] += sum_k xs[t, k] * wt[idx[k], :] for k in [k0, k1); four rows at a time to cut accumulator traffic.
-template <typename W>
-void accumulate_rows(const W* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n, int64_t tokens,
-                     int64_t k0, int64_t k1, float* acc) {
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const W* r0 = wt + idx[k] * out;
-    const W* r1 = wt + idx[k + 1] * out;
-    const W* r2 = wt + idx[k + 2] * out;
-    const W* r3 = wt + idx[k + 3] * out;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* xt = xs + t * n + k;
-      const float a0 = xt[0], a1 = xt[1], a2 = xt[2], a3 = xt[3];
-      float* at = acc + t * out;
-#pragma omp simd
-      for (int64_t j = 0; j < out; ++j)
-        at[j] += a0 * widen(r0[j]) + a1 * widen(r1[j]) + a2 * widen(r2[j]) + a3 * widen(r3[j]);
-    }
-  }
-  for (; k < k1; ++k) {
-    const W* r = wt + idx[k] * out;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float a = xs[t * n + k];
-      float* at = acc + t * out;
-#pragma omp simd
-      for (int64_t j = 0; j < out; ++j) at[j] += a * widen(r[j]);
-    }
-  }
 }
 
 // The union of the tokens' masks as row indices, and each token's masked values compacted onto them, then the
@@ -87,10 +104,17 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::op
   std::vector<float> acc(static_cast<size_t>(threads) * tokens * out, 0.0f);
   const W* w = wt.data_ptr<W>();
   const int64_t chunk = (n + threads - 1) / threads;
+  const VectorKernels& k = vec();
   at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      accumulate_rows(w, out, idx.data(), xs.data(), n, tokens, p * chunk, std::min(n, (p + 1) * chunk),
-                      acc.data() + p * tokens * out);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t k0 = p * chunk, k1 = std::min(n, (p + 1) * chunk);
+      float* part = acc.data() + p * tokens * out;
+      if constexpr (std::is_same_v<W, float>)
+        k.gather_f32(w, out, idx.data(), xs.data(), n, tokens, k0, k1, part);
+      else
+        k.gather_bf16(reinterpret_cast<const sparse_lab::bf16_bits*>(w), out, idx.data(), xs.data(), n, tokens, k0,
+                      k1, part);
+    }
   });
   at::Tensor y = at::empty({tokens, out}, x2.options());
   W* yp = y.data_ptr<W>();
@@ -152,57 +176,88 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
   return y.view(shape);
 }
 
-template <typename W>
-void dot_rows(const at::Tensor& x2, const at::Tensor& weight, const float* bias, const bool* keep, at::Tensor& y) {
+// y[t, j] = dot(weight[j, :], x[t, :]) for the rows j in `rows` (null: all) where keep[t, j] (null: all), else 0;
+// float32, the caller adds the bias and casts. Threads split the rows.
+at::Tensor dot_rows(const at::Tensor& x2, const at::Tensor& weight, const std::vector<int64_t>* rows, const bool* keep) {
   const int64_t tokens = x2.size(0), in = x2.size(1), out = weight.size(0);
-  std::vector<float> xf(tokens * in);
-  const W* x = x2.data_ptr<W>();
-  for (int64_t i = 0; i < tokens * in; ++i) xf[i] = widen(x[i]);
-  std::vector<int64_t> rows;
-  for (int64_t j = 0; j < out; ++j) {
-    bool any = false;
-    for (int64_t t = 0; t < tokens; ++t) any |= keep[t * out + j];
-    if (any) rows.push_back(j);
-  }
-  const W* w = weight.data_ptr<W>();
-  W* yp = y.data_ptr<W>();
-  const int64_t grain = std::max<int64_t>(1, kParallelBytes / (in * static_cast<int64_t>(sizeof(W))));
-  at::parallel_for(0, static_cast<int64_t>(rows.size()), grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t j = rows[r];
-      const W* wr = w + j * in;
-      for (int64_t t = 0; t < tokens; ++t) {
-        if (!keep[t * out + j]) continue;
-        const float* xt = xf.data() + t * in;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < in; ++i) s += xt[i] * widen(wr[i]);
-        yp[t * out + j] = static_cast<W>(s + (bias ? bias[j] : 0.0f));
-      }
-    }
+  const bool bf16 = x2.scalar_type() == at::kBFloat16;
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  at::Tensor y = keep ? at::zeros({tokens, out}, xf.options()) : at::empty({tokens, out}, xf.options());
+  const int64_t count = rows ? static_cast<int64_t>(rows->size()) : out;
+  const int64_t row_bytes = in * static_cast<int64_t>(weight.element_size());
+  const int64_t grain = std::max<int64_t>(4, kParallelBytes / row_bytes / 4 * 4);
+  const VectorKernels& k = vec();
+  const int64_t* picked = rows ? rows->data() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, (count + 3) / 4, (grain + 3) / 4, [&](int64_t q0, int64_t q1) {
+    const int64_t r0 = q0 * 4, r1 = std::min(count, q1 * 4);
+    if (bf16)
+      k.dot_bf16(reinterpret_cast<const sparse_lab::bf16_bits*>(weight.data_ptr<c10::BFloat16>()), in, xp,
+                 reinterpret_cast<const sparse_lab::bf16_bits*>(x2.data_ptr<c10::BFloat16>()), tokens, picked, r0,
+                 r1, keep, out, yp);
+    else
+      k.dot_f32(weight.data_ptr<float>(), in, xp, tokens, picked, r0, r1, keep, out, yp);
   });
+  return y;
+}
+
+void check_rows_call(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous() && x.size(-1) == weight.size(1), op,
+                    " needs weight as a contiguous (out, in) matrix with in = ", x.size(-1), ".");
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                    op, " on the CPU takes float32 or bfloat16 in one dtype, not ", x.scalar_type(), ".");
 }
 
 // y = F.linear(x, weight, bias) * keep, reading only the kept rows of the (out, in) weight (CATS' up projection).
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& keep) {
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous(), "rows_linear needs weight as a contiguous (out, in) matrix.");
-  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() &&
-                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-                    "rows_linear on the CPU takes float32 or bfloat16 in one dtype, not ", x.scalar_type(), ".");
+  check_rows_call(x, weight, "rows_linear");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
-  const at::Tensor keep2 = keep.expand(shape).reshape({x2.size(0), weight.size(0)}).to(at::kBool).contiguous();
-  at::Tensor y = at::zeros({x2.size(0), weight.size(0)}, x.options());
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kBFloat16)
-    dot_rows<c10::BFloat16>(x2, weight, b, keep2.data_ptr<bool>(), y);
-  else
-    dot_rows<float>(x2, weight, b, keep2.data_ptr<bool>(), y);
-  return y.view(shape);
+  const int64_t tokens = x2.size(0), out = weight.size(0);
+  const at::Tensor keep2 = keep.expand(shape).reshape({tokens, out}).to(at::kBool).contiguous();
+  const bool* kp = keep2.data_ptr<bool>();
+  std::vector<int64_t> rows;
+  for (int64_t j = 0; j < out; ++j) {
+    bool any = false;
+    for (int64_t t = 0; t < tokens; ++t) any |= kp[t * out + j];
+    if (any) rows.push_back(j);
+  }
+  at::Tensor y = dot_rows(x2, weight, &rows, kp);
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat)).mul_(keep2);
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// y = F.linear(x, weight) reading HF's (out, in) rows by dot products: the tied lm_head, whose rows are the
+// embedding's, so the one copy serves both.
+at::Tensor dot_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_rows_call(x, weight, "dot_linear");
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return dot_rows(x2, weight, nullptr, nullptr).to(x.scalar_type()).view(shape);
+}
+
+// The sum of a float32 tensor, read by every thread with the active path's vector loads: the bandwidth probe.
+at::Tensor stream_read(const at::Tensor& data) {
+  TORCH_CHECK_VALUE(data.scalar_type() == at::kFloat && data.is_contiguous(), "stream_read takes contiguous float32.");
+  const int64_t n = data.numel(), threads = at::get_num_threads();
+  const int64_t chunk = (n + threads - 1) / threads;
+  std::vector<float> partial(threads, 0.0f);
+  const float* p = data.data_ptr<float>();
+  const VectorKernels& k = vec();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t begin = std::min(n, t * chunk), end = std::min(n, (t + 1) * chunk);
+      partial[t] = k.read_sum(p + begin, end - begin);
+    }
+  });
+  float total = 0.0f;
+  for (float v : partial) total += v;
+  return at::scalar_tensor(total, data.options());
 }
 
 }  // namespace
@@ -210,4 +265,9 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 TORCH_LIBRARY_IMPL(sparse_lab, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("rows_linear", &rows_linear);
+  m.impl("dot_linear", &dot_linear);
+  m.impl("stream_read", &stream_read);
 }
+
+// No tensor argument: a catch-all kernel, defined here since only the native build has vector paths.
+TORCH_LIBRARY_FRAGMENT(sparse_lab, m) { m.def("vector_path(int want) -> int", &vector_path); }

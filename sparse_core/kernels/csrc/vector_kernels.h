@@ -1,0 +1,31 @@
+// The vector kernels' table: one per instruction set, compiled in its own file with that file's target, chosen at
+// run time from the CPU (sparse_gemv.cpp). Raw pointers only: these files include no ATen or standard-library
+// code, so no inline function compiled for a wider ISA can be linked into the portable launcher.
+#pragma once
+#include <cstdint>
+
+namespace sparse_lab {
+
+using bf16_bits = uint16_t;  // bfloat16 as its raw bits
+
+struct VectorKernels {
+  const char* name;
+  // acc[t * out + j] += sum over k in [k0, k1) of xs[t * n + k] * wt[idx[k] * out + j]: the input-sparse gather.
+  void (*gather_f32)(const float* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n, int64_t tokens,
+                     int64_t k0, int64_t k1, float* acc);
+  void (*gather_bf16)(const bf16_bits* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n,
+                      int64_t tokens, int64_t k0, int64_t k1, float* acc);
+  // y[t * out + rows[r]] = dot(w[rows[r] * in ...], x[t * in ...]) for r in [r0, r1) (rows null: every row), where keep is null or
+  // keep[t * out + rows[r]]: the (out, in) rows' dot products (CATS' up projection, the tied lm_head). x is given
+  // as float32 and, for bfloat16 weights, also as its bfloat16 bits.
+  void (*dot_f32)(const float* w, int64_t in, const float* x, int64_t tokens, const int64_t* rows, int64_t r0,
+                  int64_t r1, const bool* keep, int64_t out, float* y);
+  void (*dot_bf16)(const bf16_bits* w, int64_t in, const float* x, const bf16_bits* xb, int64_t tokens,
+                   const int64_t* rows, int64_t r0, int64_t r1, const bool* keep, int64_t out, float* y);
+  // The sum of n floats, read with this ISA's widest loads: the bandwidth probe's inner loop.
+  float (*read_sum)(const float* data, int64_t n);
+};
+
+extern const VectorKernels kScalarKernels, kAvx2Kernels, kAvx512Kernels, kAvx512Bf16Kernels;
+
+}  // namespace sparse_lab
