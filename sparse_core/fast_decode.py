@@ -188,9 +188,7 @@ class Decoder:
         k_cache, v_cache = caches[2 * index], caches[2 * index + 1]
         k_cache.index_copy_(1, positions, k)
         v_cache.index_copy_(1, positions, v)
-        out = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask,
-                                             scale=self.head_dim ** -0.5, enable_gqa=True)
-        out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
+        out = self._attend(q, k_cache, v_cache, mask).transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
         x = x + self._project(out, attn.o_proj, setting, index, _ATTN_OUT, skipped)
 
         h = self._rms(x, block.post_attention_layernorm.weight)
@@ -203,6 +201,18 @@ class Decoder:
             up = up * keep
         return x + self._project(active * up, mlp.down_proj, setting, index, _MLP_MID, skipped,
                                  count=setting.method != "cats")
+
+    def _attend(self, q, k_cache, v_cache, mask):
+        """Attention of the T queries [heads, T, head_dim] over the whole cache, masked, as two float32 batched
+        matmuls and a softmax that inductor fuses: at one query SDPA's CPU kernel costs ~0.2 ms a layer (a quarter of
+        a bfloat16 step, docs/PERFORMANCE.md). Query heads are grouped by the KV head they share (HF's repeat_kv)."""
+        heads, tokens, _ = q.shape
+        group = heads // self.kv_heads
+        grouped = q.float().reshape(self.kv_heads, group * tokens, self.head_dim)
+        scores = torch.bmm(grouped, k_cache.float().transpose(1, 2)) * self.head_dim ** -0.5
+        scores = scores.view(self.kv_heads, group, tokens, -1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).view(self.kv_heads, group * tokens, -1)
+        return torch.bmm(weights, v_cache.float()).view(heads, tokens, self.head_dim).to(q.dtype)
 
     def forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
         """(logits of the last of `ids`, inputs skipped per [layer, group] over the T tokens) for T tokens at positions

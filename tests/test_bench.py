@@ -33,8 +33,15 @@ def test_kernel_rows_compare_against_the_fastest_of_three_dense_products():
 
 
 def test_read_bandwidth_is_a_plausible_memory_rate():
-    gbs = bench.read_bandwidth_gbs()
-    assert 0.5 < gbs < 2000  # GB/s: any machine's memory, not a cache (256 MiB) nor a broken timer
+    gbs = bench.read_bandwidth_gbs(repeats=2)
+    assert 0.5 < gbs < 2000  # GB/s: any machine's memory, not a cache (1 GiB) nor a broken timer
+
+
+def test_a_rate_above_the_measured_bandwidth_is_flagged_not_presented():
+    steady = bench.Timing(1.0, 0.99, 1.01)
+    assert bench.flag(1.5, 2.0, steady, steady, gbs=30.0, limit=31.0) is None
+    why = bench.flag(1.5, 2.0, steady, steady, gbs=40.0, limit=31.0)
+    assert why.startswith("invalid: 40.0 GB/s is above the measured read bandwidth 31.0 GB/s")
 
 
 def test_timing_quartiles_match_numpy():
@@ -102,14 +109,14 @@ def test_a_flagged_decode_measurement_is_never_stored_as_the_result(smollm2, tmp
     the next valid one becomes the result and clears it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     spec = smollm2.topk_spec(0.5)
-    monkeypatch.setattr(bench, "flag", lambda *args: "noisy: interquartile range 40% of the median (the machine was busy)")
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: "noisy: interquartile range 40% of the median (the machine was busy)")
     flagged = bench.decode_result(smollm2, spec, new_tokens=2, repeats=1)
     assert flagged["flag"].startswith("noisy")
     assert bench.stored_decode(smollm2, spec) is None and bench.flagged_decode(smollm2, spec) == flagged
-    monkeypatch.setattr(bench, "flag", lambda *args: None)
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)
     valid = bench.decode_result(smollm2, spec, new_tokens=2, repeats=1)
     assert bench.stored_decode(smollm2, spec) == valid and bench.flagged_decode(smollm2, spec) is None
-    monkeypatch.setattr(bench, "flag", lambda *args: "invalid: x9.00 is above the bound x2.00 (an unfair baseline or noise)")
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: "invalid: x9.00 is above the bound x2.00 (an unfair baseline or noise)")
     bench.decode_result(smollm2, spec, new_tokens=2, repeats=1)
     assert bench.stored_decode(smollm2, spec) == valid  # a later flagged attempt leaves the valid result standing
     assert bench.flagged_decode(smollm2, spec)["flag"].startswith("invalid")

@@ -1,4 +1,9 @@
-"""The native CPU kernel (and its embedding_bag fallback) against a float64 masked reference."""
+"""The native CPU kernel (and its embedding_bag fallback) against a float64 masked reference, on every vector path
+this CPU has (scalar, AVX2, AVX-512, AVX-512 BF16): each kernel test runs once per path."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +14,18 @@ from sparse_core.kernels import cpu_native
 
 DTYPES = (torch.float32, torch.bfloat16)
 SHAPES = [(1, 37, 53), (3, 150, 70), (1, 576, 1536), (12, 96, 33)]  # (tokens, in, out): ragged, batch 1/3, prefill
+
+PATHS = cpu_native.supported_paths() if cpu_native.native() else ("torch",)
+
+
+@pytest.fixture(params=PATHS)
+def vector_path(request):
+    """The kernels switched to one vector path for the test, and back after it."""
+    before = cpu_native.vector_path()
+    assert cpu_native.vector_path(request.param) == request.param
+    yield request.param
+    cpu_native.vector_path(before)
+
 
 def inputs(tokens, width, out, dtype, bias=True):
     x = torch.randn(tokens, width, dtype=dtype)
@@ -34,7 +51,7 @@ def poisoned_op(impl, shape, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens, width, out", SHAPES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.03, 0.5, 0.9, 1.0])  # 0.03: nearly dense, still gathered
-def test_native_sparse_linear_matches_masked_reference(tokens, width, out, dtype, sparsity):
+def test_native_sparse_linear_matches_masked_reference(tokens, width, out, dtype, sparsity, vector_path):
     assert cpu_native.native(), f"the native kernel should build on this machine ({cpu_native.native_failure()})"
     x, weight, bias = inputs(tokens, width, out, dtype)
     threshold = threshold_for(x, sparsity)
@@ -46,7 +63,7 @@ def test_native_sparse_linear_matches_masked_reference(tokens, width, out, dtype
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 3, 12])
-def test_per_token_topk_threshold(tokens, dtype):
+def test_per_token_topk_threshold(tokens, dtype, vector_path):
     x, weight, bias = inputs(tokens, 200, 90, dtype, bias=False)
     threshold = ops.topk_threshold(x, 0.6)
     with torch.inference_mode():
@@ -69,12 +86,48 @@ def test_only_the_input_rows_layout_reaches_the_kernel_and_nothing_is_copied():
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_native_rows_linear_matches_reference(tokens, dtype):
+def test_native_rows_linear_matches_reference(tokens, dtype, vector_path):
     x, weight, bias = inputs(tokens, 130, 77, dtype)
     keep = torch.rand(tokens, 77) > 0.6
     with torch.inference_mode():
         y = poisoned_op(lambda: ops.rows_linear(x, weight.contiguous(), bias, keep), (tokens, 77), dtype)
     check(y, F.linear(x.double(), weight.double(), bias.double()) * keep, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens, width, out", [(1, 576, 1031), (2, 130, 77), (1, 31, 5)])  # ragged: every tail
+def test_dot_linear_matches_reference(tokens, width, out, dtype, vector_path):
+    """The tied lm_head's GEMV reads HF's (out, in) rows, the embedding's own storage."""
+    x = torch.randn(tokens, width, dtype=dtype)
+    weight = torch.randn(out, width, dtype=dtype) / width ** 0.5
+    with torch.inference_mode():
+        y = poisoned_op(lambda: torch.ops.sparse_lab.dot_linear(x, weight), (tokens, out), dtype)
+    assert y.dtype == dtype and y.shape == (tokens, out)
+    check(y, F.linear(x.double(), weight.double()), dtype)
+
+
+def test_stream_read_sums_what_it_reads(vector_path):
+    data = torch.rand(1_000_003)  # not a multiple of any vector width or thread share
+    total = torch.ops.sparse_lab.stream_read(data).item()
+    assert total == pytest.approx(data.double().sum().item(), rel=1e-4)
+
+
+def test_every_path_this_cpu_has_is_offered_and_none_wider():
+    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    widest = ("avx512_bf16" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= set(flags) else
+              "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags) else
+              "avx2" if {"avx2", "fma"} <= set(flags) else "scalar")
+    assert cpu_native.supported_paths()[-1] == widest
+    assert cpu_native.vector_path("avx512_bf16") == widest  # asking for more than the CPU has gives its widest
+
+
+@pytest.mark.parametrize("asked", ["avx2", "scalar"])
+def test_the_environment_variable_forces_a_narrower_path(asked):
+    """SPARSE_LAB_ISA picks the path at load time, as on a laptop without AVX-512."""
+    code = "from sparse_core.kernels import cpu_native; print(cpu_native.vector_path(), cpu_native.describe())"
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, SPARSE_LAB_ISA=asked), text=True,
+                          capture_output=True, check=True)
+    assert done.stdout.split()[0] == asked and f"{asked} vector path" in done.stdout
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
