@@ -27,7 +27,7 @@ SDIST = "llama_cpp_python-0.3.36"
 PRECISIONS = {"float32": "F32", "bfloat16": "BF16"}  # lab dtype -> the GGUF type it is compared with
 QUANTIZED = ("Q8_0",)  # measured beside, for the reader: what llama.cpp gets from quantized weights
 TEAL_TARGETS = (0.25, 0.4, 0.5)
-TOKENS, ROUNDS = 64, 3
+TOKENS, ROUNDS = 64, 5
 _RESULTS = DiskStore("peer-v1")
 
 
@@ -147,24 +147,32 @@ def run(rounds: int = ROUNDS, tokens: int = TOKENS, targets=TEAL_TARGETS, device
             progress and progress(done, total)
     rows = [{"decoder": "llama.cpp", "precision": kind, "setting": "dense", **_summary(rates)}
             for kind, rates in llama.items()]
+    bandwidth = bench.read_bandwidth_gbs(device)
     for dtype, kind in PRECISIONS.items():
-        peer = statistics.median(llama[kind])
         dense_name = max((n for d, n in lab if d == dtype and n.startswith("dense")),
                          key=lambda n: statistics.median(lab[(dtype, n)]))
-        own_dense = statistics.median(lab[(dtype, dense_name)])
         for (d, name), rates in lab.items():
             if d != dtype:
                 continue
+            model, spec, _ = labs[(d, name)]
+            cost = bench.token_cost(model, _skipped(model, spec).weighted(model.skippable_params(
+                spec.method if spec else "dense")))
+            # Each round's rate over the round's own peer (or own dense) run: drift in the machine's pace cancels.
+            versus_peer = [r / p for r, p in zip(rates, llama[kind])]
             row = {"decoder": "lab", "precision": kind, "setting": name, **_summary(rates),
-                   "vs_llama_cpp": round(statistics.median(rates) / peer, 3)}
-            if name.startswith("TEAL"):
-                model, spec, _ = labs[(d, name)]
-                counter = _skipped(model, spec)
-                bound = bench.token_cost(model, counter.weighted(model.skippable_params(spec.method))).bound
-                row.update(vs_lab_dense=round(statistics.median(rates) / own_dense, 3), bound=round(bound, 3))
+                   "vs_llama_cpp": round(statistics.median(versus_peer), 3),
+                   "fraction_of_limit": round(statistics.median(rates) * cost.sparse_bytes / 1e9 / bandwidth, 3)}
+            versus_dense = bound = None
+            if spec is not None:
+                versus_dense = statistics.median(r / d for r, d in zip(rates, lab[(dtype, dense_name)]))
+                bound = cost.bound
+                row.update(vs_lab_dense=round(versus_dense, 3), bound=round(bound, 3))
+            row["flag"] = bench.flag(versus_dense or 1.0, bound or 1.0, bench.Timing.of([1 / r for r in rates]),
+                                     limit=bandwidth,
+                                     gbs=statistics.median(rates) * cost.sparse_bytes / 1e9)
             rows.append(row)
     result = {"machine": models.machine(torch.device(device)), "threads": threads, "tokens": tokens, "rounds": rounds,
-              "llama_cpp": build, "rows": rows}
+              "llama_cpp": build, "bandwidth_gbs": bandwidth, "rows": rows}
     return _RESULTS.save(digest(models.machine(torch.device(device))), result)
 
 
@@ -185,18 +193,23 @@ def stored(device: str = "cpu") -> dict | None:
 
 
 def table(result: dict):
-    """A stored `bench peer` result as the rows every surface shows (the Speedup page, the report)."""
+    """A stored `bench peer` result as the rows every surface shows (the Speedup page, the report); a flagged row
+    keeps its rate and says why, but no ratio is drawn from it."""
     import pandas as pd
+    ratio = lambda r, key: None if r.get("flag") else r.get(key)
     rows = [{"decoder": r["decoder"], "precision": r["precision"], "setting": r["setting"], "tok/s": r["tok_s"],
              "interquartile range": f"{r['q1']:.1f}–{r['q3']:.1f}",
-             "× llama.cpp (same precision)": r.get("vs_llama_cpp"), "× lab dense": r.get("vs_lab_dense"),
-             "bound": r.get("bound")} for r in result["rows"]]
+             "× llama.cpp (same precision)": ratio(r, "vs_llama_cpp"), "× lab dense": ratio(r, "vs_lab_dense"),
+             "bound": r.get("bound"), "fraction of the read limit": r.get("fraction_of_limit"),
+             "flag": r.get("flag")} for r in result["rows"]]
     return pd.DataFrame(rows)
 
 
 def caption(result: dict) -> str:
     return (f"llama.cpp {result['llama_cpp']} (llama-bench, {result['threads']} threads) and the lab's compiled decode "
-            f"on {result['machine']}: {result['tokens']} tokens, median of {result['rounds']} interleaved rounds.")
+            f"on {result['machine']}: {result['tokens']} tokens, median of {result['rounds']} interleaved rounds, each "
+            "ratio the median of the rounds' own ratios. A flagged row (above its bound, above the read bandwidth, or "
+            "too wide a spread) is a broken measurement, not a result.")
 
 
 if __name__ == "__main__":
