@@ -356,7 +356,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="decode: the compiled decode step (default: on where the model supports it)")
-    parser.add_argument("--rounds", type=int, default=3, help="peer: interleaved rounds of llama.cpp and the lab")
+    parser.add_argument("--rounds", type=int, default=3, help="peer: interleaved rounds of llama.cpp and the lab (peer.ROUNDS)")
 
 
 def _bar(label: str) -> Progress:

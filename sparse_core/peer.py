@@ -27,7 +27,7 @@ SDIST = "llama_cpp_python-0.3.36"
 PRECISIONS = {"float32": "F32", "bfloat16": "BF16"}  # lab dtype -> the GGUF type it is compared with
 QUANTIZED = ("Q8_0",)  # measured beside, for the reader: what llama.cpp gets from quantized weights
 TEAL_TARGETS = (0.25, 0.4, 0.5)
-TOKENS, ROUNDS = 64, 5
+TOKENS, ROUNDS = 64, 3
 _RESULTS = DiskStore("peer-v1")
 
 
