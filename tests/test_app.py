@@ -167,7 +167,7 @@ def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_
     from sparse_core import bench, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)  # the page passes these at call time: a short measurement
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
-    monkeypatch.setattr(bench, "flag", lambda *args: None)  # a valid measurement (the flags have tests of their own)
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)  # a valid measurement (the flags have tests of their own)
     shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)  # the tests' own cache (conftest): measure anew
     at = _ok(_app(target=0.35))
     assert _metric(at, "Decode speedup") == "—"
@@ -190,7 +190,7 @@ def test_a_flagged_decode_measurement_is_said_and_never_drawn(monkeypatch):
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
     noisy = "noisy: interquartile range 40% of the median (the machine was busy)"
-    monkeypatch.setattr(bench, "flag", lambda *args: noisy)
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: noisy)
     shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
     at = _ok(_app(target=0.4))
     next(b for b in at.button if b.label == "Measure decode speed").click()
@@ -280,7 +280,7 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     from sparse_core import bench, report, store
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
-    monkeypatch.setattr(bench, "flag", lambda *args: None)  # every timing valid: the page draws them all
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)  # every timing valid: the page draws them all
     monkeypatch.setattr(report, "REST_DRIFT", float("inf"))
     shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
@@ -303,7 +303,7 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     assert "Produced by: top-k at 30% · float32 · inputs layout · cpu." in [c.value for c in at.caption]
     assert any(c.value.startswith("Whole step: ") and "bound ×" in c.value for c in at.caption)
 
-    assert at.info and at.info[-1].value.startswith("Not measured for this setting yet")
+    assert any(i.value.startswith("Not measured for this setting yet") for i in at.info)
     next(b for b in at.button if b.label == "Measure tokens/s").click()
     _ok(at.run())
     assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Model bound").startswith("×")
@@ -314,6 +314,20 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     decode_chart = _figures(at)[-1]
     assert len([s for s in decode_chart["layout"]["shapes"] if s["line"]["dash"] == "dot"]) == 2
     assert len(at.get("plotly_chart")) == 4 and len(at.get("download_button")) == 3  # kernels: ratios, GB/s; layers; decode
+
+
+def test_the_speedup_page_shows_llama_cpp_beside_the_lab_or_says_how_to_measure_it(monkeypatch):
+    from sparse_core import peer
+    from test_peer import RESULT
+    monkeypatch.setattr(peer, "stored", lambda device="cpu": None)
+    at = _ok(_app())
+    _ok(at.switch_page("pages/speedup.py").run())
+    assert any("run `make peer`" in i.value for i in at.info)
+    monkeypatch.setattr(peer, "stored", lambda device="cpu": RESULT)
+    _ok(at.run())
+    frame = next(d.value for d in at.dataframe if "× llama.cpp (same precision)" in d.value)
+    assert list(frame["tok/s"]) == [52.0, 60.0] and list(frame["× lab dense"])[1] == 1.5
+    assert any("abc1234 (build 7)" in c.value for c in at.caption)
 
 
 def test_the_cats_layout_is_a_second_model_that_skips_up_rows_under_cats():
