@@ -1,4 +1,5 @@
 // AVX2 + FMA: 8 floats per vector, for CPUs without AVX-512 (most laptops); SPARSE_LAB_ISA=avx2 forces it.
+#if defined(__x86_64__) || defined(__i386__)  // elsewhere only the scalar path is built
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
@@ -35,3 +36,5 @@ const VectorKernels kAvx2Kernels{"avx2", avx2::gather_f32, avx2::gather_bf16, av
                                  avx2::read_sum};
 
 }  // namespace sparse_lab
+
+#endif  // x86

@@ -1,5 +1,6 @@
 // AVX-512 (F, BW): 16 floats per vector; bfloat16 widened by a zero-extend and a shift. Also compiled with
 // AVX512_BF16 (SPARSE_LAB_BF16_DOT), where bfloat16 dot products use the CPU's own dot instruction.
+#if defined(__x86_64__) || defined(__i386__)  // elsewhere only the scalar path is built
 #ifdef SPARSE_LAB_BF16_DOT
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 #else
@@ -71,3 +72,5 @@ const VectorKernels kAvx512Kernels{"avx512", avx512::gather_f32, avx512::gather_
 #endif
 
 }  // namespace sparse_lab
+
+#endif  // x86

@@ -26,16 +26,25 @@ namespace {
 
 using sparse_lab::VectorKernels;
 
-// The vector paths, narrowest first: vector_path's numbers.
+// The vector paths, narrowest first: vector_path's numbers (off x86 only the first exists).
+#if defined(__x86_64__) || defined(__i386__)
 const VectorKernels* const kPaths[] = {&sparse_lab::kScalarKernels, &sparse_lab::kAvx2Kernels,
                                        &sparse_lab::kAvx512Kernels, &sparse_lab::kAvx512Bf16Kernels};
+#else
+const VectorKernels* const kPaths[] = {&sparse_lab::kScalarKernels, &sparse_lab::kScalarKernels,
+                                       &sparse_lab::kScalarKernels, &sparse_lab::kScalarKernels};
+#endif
 
 int64_t widest_supported() {
+#if !(defined(__x86_64__) || defined(__i386__))
+  return 0;  // the vector files are x86's; other CPUs run the portable path
+#else
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+#endif
 }
 
 int64_t initial_path() {
