@@ -28,7 +28,7 @@ METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a cal
                "up too with the cats weight layout). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
 DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", device="auto", layout="inputs", method_label="TEAL thresholds", target=0.25,
-                max_new_tokens=48, sample=False, temperature=0.8, seed=0, trust_remote_code=False)
+                max_new_tokens=48, sample=False, temperature=0.8, seed=0, sparse_prefill=False, trust_remote_code=False)
 # Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
 PRESETS = {
     "Chat question": "What is the capital of France, and what is it famous for?",
@@ -66,6 +66,7 @@ class Settings:
     seed: int
     name: str  # what produced a result: the method at its target, or the Tuner spec's name
     compiled: bool = False  # decode with the compiled step (fast_decode)
+    sparse_prefill: bool = False  # the spec applies to the prompt's prefill too (default: dense prefill)
 
     @property
     def method_label(self) -> str:
@@ -73,11 +74,11 @@ class Settings:
 
     @property
     def setting(self) -> str:
-        """Every result carries this: method and target or spec name, dtype, layout, device, and the compiled step
-        when it decodes with it."""
+        """Every result carries this: method and target or spec name, dtype, layout, device, a sparse prefill when
+        asked for, and the compiled step when it decodes with it."""
         model = self.model
         return (f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
-                + (" · compiled" if self.compiled else ""))
+                + (" · sparse prefill" if self.sparse_prefill else "") + (" · compiled" if self.compiled else ""))
 
 
 def model_setting(model: models.SparseModel) -> str:
@@ -166,8 +167,8 @@ def foreground(notice=None, timed: bool = True) -> Iterator[None]:
 
 def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation:
     """The setting's one quality measurement (metrics.measured): from disk when known, else measured once here."""
-    with foreground(), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS:,} held-out tokens "
-                                     "(once per setting)…") as update:
+    with foreground(), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS:,} held-out tokens, dense "
+                                "prefill and sparse decode (once per setting)…") as update:
         return metrics.measured(model, spec, progress=update)
 
 
@@ -303,6 +304,12 @@ def sidebar() -> Settings:
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
         temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature") if sample else 0.0
         seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed")) if sample else 0
+        sparse_prefill = st.toggle("Sparse prefill", key="sparse_prefill",
+                                   help="Off (the default): the prompt's prefill runs dense and the spec applies to "
+                                        "the decode steps. A prefill is compute-bound, so skipping buys nothing there, "
+                                        "and a thresholded prompt's KV cache costs every later token quality. On: the "
+                                        "prompt runs sparse too, to study that cost. Counts and heatmaps cover the "
+                                        "decode steps either way.")
         compiled = _compiled_toggle(model, kept)
     kept.update({key: st.session_state[key] for key in DEFAULTS})
     applied = st.session_state.get("applied_spec")
@@ -318,7 +325,7 @@ def sidebar() -> Settings:
     if use_applied:
         method = spec.method
     name = f"Tuner spec “{applied[0]}”" if use_applied else f"{METHODS_BY_KEY[method]} at {target:.0%}"
-    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name, compiled)
+    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name, compiled, sparse_prefill)
 
 
 MAX_UPLOAD_BYTES = 1 << 20  # texts and specs: parsed as UTF-8 / JSON, never executed
@@ -414,6 +421,9 @@ def headline(current: Settings) -> None:
                        delta_color="off", delta_arrow="off",
                        help="How often the sparse model's most likely next token is the dense model's, on the same text.")
         st.markdown(headline_sentence(quality_now, speed))
+        st.caption(f"Quality measured with {quality_now.protocol_label}."
+                   + (" This generation's “Sparse prefill” thresholds the prompt too, which costs more: the Quality "
+                      "page's all-sparse protocol measures that." if current.sparse_prefill else ""))
         if flagged is not None:
             st.warning(f"The last decode measurement of this setting is not shown as a result: {flagged['flag']}."
                        + (" The speedup above is the last valid one." if speed else ""))
@@ -459,13 +469,14 @@ def text_block(text: str, highlight_from: int | None = None) -> str:
     return f"<div class='generated' style='white-space: pre-wrap; min-height: 6em'>{body or '&nbsp;'}</div>"
 
 
-def traced(model: models.SparseModel, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int) -> report.TokenTrace:
-    """One sparse forward pass over `ids` with a Trace. Only this visitor's latest trace is kept, in their session,
-    so it is released with the session; reruns with the same inputs reuse it."""
-    key = (*model_key(model), spec, ids, layer)
+def traced(model: models.SparseModel, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int,
+           dense_prefix: int = 0) -> report.TokenTrace:
+    """`ids` traced (report.trace_tokens: the first `dense_prefix` dense, the rest sparse). Only this visitor's latest
+    trace is kept, in their session, so it is released with the session; reruns with the same inputs reuse it."""
+    key = (*model_key(model), spec, ids, layer, dense_prefix)
     held = st.session_state.get("trace")
     if held is None or held[0] != key:
         with st.spinner("Tracing the tokens…"):
-            held = (key, report.trace_tokens(model, spec, ids, layer))
+            held = (key, report.trace_tokens(model, spec, ids, layer, dense_prefix=dense_prefix))
         st.session_state.trace = held
     return held[1]

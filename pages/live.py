@@ -36,6 +36,7 @@ class Result:
     setting: str   # Settings.setting at generation time: what was asked for
     counter: SparsityCounter  # the sparse run's
     compiled: bool = False    # the compiled step was asked for
+    sparse_prefill: bool = False  # the spec applied to the prompt's prefill too (never counted: decode steps only)
     partial: bool = True
     stage: str = "compiling"  # then "streaming", then "done"
     report: str | None = None  # the stakeholder report of the finished (or stopped) result, built once
@@ -84,8 +85,13 @@ class Result:
         return report.per_layer_frame(self.model, self.counter, self.method)
 
     def skipped_per_token(self) -> dict[str, np.ndarray]:
-        """Per group, layers x generated tokens: the share skipped in the pass that produced each token."""
+        """Per group, layers x decode steps: the share skipped in the step that produced each token after the first
+        (the prompt's prefill, which produces the first, is not counted)."""
         return {g: np.asarray(self.counter.pass_matrix(g, self.model.num_layers), dtype=float) for g in GROUPS}
+
+    def decoded_texts(self) -> list[str]:
+        """The texts of the sparse run's tokens made by decode steps: the heatmap's columns."""
+        return [t.text for t in self.tokens["sparse"][1:]]
 
 
 class LiveView:
@@ -118,9 +124,9 @@ class LiveView:
                                      help="1/(1−s) for the share s of weight reads this run has skipped so far.")
 
     def heatmap(self, result: Result) -> None:
-        tokens = [t.text for t in result.tokens["sparse"]]
+        tokens = result.decoded_texts()
         figure = figures.live_heatmaps(result.skipped_per_token(), tokens)
-        figure.update_layout(title=dict(text=f"Skipped while producing each token · {result.name}", font=dict(size=14),
+        figure.update_layout(title=dict(text=f"Skipped in each decode step · {result.name}", font=dict(size=14),
                                         x=0, xanchor="left"))
         self.chart.plotly_chart(figure, width="stretch", key=f"live-{len(tokens)}-{time.monotonic_ns()}")
 
@@ -140,14 +146,14 @@ def report_html(result: Result) -> str:
                                f"{len(result.tokens['dense'])} dense tokens" if result.partial else "complete"))
     headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound, ppl_dense=quality.ppl_dense,
                     ppl_sparse=quality.ppl_sparse, ppl_increase=quality.ppl_increase,
-                    top1_agreement=quality.top1_agreement, kl=quality.kl,
+                    top1_agreement=quality.top1_agreement, kl=quality.kl, quality_protocol=quality.protocol_label,
                     flag=flagged["flag"] if flagged and not speed else None,
                     speedup=speed["speedup"] if speed else None, speedup_iqr=speed["speedup_iqr"] if speed else None,
                     sentence=common.headline_sentence(quality, speed))
     divergence = result.divergence
     divergence_chars = None if divergence is None else len("".join(t.text for t in result.tokens["sparse"][:divergence]))
-    heatmap = figures.live_heatmaps(result.skipped_per_token(), [t.text for t in result.tokens["sparse"]])
-    charts = {f"Skipped share per layer and generated token ({result.name})": heatmap}
+    heatmap = figures.live_heatmaps(result.skipped_per_token(), result.decoded_texts())
+    charts = {f"Skipped share per layer and decode step ({result.name})": heatmap}
     if speed:
         charts[f"Decode speed against the bound ({speed['new_tokens']} steps × {speed['repeats']} runs, "
                f"dense path “{speed['dense_path']}”)"] = stakeholder_report.speed_figure(
@@ -157,7 +163,7 @@ def report_html(result: Result) -> str:
         rates = result.rates
         charts[f"This generation's rates against the bound ({rates.steps} equal steps; not the setting's "
                f"decode measurement)"] = stakeholder_report.speed_figure(rates.dense, rates.sparse, result.cost.bound)
-    charts[f"Quality on {quality.held_out_tokens:,} held-out tokens"] = stakeholder_report.quality_figure(
+    charts[f"Quality: {quality.protocol_label}"] = stakeholder_report.quality_figure(
         quality.ppl_dense, quality.ppl_sparse, quality.top1_agreement)
     texts = {"prompt": result.prompt_text, "dense": result.text("dense"), "sparse": result.text("sparse")}
     return stakeholder_report.build(setting, headline, texts, divergence_chars, charts,

@@ -12,6 +12,8 @@ from sparse_core import cost, fast_decode, figures, generate, ops, report
 from sparse_core.trace import SparsityCounter
 
 RUNS = live.RUNS
+HEATMAP_CAPTION = ("Press Generate: a layer × token heatmap of the skipped share grows here, one column per decode step "
+                   "(the prompt's prefill, which makes the first token, is not counted).")
 
 
 def _use_preset() -> None:
@@ -33,13 +35,14 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
         return None
     counters = {run: SparsityCounter() for run in RUNS}
     result = live.Result(model, prompt, prompt_text, {run: [] for run in RUNS}, current.spec, current.method,
-                         current.name, current.setting, counters["sparse"], current.compiled)
+                         current.name, current.setting, counters["sparse"], current.compiled, current.sparse_prefill)
     st.session_state.generation = result
     with common.foreground(notice):
         if current.compiled:  # why a run then decodes uncompiled, if one does, comes with its first token
             _compile_both(current, prompt, notice)
         streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
-                                        observers=(counters[run],), compiled=current.compiled)
+                                        observers=(counters[run],), compiled=current.compiled,
+                                        sparse_prefill=current.sparse_prefill)
                    for run, spec in zip(RUNS, (None, current.spec))}
         result.stage = "streaming"
         _stream(streams, result, panes, view)
@@ -142,11 +145,12 @@ def _neuron_view(result: live.Result) -> None:
     model = result.model
     layer = st.slider("Layer for the neuron view", 0, model.num_layers - 1, model.num_layers // 2, key="playground_layer")
     ids = result.prompt.ids + tuple(t.id for t in result.tokens["sparse"])
-    trace = common.traced(model, result.spec, ids, layer)
+    trace = common.traced(model, result.spec, ids, layer, 0 if result.sparse_prefill else len(result.prompt.ids))
     neurons = report.neuron_view(trace, hot_first=True)
     st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens, height=440), width="stretch", key="playground_neurons")
-    st.caption(f"MLP neurons of layer {layer}, the most often active at the top; grey = skipped. The Heatmaps page has "
-               "the |x| histograms and more views.")
+    prompt = "the prompt ran sparse too (sparse prefill)" if result.sparse_prefill else "the prompt's tokens ran dense (the prefill)"
+    st.caption(f"MLP neurons of layer {layer}, the most often active at the top; grey = skipped; {prompt}. The "
+               "Heatmaps page has the |x| histograms and more views.")
 
 
 def _show_details(result: live.Result) -> None:
@@ -156,11 +160,14 @@ def _show_details(result: live.Result) -> None:
                    labels={"skipped": "share of the layer's weight reads skipped"})
     chart.update_layout(height=320, margin=dict(t=30, b=10), yaxis_tickformat=".0%")
     st.plotly_chart(chart, width="stretch")
-    st.caption(f"Per decoder layer, the share of its weight reads the sparse run skipped ({result.name}); over the whole "
+    st.caption(f"Per decoder layer, the share of its weight reads the sparse run's decode steps skipped ({result.name}; "
+               f"the prompt's {'sparse' if result.sparse_prefill else 'dense'} prefill is not counted); over the whole "
                f"model, embeddings, norms and output head included, this generation skipped "
                f"{token.reads_skipped:.1%} of the weight reads. Active kernel backend: " + ops.describe_backends())
 
     st.subheader("Cost of one generated token")
+    st.caption("What one decode step of this generation reads and computes, from its counted skips (the prefill that "
+               "makes the first token is not counted).")
     st.metric("Bound for this generation's weight reads", f"×{token.bound:.2f}",
               help="Decoding one token at batch 1 reads every weight once and is limited by memory bandwidth, so "
                    "the best possible speedup is the dense weight bytes divided by the sparse ones, 1/(1−s).")
@@ -207,9 +214,9 @@ if clicked:
     if fresh is not None:
         result = fresh
 if result is None:
-    view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
+    view.chart.caption(HEATMAP_CAPTION)
 elif not result.tokens["sparse"] and not result.tokens["dense"]:
-    view.chart.caption("Press Generate: a layer × token heatmap of the skipped share grows here, one column per token.")
+    view.chart.caption(HEATMAP_CAPTION)
     st.warning("Stopped before the first token, while the generation waited for a compile; the compile that was "
                "running finished and is kept, so the next Generate starts sooner." if result.stage == "compiling" else
                "Stopped before the first token.")

@@ -16,14 +16,20 @@ current = common.sidebar()
 model = current.model
 
 with st.form("sweep_form"):
-    cols = st.columns(4)
+    cols = st.columns(5)
     methods = cols[0].multiselect("Methods", list(common.METHODS), default=["TEAL thresholds"])
     allocations = cols[1].multiselect("Allocation", ["uniform", "greedy"], default=["uniform"],
                                       help="Greedy replays each block on calibration text, the slowest part of a sweep; the progress "
                                            "bar estimates the time left from its pace.")
     targets = cols[2].multiselect("Targets", [round(0.05 * i, 2) for i in range(1, 19)], default=[0.25, 0.4, 0.5, 0.6])
     tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=metrics.QUALITY_TOKENS,
-                                   help=f"{metrics.QUALITY_TOKENS:,} is the one quality measurement every page shows for a setting.")
+                                   help=f"{metrics.QUALITY_TOKENS:,} under the dense-prefill protocol is the one quality "
+                                        "measurement every page shows for a setting.")
+    protocol = cols[4].selectbox("Protocol", list(metrics.PROTOCOLS), key="sweep_protocol",
+                                 help="dense-prefill (TEAL's, and how the lab generates): each window's first half "
+                                      "runs dense as a prompt's prefill does, its second half sparse and scored as "
+                                      "decode steps are. all-sparse: every position sparse and scored, as with "
+                                      "“Sparse prefill” on; harsher, and the lab's measurement before dense prefill.")
     text = common.uploaded_text("Your own evaluation text (optional)", key="quality_text")
     run = st.form_submit_button("Run sweep", type="primary")
 
@@ -40,7 +46,8 @@ if run:
         # The sweep runs in its own thread with the model captured now; reruns of this page (any click) find it
         # in the session and show its progress instead of killing it.
         job = st.session_state.sweep_job = tuning.start_sweep(model, chosen, sorted(targets), allocations,
-                                                              text=text, max_tokens=tokens, hold=warmup.paused())
+                                                              text=text, max_tokens=tokens, hold=warmup.paused(),
+                                                              protocol=protocol)
 
 
 @st.fragment(run_every=1.0)
@@ -87,8 +94,9 @@ if frame is None or frame.empty:
     st.stop()
 
 swept_on = st.session_state.get("sweep_on", common.model_setting(model))
+measured_how = metrics.protocol_of(frame.protocol.iloc[0]).describe(int(frame.held_out_tokens.iloc[0]))
 if swept_on == common.model_setting(model):
-    st.caption(f"Produced by: a sweep on {swept_on}.")
+    st.caption(f"Produced by: a sweep on {swept_on}; quality measured with {measured_how}.")
 else:
     st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {common.model_setting(model)}. Run the sweep again.")
 frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)

@@ -135,7 +135,8 @@ else:
                     width="stretch", key="decode_chart")
     st.caption(f"The dotted lines are the memory-bandwidth limits: this machine's measured read bandwidth "
                f"({decode['bandwidth_gbs']:.0f} GB/s) over the weight bytes per token ({decode['weight_bytes_per_token'] / 1e6:.0f} MB "
-               f"dense, {decode['sparse_weight_bytes_per_token'] / 1e6:.0f} MB sparse). Dense reaches "
+               f"dense, {decode['sparse_weight_bytes_per_token'] / 1e6:.0f} MB sparse, counted over the decode steps: the "
+               f"prompt's prefill runs dense). Dense reaches "
                f"{decode['dense_fraction_of_limit']:.0%} of its limit, sparse {decode['sparse_fraction_of_limit']:.0%}; "
                "the rest is per-token overhead (docs/PERFORMANCE.md).")
     st.caption(f"Measured for {current.setting} with the {decode['decoder']}: {decode['model']}, dense path "

@@ -74,7 +74,8 @@ def cmd_generate(args, model):
     if compiled and fast_decode.unsupported(model):
         print(f"note: decoding with HF's forward: {fast_decode.unsupported(model)}.", file=sys.stderr)
     for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed, compiled=compiled):
+                                   temperature=args.temperature, seed=args.seed, compiled=compiled,
+                                   sparse_prefill=args.sparse_prefill):
         tokens.append(token)
         if token.note:
             print(f"\nnote: {token.note}", file=sys.stderr)
@@ -82,8 +83,8 @@ def cmd_generate(args, model):
             print(token.text, end="", flush=True)
     result = generation.Generation("".join(t.text for t in tokens), tokens)
     if args.json:
-        print(json.dumps({"method": spec.method, "sparsity": args.sparsity, "text": result.text,
-                          "new_tokens": len(tokens), "tok_s": round(result.tokens_per_second, 2)}))
+        print(json.dumps({"method": spec.method, "sparsity": args.sparsity, "sparse_prefill": args.sparse_prefill,
+                          "text": result.text, "new_tokens": len(tokens), "tok_s": round(result.tokens_per_second, 2)}))
     else:
         print(f"\n[{len(tokens)} tokens, {result.tokens_per_second:.1f} tok/s, {spec.method}]", file=sys.stderr)
 
@@ -98,11 +99,13 @@ def cmd_calibrate(args, model):
 def cmd_eval(args, model):
     spec = _spec(args, model)
     text = args.text.read_text(encoding="utf-8") if args.text else None
-    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"))
+    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"),
+                              protocol=args.protocol)
     row = {"model": model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
            "spec": spec.label, "dtype": str(model.dtype).replace("torch.", ""), "layout": model.layout,
            "device": str(model.device), "ppl_increase": round(result.ppl_increase, 4),
-           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.as_dict().items()}}
+           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.as_dict().items()},
+           "protocol_label": result.protocol_label}
     row["per_layer_sparsity"] = [round(v, 3) for v in result.per_layer_sparsity]
     row["chunk_ppl_increase"] = [round(v, 4) for v in result.chunk_ppl_increase]
     print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
@@ -111,11 +114,19 @@ def cmd_eval(args, model):
 def cmd_sweep(args, model):
     text = args.text.read_text(encoding="utf-8") if args.text else None
     frame = tuning.sweep(model, args.methods, args.targets, args.allocations, text=text, max_tokens=args.max_tokens,
-                         progress=_progress("sweeping"))
+                         progress=_progress("sweeping"), protocol=args.protocol)
     if args.json:
         print(json.dumps({"model": model.name, "rows": frame.round(4).to_dict(orient="records")}))
     else:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _quality_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default=metrics.DEFAULT_PROTOCOL, choices=list(metrics.PROTOCOLS),
+                   help="dense-prefill (default, TEAL's: each window's first half dense, its second half sparse and "
+                        "scored, as the lab generates) or all-sparse (every position sparse and scored)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="held-out tokens (default: the protocol's own, the one measurement every page shows)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--sparse-prefill", action="store_true",
+                   help="apply the spec to the prompt's prefill too (default: the prefill runs dense, decode steps sparse)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with the compiled step (default: on where the model supports it; the first compile "
                         "on a machine takes a minute or two, later ones load from the cache)")
@@ -139,15 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same target everywhere, or greedy per-layer allocation (TEAL)")
     p = sub.add_parser("eval", help="perplexity, KL and agreement of a spec on held-out text")
     _model_args(p)
-    p.add_argument("--max-tokens", type=int, default=metrics.QUALITY_TOKENS,
-                   help="held-out tokens (the default is the one measurement every page shows)")
+    _quality_args(p)
     p = sub.add_parser("sweep", help="quality against sparsity for methods, allocations and targets")
     _model_args(p, sparse=False)
     p.add_argument("--methods", nargs="+", default=["teal"], choices=["teal", "cats", "topk"])
     p.add_argument("--allocations", nargs="+", default=["uniform", "greedy"], choices=["uniform", "greedy"])
     p.add_argument("--targets", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.6])
     p.add_argument("--text", type=Path, help="your own evaluation text file")
-    p.add_argument("--max-tokens", type=int, default=metrics.QUALITY_TOKENS)
+    _quality_args(p)
     from . import bench
     p = sub.add_parser("bench", help="kernel and decode benchmarks")
     bench.add_arguments(p)

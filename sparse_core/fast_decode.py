@@ -305,13 +305,14 @@ def cache_length(max_positions: int) -> int:
 
 
 class Session:
-    """One generation on the fast decoder: its own static KV cache, the prompt's prefill (eager: its length varies),
-    then one compiled step per token. Counters among `observers` receive what each pass skipped. A compiled session
+    """One generation on the fast decoder: its own static KV cache, the prompt's prefill (eager: its length varies;
+    dense, through F.linear, unless `sparse_prefill`), then one compiled step per token. Counters among `observers`
+    receive what each decode step skipped (the prefill is not counted). A compiled session
     that cannot compile, or whose compiled step fails (a compiler error, a compile limit), decodes eagerly from there
     on: `compiled` then says False and `note` says why in one sentence; other sessions are not affected."""
 
     def __init__(self, fast: Decoder, spec: SparsitySpec | None, max_positions: int, compiled: bool = True,
-                 dense_route: str | None = None, observers=()):
+                 dense_route: str | None = None, observers=(), sparse_prefill: bool = False):
         model = fast.model
         self.fast, self.observers = fast, tuple(observers)
         length = cache_length(max_positions)
@@ -319,6 +320,7 @@ class Session:
         with torch.inference_mode():  # like every tensor the steps see: the compiled graph is specialised on it
             self.caches = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(2 * model.num_layers)]
         self.setting = fast.setting(spec, dense_route)
+        self.prefill_setting = self.setting if sparse_prefill else fast.setting(None, "linear")
         self._key = fast.shape_key(spec, max_positions, dense_route)
         self.note = fast.why_eager(self._key, length) if compiled else None
         self.failure: str | None = None  # the compiled step's error, when it failed in this session
@@ -334,7 +336,9 @@ class Session:
             self.compile()
         tokens = torch.tensor(ids, device=self.fast.model.device)
         start = torch.tensor([self.position], device=tokens.device)
-        return self._report(*self.fast.forward(tokens, start, self.caches, self.setting), len(ids))
+        logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_setting)
+        self.position += len(ids)
+        return logits
 
     @torch.inference_mode()
     def compile(self) -> None:
@@ -376,16 +380,17 @@ class Session:
         """The next token's logits."""
         device = self.fast.model.device
         ids, start = torch.tensor([token], device=device), torch.tensor([self.position], device=device)
-        return self._report(*self._run(ids, start), 1)
+        return self._report(*self._run(ids, start))
 
-    def _report(self, logits: torch.Tensor, skipped: torch.Tensor, tokens: int) -> torch.Tensor:
-        self.position += tokens
+    def _report(self, logits: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+        """A decode step's logits, after handing its skip counts to the counters."""
+        self.position += 1
         if self.observers:
             widths = self.fast.widths.tolist()
             for layer, row in enumerate(skipped.tolist()):
                 for group, count, width in zip(GROUPS, row, widths):
                     for counter in self.observers:
-                        counter.add(layer, group, count, tokens * width)
+                        counter.add(layer, group, count, width)
         return logits
 
     @property

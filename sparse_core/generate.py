@@ -50,8 +50,12 @@ def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_to
 
 def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None, max_new_tokens: int = 64,
            temperature: float = 0.0, seed: int = 0, observers: tuple[Observer, ...] = (),
-           stop_at_eos: bool = True, dense_route: str | None = None, compiled: bool = False) -> Iterator[Token]:
-    """Yield generated tokens. The spec is set only around each forward pass, never across a yield. `dense_route`
+           stop_at_eos: bool = True, dense_route: str | None = None, compiled: bool = False,
+           sparse_prefill: bool = False) -> Iterator[Token]:
+    """Yield generated tokens. The spec applies to the decode steps; the prompt's prefill runs dense (it is
+    compute-bound, so skipping buys nothing there, and a thresholded prompt's KV cache costs every later token
+    quality) unless `sparse_prefill`. Observers see the decode steps only, in both cases: what they count is what a
+    generated token skips. The spec is set only around each forward pass, never across a yield. `dense_route`
     overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES). `compiled`
     decodes with the compiled step of fast_decode where the model supports it (the prompt's prefill runs there
     eagerly); observers that need every score keep HF's forward (fast_decode.observable says which do not). Each
@@ -63,20 +67,15 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     model.check(spec)
     generator = torch.Generator().manual_seed(seed)
     eos = eos_ids(model)
-    ids = torch.tensor([prompt.ids], device=model.device)
     fast = fast_decode.decoder(model) if compiled and fast_decode.observable(observers) else None
-    session = fast and fast_decode.Session(fast, spec, len(prompt.ids) + max_new_tokens, True, dense_route, observers)
-    cache, produced, text_so_far, note, noted = None, [], "", None, None
+    session = (fast_decode.Session(fast, spec, len(prompt.ids) + max_new_tokens, True, dense_route, observers,
+                                   sparse_prefill) if fast else HFSession(model, spec, observers, dense_route, sparse_prefill))
+    produced, text_so_far, noted = [], "", None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            if session is not None:
-                logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids))).float()
-                note, noted = (session.note if session.note != noted else None), session.note
-            else:
-                with sparsity(spec, observers, dense_route):
-                    out = model.model(ids, cache=cache, use_cache=True)
-                logits, cache = out.logits[0, -1].float(), out.cache
+            logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids))).float()
+            note, noted = (session.note if session.note != noted else None), session.note
             if temperature > 0:
                 probs = (logits / temperature).softmax(-1).cpu()
                 next_id = int(torch.multinomial(probs, 1, generator=generator))
@@ -86,10 +85,37 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
             produced.append(next_id)
             text = model.tokenizer.decode(produced, skip_special_tokens=True)
             delta, text_so_far = text[len(text_so_far):], text
-            yield Token(next_id, delta, seconds, session is not None and session.compiled, note)
+            yield Token(next_id, delta, seconds, session.compiled, note)
             if stop_at_eos and next_id in eos:
                 return
-            ids = torch.tensor([[next_id]], device=model.device)
+
+
+class HFSession:
+    """One generation through the patched model's HF forward and its cache, as fast_decode.Session is one through
+    the compiled step: the prompt's prefill dense unless `sparse_prefill`, each decode step with the spec, seen by
+    the observers."""
+    compiled = False
+    note = None  # nothing to fall back from
+
+    def __init__(self, model: SparseModel, spec: SparsitySpec | None, observers: tuple[Observer, ...] = (),
+                 dense_route: str | None = None, sparse_prefill: bool = False):
+        self.model, self.spec, self.observers, self.dense_route = model, spec, tuple(observers), dense_route
+        self.sparse_prefill = sparse_prefill
+        self.cache = None  # HF's cache of every position so far
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """The last prompt position's logits."""
+        return self._forward(ids, self.spec if self.sparse_prefill else None, ())
+
+    def step(self, token: int) -> torch.Tensor:
+        """The next token's logits."""
+        return self._forward([token], self.spec, self.observers)
+
+    def _forward(self, ids: list[int], spec: SparsitySpec | None, observers: tuple[Observer, ...]) -> torch.Tensor:
+        with sparsity(spec, observers, self.dense_route):
+            out = self.model.model(torch.tensor([ids], device=self.model.device), cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        return out.logits[0, -1]
 
 
 @dataclasses.dataclass

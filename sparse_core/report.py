@@ -38,14 +38,24 @@ def token_texts(model: models.SparseModel, ids: Sequence[int]) -> list[str]:
 
 
 def trace_tokens(model: models.SparseModel, spec: SparsitySpec | None, ids: Sequence[int], layer: int,
-                 max_tokens: int = MAX_TRACE_TOKENS) -> TokenTrace:
-    """Trace the last `max_tokens` of `ids` in one forward pass. Every method decides per token, so this sees
-    the same skips as the token-by-token generation that produced the ids."""
+                 max_tokens: int = MAX_TRACE_TOKENS, dense_prefix: int = 0) -> TokenTrace:
+    """Trace the last `max_tokens` of `ids`: the first `dense_prefix` of them (a generation's dense prefill) dense,
+    with their scores traced and nothing skipped, the rest with the spec, continuing from their cache. Every method
+    decides per token, so this sees the same skips as the token-by-token generation that produced the ids."""
     model.check(spec)
-    ids = list(ids)[-max_tokens:]
+    cut = max(0, len(ids) - max_tokens)
+    ids, dense_prefix = list(ids)[cut:], min(max(0, dense_prefix - cut), len(ids) - cut)
     trace = Trace(activation_layer=layer)
-    with torch.inference_mode(), sparsity(spec, [trace]):
-        model.model(torch.tensor([ids], device=model.device), use_cache=False)
+    cache = None
+    with torch.inference_mode():
+        if dense_prefix and spec is not None:
+            with sparsity(spec.zeroed(), [trace]):
+                cache = model.model(torch.tensor([ids[:dense_prefix]], device=model.device), use_cache=True).cache
+        else:
+            dense_prefix = 0
+        if dense_prefix < len(ids):
+            with sparsity(spec, [trace]):
+                model.model(torch.tensor([ids[dense_prefix:]], device=model.device), cache=cache, use_cache=False)
     return TokenTrace(trace, token_texts(model, ids), spec, layer)
 
 

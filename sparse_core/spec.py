@@ -77,6 +77,11 @@ class SparsitySpec:
     def dense(cls, num_layers: int, model_fingerprint: str) -> "SparsitySpec":
         return cls("dense", _table(num_layers, 0.0), model_fingerprint)
 
+    def zeroed(self) -> "SparsitySpec":
+        """This method with nothing skipped (but exact zeros): the dense output, with the scores it thresholds
+        exposed to observers (CATS' gate activation too)."""
+        return SparsitySpec(self.method, _table(self.num_layers, 0.0), self.model_fingerprint)
+
     @classmethod
     def uniform_topk(cls, num_layers: int, model_fingerprint: str, sparsity: float) -> "SparsitySpec":
         """Top-k keeps the (1 - sparsity) largest |x| of every projection input, per token."""

@@ -106,8 +106,9 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
     setting: model, method, spec (its name), target (or None), dtype, layout, device, decoder; shown as a table in
     this order.
     headline: weight_reads_skipped (0..1), speedup (None when not measured), speedup_iqr ([lo, hi] or None), bound,
-        ppl_dense, ppl_sparse, ppl_increase, top1_agreement, kl, flag (None, or why the speed measurement is not
-        valid: a flagged speedup is never shown, only the flag), and `sentence`, the one-line summary.
+        ppl_dense, ppl_sparse, ppl_increase, top1_agreement, kl, quality_protocol (how the quality figures were
+        measured, metrics.Evaluation.protocol_label), flag (None, or why the speed measurement is not valid: a
+        flagged speedup is never shown, only the flag), and `sentence`, the one-line summary.
     texts: "prompt", "dense", "sparse". divergence_chars: where in texts["sparse"] the sparse text first differs from
         dense (None when identical); the rest of the sparse text is marked.
     figures: charts by title, embedded in this order (plotly.js goes inline with the first one only).
@@ -182,7 +183,8 @@ def _headline(h: dict) -> str:
              _card("Speedup bound", f"×{h['bound']:.2f}", "1/(1−s): the most a memory-bound decoder can gain"),
              _card("Perplexity change", ppl_change(h["ppl_increase"]), f"{h['ppl_dense']:.1f} → {h['ppl_sparse']:.1f}"),
              _card("Top-1 agreement", f"{h['top1_agreement']:.0%}", f"KL {h['kl']:.3f} nats")]
-    return f"<div class='cards'>{''.join(cards)}</div>\n<p class='sentence'>{_esc(h['sentence'])}</p>{note}"
+    return (f"<div class='cards'>{''.join(cards)}</div>\n<p class='sentence'>{_esc(h['sentence'])}</p>{note}"
+            f"<p class='muted'>Quality measured with {_esc(h['quality_protocol'])}.</p>")
 
 
 def _texts(texts: dict[str, str], divergence_chars: int | None) -> str:

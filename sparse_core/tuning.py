@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import calibrate as calibration
-from .metrics import QUALITY_TOKENS, measured
+from .metrics import DEFAULT_PROTOCOL, measured
 from .models import SparseModel, decoder_layers
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
@@ -167,6 +167,8 @@ class SweepPoint:
     achieved_sparsity: float
     weight_reads_skipped: float
     bound: float
+    protocol: str  # metrics.PROTOCOLS: which positions ran sparse and were scored
+    held_out_tokens: int
 
 
 MAX_CACHED_SWEEPS = 16  # sweeps are small tables, but visitors can ask for many; the oldest goes first
@@ -174,8 +176,9 @@ _SWEEPS = BoundedCache(MAX_CACHED_SWEEPS)
 
 
 def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
-                 allocations: Sequence[str] = ("uniform",), text: str | None = None, max_tokens: int = QUALITY_TOKENS,
-                 progress: Progress | None = None, cancel: threading.Event | None = None) -> Iterator[SweepPoint]:
+                 allocations: Sequence[str] = ("uniform",), text: str | None = None, max_tokens: int | None = None,
+                 progress: Progress | None = None, cancel: threading.Event | None = None,
+                 protocol: str = DEFAULT_PROTOCOL) -> Iterator[SweepPoint]:
     """The sweep's points, one (method, allocation, target) at a time, as each is measured. Progress counts one
     done/total over the whole sweep, greedy allocation's steps first (greedy_steps per method) and then one step per
     point, so it moves from the start; `cancel` stops it with Cancelled between steps."""
@@ -196,10 +199,11 @@ def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[f
         between_chunks = lambda done, total: _check(cancel)  # a Stop takes effect within a chunk, not a point
         spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(
             model, method, target, progress=between_chunks)
-        result = measured(model, spec, text=text, max_tokens=max_tokens, progress=between_chunks)
+        result = measured(model, spec, text=text, max_tokens=max_tokens, progress=between_chunks, protocol=protocol)
         point = SweepPoint(method, allocation, target, result.ppl_dense, result.ppl_sparse,
                            result.ppl_sparse / result.ppl_dense, result.kl, result.top1_agreement,
-                           result.achieved_sparsity, result.weight_reads_skipped, result.bound)
+                           result.achieved_sparsity, result.weight_reads_skipped, result.bound, result.protocol,
+                           result.held_out_tokens)
         report(offset + done, total)
         yield point
 
@@ -211,19 +215,20 @@ def points_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
 
 
 def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
-          text: str | None = None, max_tokens: int = QUALITY_TOKENS, progress: Progress | None = None,
-          cancel: threading.Event | None = None, on_point: Callable[[SweepPoint], None] | None = None) -> pd.DataFrame:
+          text: str | None = None, max_tokens: int | None = None, progress: Progress | None = None,
+          cancel: threading.Event | None = None, on_point: Callable[[SweepPoint], None] | None = None,
+          protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
     """Quality against sparsity: one row per (method, allocation, target) on held-out text, each point the
     setting's own stored measurement (metrics.measured); the table is cached per inputs. `on_point` receives each
     point as it is finished, so a caller that cancels (Cancelled is raised) keeps the points done so far; only a
     whole sweep is cached (a cached one returns at once, without calling progress or on_point)."""
     text = calibration.default_text("evaluation") if text is None else text
-    key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens)
+    key = (model.fingerprint, model.layout, tuple(methods), tuple(targets), tuple(allocations), calibration.text_hash(text), max_tokens, protocol)
     cached = _SWEEPS.get(key)
     if cached is not None:
         return cached
     points = []
-    for point in sweep_points(model, methods, targets, allocations, text, max_tokens, progress, cancel):
+    for point in sweep_points(model, methods, targets, allocations, text, max_tokens, progress, cancel, protocol):
         points.append(point)
         if on_point:
             on_point(point)
@@ -270,7 +275,8 @@ class SweepJob:
 
 def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
                 allocations: Sequence[str] = ("uniform",), text: str | None = None,
-                max_tokens: int = QUALITY_TOKENS, hold: contextlib.AbstractContextManager | None = None) -> SweepJob:
+                max_tokens: int | None = None, hold: contextlib.AbstractContextManager | None = None,
+                protocol: str = DEFAULT_PROTOCOL) -> SweepJob:
     """Run sweep(...) in a daemon thread and return its job at once (see SweepJob); the thread runs inside `hold`
     (the app passes its background preparation's pause, so the two do not share the cores)."""
     methods, targets, allocations = list(methods), list(targets), list(allocations)
@@ -283,7 +289,7 @@ def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[fl
         try:
             with hold or contextlib.nullcontext():
                 frame = sweep(model, methods, targets, allocations, text=text, max_tokens=max_tokens,
-                              progress=progress, cancel=job.cancel, on_point=job.points.append)
+                              progress=progress, cancel=job.cancel, on_point=job.points.append, protocol=protocol)
             job.total = job.total or job.planned  # a cached sweep reports no progress
             job.done, job.frame = job.total, frame
             job.state = "finished"

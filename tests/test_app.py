@@ -66,6 +66,8 @@ def test_playground_opens_with_the_headline_card_of_the_setting():
     assert _metric(at, "Top-1 agreement") == f"{measured.top1_agreement:.0%}"
     assert any(m.value.startswith(f"Skips {measured.weight_reads_skipped:.0%} of weight reads")
                                     for m in at.markdown)
+    assert measured.protocol == "dense-prefill"  # the default protocol, as the lab generates, and the card says so
+    assert f"Quality measured with {measured.protocol_label}." in [c.value for c in at.caption]
 
 
 def test_slider_and_method_change_what_is_computed():
@@ -100,13 +102,14 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
         assert sparse_metric.delta.startswith("ratio flagged") and any("is not a result" in w.value for w in at.warning)
     else:
         assert sparse_metric.delta == f"×{rates.speedup:.2f}: {'faster' if rates.speedup >= 1 else 'slower'}"
-    assert not generation.partial and len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(generation.tokens["sparse"])
-    live = json.loads(next(c for c in at.get("plotly_chart") if "Skipped while producing" in c.proto.spec).proto.spec)
+    decoded = generation.tokens["sparse"][1:]  # the prompt's prefill makes the first token and is not counted
+    assert not generation.partial and len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(decoded)
+    live = json.loads(next(c for c in at.get("plotly_chart") if "Skipped in each decode step" in c.proto.spec).proto.spec)
     z = live["data"][0]["z"]  # plotly sends numeric arrays as {"bdata", "shape"}
     rows, columns = map(int, z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
     assert len(live["data"]) == 4 and rows == 30  # four groups, one row per layer
-    assert columns == len(generation.tokens["sparse"])  # one column per generated token
-    assert live["layout"]["xaxis"]["ticktext"][0] == report.token_labels([generation.tokens["sparse"][0].text])[0]
+    assert columns == len(decoded)  # one column per decode step
+    assert live["layout"]["xaxis"]["ticktext"][0] == report.token_labels([decoded[0].text])[0]
     assert at.success or at.warning  # same tokens, or where they diverge
     assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu." in [c.value for c in at.caption]
     labels = {m.label for m in at.metric}
@@ -133,10 +136,31 @@ def test_the_compiled_step_toggle_generates_the_same_text_and_says_so():
     compiled = at.session_state["generation"]
     assert compiled.compiled and not eager.compiled
     assert [t.id for t in compiled.tokens["dense"]] == [t.id for t in eager.tokens["dense"]]  # greedy: same tokens
-    assert len(compiled.counter.pass_matrix("mlp_in", 30)[0]) == len(compiled.tokens["sparse"])  # the live heatmap's
+    assert len(compiled.counter.pass_matrix("mlp_in", 30)[0]) == len(compiled.tokens["sparse"]) - 1  # the live heatmap's
     assert compiled.achieved == pytest.approx(eager.achieved, abs=0.02)  # counts come from the compiled step
     assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled." in [c.value for c in at.caption]
     assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled**"
+
+
+def test_sparse_prefill_is_off_by_default_and_when_on_thresholds_the_prompt_too():
+    """The prompt's prefill runs dense unless the visitor asks; on, the sparse run is the engine's own sparse-prefill
+    generation, and the setting says so."""
+    from sparse_core import calibrate, generate, models
+    from pages.common import load_model
+    at = _ok(_app())
+    toggle = at.sidebar.toggle(key="sparse_prefill")
+    assert toggle.value is False and toggle.label == "Sparse prefill"
+    toggle.set_value(True)
+    at = _generate(_ok(at.run()), tokens=6)
+    generation = at.session_state["generation"]
+    assert generation.sparse_prefill and _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu · sparse prefill**"
+    assert any("“Sparse prefill” thresholds the prompt too" in c.value for c in at.caption)
+    model = load_model(models.DEFAULT_MODEL, "float32", "inputs")
+    spec = calibrate.calibrate(model, "teal", 0.25)
+    prompt = generate.encode_prompt(model, generation.prompt_text, max_new_tokens=6)
+    expected = generate.generate(model, prompt, spec, max_new_tokens=6, sparse_prefill=True)
+    assert [t.id for t in generation.tokens["sparse"]] == [t.id for t in expected.tokens]
+    assert len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(generation.tokens["sparse"]) - 1
 
 
 def test_the_report_download_is_one_offline_html_file_of_the_generation(tmp_path):
@@ -371,6 +395,18 @@ def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     measured = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25))  # what the Playground shows
     assert (teal_25.ppl_sparse, teal_25.kl, teal_25.weight_reads_skipped) == (measured.ppl_sparse, measured.kl,
                                                                             measured.weight_reads_skipped)
+    assert any(c.value.endswith(f"quality measured with {measured.protocol_label}.") for c in at.caption)
+
+    at.selectbox(key="sweep_protocol").set_value("all-sparse")  # today's harsher protocol, measured and labelled as such
+    at.multiselect[0].set_value(["TEAL thresholds"])
+    at.multiselect[2].set_value([0.25])
+    at.select_slider[0].set_value(1024)
+    next(b for b in at.button if b.label == "Run sweep").click()
+    _until_the_sweep_ends(_ok(at.run()))
+    sweep = at.session_state["sweep"]
+    harsh = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25), protocol="all-sparse")
+    assert list(sweep.protocol) == ["all-sparse"] and sweep.kl.iloc[0] == harsh.kl != measured.kl
+    assert any(c.value.endswith(f"quality measured with {harsh.protocol_label}.") for c in at.caption)
 
 
 def _sweep_topk(at: AppTest, target: float) -> AppTest:

@@ -16,12 +16,26 @@ def test_eval_json_is_the_one_stored_quality_measurement(smollm2, capsys):
     assert {"ppl_dense", "ppl_sparse", "kl", "top1_agreement", "achieved_sparsity", "weight_reads_skipped", "bound",
             "ppl_increase", "chunk_ppl_increase"} <= row.keys()
     assert (row["spec"], row["dtype"], row["layout"], row["device"]) == ("TEAL 25%", "float32", "inputs", "cpu")
-    assert row["tokens"] == metrics.QUALITY_TOKENS - metrics.QUALITY_TOKENS // metrics.CHUNK_TOKENS  # one target less per chunk
+    windows = metrics.QUALITY_TOKENS // 512
+    assert (row["protocol"], row["window"], row["held_out_tokens"]) == ("dense-prefill", 512, metrics.QUALITY_TOKENS)
+    assert row["tokens"] == windows * (256 - 1)  # each window's second half predicts all but its last token
     assert abs(row["achieved_sparsity"] - 0.25) < 0.05 and row["ppl_sparse"] >= row["ppl_dense"] * 0.98
     shown = metrics.measured(smollm2, calibrate.calibrate(smollm2, "teal", 0.25))
     assert (row["ppl_sparse"], row["kl"], row["weight_reads_skipped"]) == (
         round(shown.ppl_sparse, 4), round(shown.kl, 4), round(shown.weight_reads_skipped, 4))
     assert row["bound"] == pytest.approx(1 / (1 - row["weight_reads_skipped"]), rel=1e-3)
+
+
+def test_eval_protocol_all_sparse_is_the_measurement_before_dense_prefill(smollm2, capsys):
+    """`--protocol all-sparse`: every position of four 256-token windows sparse and scored, stored apart from the
+    default protocol's figure and labelled with its own."""
+    assert main(["eval", "--json", "--method", "teal", "--sparsity", "0.25", "--protocol", "all-sparse"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["protocol"], row["window"], row["held_out_tokens"], row["tokens"]) == ("all-sparse", 256, 1024, 1020)
+    assert row["protocol_label"].startswith("all positions sparse: 1,024 held-out tokens in 256-token windows")
+    spec = calibrate.calibrate(smollm2, "teal", 0.25)
+    harsh, default = (metrics.measured(smollm2, spec, protocol=p) for p in ("all-sparse", "dense-prefill"))
+    assert row["kl"] == round(harsh.kl, 4) and harsh.kl > default.kl  # a sparse prompt cache costs every later token
 
 
 def test_calibrate_writes_a_spec_that_eval_reads_back(tmp_path, capsys):

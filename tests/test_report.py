@@ -83,6 +83,26 @@ def test_trace_heatmap_data_agrees_with_the_threshold(tiny):
     assert below == pytest.approx(float((values <= 0.05).float().mean()), abs=1e-6)
 
 
+def test_a_trace_with_a_dense_prefix_sees_what_the_generation_skipped(tiny):
+    """A generation's prompt ran dense (its prefill) and its tokens sparse from that cache: the trace of its ids with
+    that prefix skips nothing in the prompt and, token for token, what the generation's decode steps skipped."""
+    from sparse_core.trace import Trace
+    spec, ids, prefix = _teal(tiny, 0.5), list(range(1, 10)) * 3, 9
+    traced = report.trace_tokens(tiny, spec, ids, layer=0, dense_prefix=prefix)
+    matrix = report.skipped_matrix(traced, "mlp_in")
+    assert matrix.shape == (1, len(ids)) and (matrix.iloc[0, :prefix] == 0).all()
+    generation = Trace(activation_layer=0)
+    session = generate.HFSession(tiny, spec, observers=(generation,))
+    with torch.inference_mode():
+        session.prefill(ids[:prefix])
+        for token in ids[prefix:]:
+            session.step(token)
+    stepped = generation.skipped_frame()
+    expected = stepped[stepped.group == "mlp_in"].skipped.to_numpy()
+    assert expected.mean() > 0.1  # the decode steps do skip
+    np.testing.assert_allclose(matrix.iloc[0, prefix:].to_numpy(), expected, atol=1e-6)
+
+
 def test_dense_trace_has_no_threshold_marker(tiny):
     traced = report.trace_tokens(tiny, None, [1, 2, 3, 4], layer=0)
     assert report.threshold_marker(traced, "attn_in") == (None, 0.0)

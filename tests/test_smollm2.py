@@ -51,9 +51,51 @@ def test_calibrated_target_holds_on_held_out_text(smollm2, method, target):
     assert 0 < result.kl and 0.3 < result.top1_agreement < 1
 
 
-def test_zero_sparsity_costs_nothing(smollm2):
-    result = metrics.evaluate(smollm2, calibrate.calibrate(smollm2, "teal", 0.0), max_tokens=256)
+@pytest.mark.parametrize("protocol", sorted(metrics.PROTOCOLS))
+def test_zero_sparsity_costs_nothing_under_either_protocol(smollm2, protocol):
+    """At 0 % the sparse predictions are the dense ones, and the dense perplexity is plain HF's over the same scored
+    positions: the whole window (all-sparse), or the second half after the first as context (dense-prefill)."""
+    how = metrics.PROTOCOLS[protocol]
+    result = metrics.evaluate(smollm2, calibrate.calibrate(smollm2, "teal", 0.0), max_tokens=how.window,
+                              protocol=protocol)
     assert result.kl == 0 and result.top1_agreement == 1 and result.ppl_sparse == result.ppl_dense
+    assert result.weight_reads_skipped < 1e-3  # only exact zeros (at most a few inputs) count as skipped
+    pristine = AutoModelForCausalLM.from_pretrained(models.default_model_dir(), dtype=torch.float32).eval()
+    ids = smollm2.tokenizer(calibrate.default_text("evaluation"), add_special_tokens=False,
+                            return_tensors="pt")["input_ids"][:, :how.window]
+    context = how.context(how.window)
+    with torch.no_grad():
+        logits = pristine(ids).logits[0, context:-1].double()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, context + 1:])
+    assert result.tokens == how.window - context - 1
+    assert result.ppl_dense == pytest.approx(float(nll.exp()), rel=1e-4)
+
+
+def test_a_generation_prefills_dense_and_decodes_sparse(smollm2):
+    """The prompt's KV cache of a sparse generation is the dense model's, bit for bit, unless it asks for a sparse
+    prefill; its decode steps run the spec, and only they are counted."""
+    from sparse_core.trace import SparsityCounter
+    spec = calibrate.calibrate(smollm2, "teal", 0.5)
+    ids = list(generate.encode_prompt(smollm2, QUESTION).ids)
+    counter = SparsityCounter()
+    session = generate.HFSession(smollm2, spec, observers=(counter,))
+    with torch.inference_mode():
+        first = session.prefill(ids)
+        dense = smollm2.model(torch.tensor([ids]), use_cache=True)  # no sparsity context: the dense model
+    assert torch.equal(first, dense.logits[0, -1])
+    for ours, theirs in zip(session.cache.layers, dense.cache.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    assert not counter.total  # the prefill is not counted
+    with torch.inference_mode():
+        step = session.step(int(first.argmax()))
+    assert len(counter.per_pass[0, "mlp_in"]) == 1 and 0.35 < counter.weighted(smollm2.skippable_params("teal")) < 0.65
+    with torch.inference_mode(), sparsity(spec):
+        expected = smollm2.model(torch.tensor([[int(first.argmax())]]), cache=dense.cache, use_cache=True).logits[0, -1]
+    assert torch.equal(step, expected)  # the step is the sparse model's, continuing from the dense cache
+    thresholded = generate.HFSession(smollm2, spec, sparse_prefill=True)
+    with torch.inference_mode():
+        thresholded.prefill(ids)
+    assert not torch.equal(thresholded.cache.layers[1].keys, session.cache.layers[1].keys[:, :, :len(ids)])
 
 
 def test_generates_coherent_text_dense_and_at_25_percent(smollm2):
@@ -101,12 +143,11 @@ def test_trace_reports_per_token_sparsity_and_activations(smollm2):
     trace = Trace(activation_layer=3)
     result = generate.generate(smollm2, QUESTION, spec, max_new_tokens=6, observers=(trace,), stop_at_eos=False)
     frame = trace.skipped_frame()
-    prompt_len = len(generate.encode_prompt(smollm2, QUESTION).ids)
     assert set(frame.group) == set(GROUPS) and frame.layer.nunique() == smollm2.num_layers
-    assert frame.groupby(["layer", "group"]).size().eq(prompt_len + len(result.tokens) - 1).all()
+    assert frame.groupby(["layer", "group"]).size().eq(len(result.tokens) - 1).all()  # the decode steps, not the prompt
     assert 0.4 < frame.skipped.mean() < 0.6
     acts, thresholds = trace.activation_matrix()
-    assert acts.shape == (prompt_len + len(result.tokens) - 1, 1536)
+    assert acts.shape == (len(result.tokens) - 1, 1536)
     assert torch.all(thresholds == spec.value(3, "mlp_mid"))
 
 
@@ -144,11 +185,12 @@ def test_quality_is_measured_once_per_setting_and_comes_back_from_disk(smollm2, 
     measurement; the overall perplexity change lies within the spread of its chunks."""
     spec = calibrate.calibrate(smollm2, "teal", 0.4)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = metrics.measured(smollm2, spec, max_tokens=512)
-    assert first == metrics.evaluate(smollm2, spec, max_tokens=512)
+    first = metrics.measured(smollm2, spec, max_tokens=1024)
+    assert first == metrics.evaluate(smollm2, spec, max_tokens=1024)
     monkeypatch.setattr(metrics, "evaluate", lambda *args, **kwargs: pytest.fail("measured twice"))
-    assert metrics.measured(smollm2, spec, max_tokens=512) == first
+    assert metrics.measured(smollm2, spec, max_tokens=1024) == first
+    assert metrics.stored(smollm2, spec, max_tokens=1024, protocol="all-sparse") is None  # another protocol: not this
     chunks = first.chunk_ppl_increase
-    assert first.tokens == 512 - 2 and len(chunks) == 2
+    assert first.tokens == 2 * 255 and len(chunks) == 2 and first.held_out_tokens == 1024
     assert min(chunks) <= first.ppl_increase <= max(chunks)
     assert first.bound == pytest.approx(1 / (1 - first.weight_reads_skipped))

@@ -11,6 +11,7 @@ SETTING = {"model": "SmolLM2-135M-Instruct", "method": "teal", "spec": "TEAL 40%
            "dtype": "float32", "layout": "row-major", "device": "cpu"}
 HEADLINE = {"weight_reads_skipped": 0.3456, "speedup": 1.234, "speedup_iqr": [1.187, 1.291], "bound": 1.528,
             "ppl_dense": 12.34, "ppl_sparse": 13.01, "ppl_increase": 0.0543, "top1_agreement": 0.914, "kl": 0.0421,
+            "quality_protocol": "dense prefill, sparse decode: 2,048 held-out tokens in 512-token windows",
             "flag": None, "sentence": "Skips 35% of weight reads: ×1.23 faster (bound ×1.53), perplexity +5%."}
 TEXTS = {"prompt": "Say <script>alert(1)</script> & explain sparsity.",
          "dense": "Sparsity skips small inputs.", "sparse": "Sparsity skips tiny <b>inputs</b>."}
@@ -73,6 +74,7 @@ def test_document_shows_setting_headline_and_texts(report_file):
     for shown in ("34.6%", "×1.23", "IQR ×1.19–×1.29", "×1.53", "+5.4%", "12.3 → 13.0", "91%", "KL 0.042 nats"):
         assert shown in report_file
     assert HEADLINE["sentence"] in report_file
+    assert f"Quality measured with {HEADLINE['quality_protocol']}." in report_file  # every quality figure says how
     assert "Sparsity skips <mark>tiny &lt;b&gt;inputs&lt;/b&gt;.</mark>" in report_file
     assert "<div class='text'>Sparsity skips small inputs.</div>" in report_file  # dense is never marked
     assert "<script>alert" not in report_file and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; explain" in report_file
