@@ -621,7 +621,9 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing measured yet (the model stays loaded in memory)
     try:
         at = _ok(_app())
-        waiting = [i.value for i in at.info if i.value.startswith("Measuring this setting's quality on 1,024 held-out")]
+        from sparse_core import metrics
+        waiting = [i.value for i in at.info
+                   if i.value.startswith(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS:,} held-out")]
         assert waiting and "Now: " in waiting[0] and not [m for m in at.metric if m.label == "Perplexity change"]
         prepared = next(p for p in list(warmup._EVERY) if p.leased and not p.stopped)
         deadline = time.monotonic() + 300

@@ -104,7 +104,7 @@ def _slider(page, label: str):
 
 LIVE_COLUMNS = """() => {
     const chart = [...document.querySelectorAll('.js-plotly-plot')]
-        .find(e => e.layout && e.layout.title && String(e.layout.title.text).includes('Skipped while producing'));
+        .find(e => e.layout && e.layout.title && String(e.layout.title.text).includes('Skipped in each decode step'));
     const z = chart && chart.data.length ? chart.data[0].z : null;  // plotly may keep it as {bdata, shape}
     if (!z) return 0;
     if (z.shape) return Number(String(z.shape).split(',')[1] || 0);
