@@ -96,7 +96,8 @@ if len(library) < 2:
 left, right = st.columns(2)
 first = left.selectbox("First", list(library), index=0, key="compare_a")
 second = right.selectbox("Second", list(library), index=1, key="compare_b")
-results = {label: common.quality(model, library[label]).as_dict() for label in (first, second)}
+measured = {label: common.quality(model, library[label]) for label in (first, second)}
+results = {label: quality.as_dict() for label, quality in measured.items()}
 per_layer = pd.DataFrame({label: r["per_layer_sparsity"] for label, r in results.items()}).rename_axis("layer").reset_index()
 st.plotly_chart(px.bar(per_layer.melt(id_vars="layer", var_name="spec", value_name="skipped"), x="layer", y="skipped",
                        color="spec", barmode="group", height=320).update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%"),
@@ -104,3 +105,4 @@ st.plotly_chart(px.bar(per_layer.melt(id_vars="layer", var_name="spec", value_na
 summary = pd.DataFrame([{"spec": label, **{k: v for k, v in r.items() if k not in ("per_layer_sparsity", "chunk_ppl_increase")}}
                         for label, r in results.items()])
 common.table_with_download(summary.round(4), "comparison.csv")
+st.caption(f"Quality measured with {measured[first].protocol_label}.")

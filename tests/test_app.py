@@ -553,6 +553,8 @@ def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
     model = load_model("SmolLM2-135M-Instruct", "float32", "inputs")
     measured = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25))  # the Playground's figure
     assert summary.ppl_sparse.iloc[0] == pytest.approx(measured.ppl_sparse, abs=1e-4)
+    assert list(summary.protocol) == ["dense-prefill"] * 2
+    assert f"Quality measured with {measured.protocol_label}." in [c.value for c in at.caption]
 
     # edit the 40 % table (layer 0 dense), calibrate it: it is kept, selected, and the page keeps working
     at.selectbox(key="tuner_spec").set_value("teal uniform 40%")
