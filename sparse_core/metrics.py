@@ -32,6 +32,10 @@ class Protocol:
     tokens: int
     dense_context: bool  # each window's first half runs dense, unscored; else every position is sparse and scored
 
+    def text_tokens(self, max_tokens: int | None) -> int:
+        """The text's tokens a measurement reads: `max_tokens`, or the protocol's own when None."""
+        return self.tokens if max_tokens is None else max_tokens
+
     def context(self, window_tokens: int) -> int:
         """The dense, unscored tokens at the start of a window of this many tokens."""
         return window_tokens // 2 if self.dense_context else 0
@@ -120,7 +124,7 @@ def stored(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_
 def _key(model: SparseModel, spec: SparsitySpec, text: str | None, max_tokens: int | None, name: str) -> str:
     how = protocol_of(name)
     text = default_text("evaluation") if text is None else text
-    return digest(setting_key(model, spec), text_hash(text), how.tokens if max_tokens is None else max_tokens, how)
+    return digest(setting_key(model, spec), text_hash(text), how.text_tokens(max_tokens), how)
 
 
 def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = None,
@@ -131,7 +135,7 @@ def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, ma
     model.check(spec)
     how = protocol_of(protocol)
     text = default_text("evaluation") if text is None else text
-    windows = token_chunks(model, text, how.window, how.tokens if max_tokens is None else max_tokens)
+    windows = token_chunks(model, text, how.window, how.text_tokens(max_tokens))
     counter = SparsityCounter()
     nll_dense = nll_sparse = kl = agree = 0.0
     count, read, window_increase = 0, 0, []
