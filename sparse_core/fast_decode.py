@@ -109,6 +109,7 @@ class Decoder:
         native_head = model.device.type == "cpu" and cpu_native.native()
         self._head = torch.ops.sparse_lab.dot_linear.default if native_head else F.linear
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
+        self._native = self._native_weights() if native_head else None
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
         self.failed: dict[str, str] = {}  # compile key -> why its compile failed: that shape then decodes eagerly
@@ -233,12 +234,42 @@ class Decoder:
         cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=positions.device), positions[None])
         return cos, sin  # [1, T, head_dim]: broadcast over the heads of [heads, T, head_dim]
 
+    # ---- the native one-token step (CPU, dense and TEAL) -------------------------------------------
+    def _native_weights(self) -> tuple | None:
+        """The (in, out) rows and norms sparse_lab::decode_layers reads (views, no copies), or None where the model
+        has biases in its projections (Qwen2's q|k|v), which that step does not add."""
+        blocks = self.blocks
+        linears = [(b.self_attn.q_proj.shared.linear, b.self_attn.o_proj, b.mlp.gate_proj.shared.linear, b.mlp.down_proj)
+                   for b in blocks]
+        if any(linear.bias is not None for group in linears for linear in group):
+            return None
+        rows = [[group[i].weight.t() for group in linears] for i in range(4)]
+        norms = [w for b in blocks for w in (b.input_layernorm.weight, b.post_attention_layernorm.weight)]
+        return (*rows, norms)
+
+    def runs_native(self, variant: tuple[str, bool]) -> bool:
+        """True when this variant's step is the native one (nothing to compile): dense and TEAL through the kernel on
+        the CPU, for a model without projection biases."""
+        return self._native is not None and variant == ("dense", False)
+
+    def native_forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
+        """`forward` for one token in one native call (sparse_lab::decode_layers): what the compiled step computes,
+        without its per-token wrapper, guards and small kernels."""
+        position = int(start)
+        cos, sin = self._rotary(start, self.embed.dtype)
+        hidden, skipped = torch.ops.sparse_lab.decode_layers(
+            self.embed[ids[0]], cos.reshape(-1), sin.reshape(-1), position, *self._native, caches,
+            setting.thresholds, self.heads, self.kv_heads, self.eps)
+        return self._head(self._rms(hidden[None], self.norm), self.head)[0], skipped
+
     # ---- compiled one-token step ------------------------------------------------------------------
     def step_function(self, variant: tuple[str, bool]):
         """The one-token step compiled for one variant (Setting.variant), once per process; each cache length is
         then its own shape, and inductor keeps the compiled code on disk. Compiled from a copy of `forward` with its
         own code object: dynamo keeps its compiled entries, and counts them against its recompile limit, per code
         object, so variants, dtypes and models never add up to that limit."""
+        if self.runs_native(variant):
+            return self.native_forward
         with self._lock:
             if variant not in self._compiled:
                 cuda = self.model.device.type == "cuda"
@@ -397,7 +428,7 @@ class Session:
     def ready(self) -> bool:
         """True when the first step will not wait for a compile: its shape already ran compiled in this process, or
         this session decodes eagerly."""
-        return not self.compiled or self._key in self.fast.shapes_run
+        return not self.compiled or self._key in self.fast.shapes_run or self.fast.runs_native(self.setting.variant)
 
 
 def compile_estimate(seconds_on_record: list[float | None]) -> str:
@@ -434,4 +465,5 @@ def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, den
     if fast is None:
         return True
     key = fast.shape_key(spec, max_positions, dense_route)
-    return key in fast.shapes_run or fast.why_eager(key, cache_length(max_positions)) is not None
+    return (key in fast.shapes_run or fast.runs_native(fast.setting(spec, dense_route).variant)
+            or fast.why_eager(key, cache_length(max_positions)) is not None)

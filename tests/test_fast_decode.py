@@ -110,6 +110,34 @@ def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
     assert runs[False][1].per_pass == runs[True][1].per_pass
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dense", "teal"])
+def test_the_native_step_is_the_eager_one(method, dtype):
+    """Dense and TEAL on the CPU decode through sparse_lab::decode_layers, one native call a token, nothing to
+    compile: its logits are the eager step's (float32 within 1e-5; bfloat16, where both round each op to the dtype,
+    within a few bfloat16 steps of the logits), and so are its skip counts."""
+    torch.manual_seed(3)
+    config = T.LlamaConfig(**_LLAMA_LIKE)
+    model = models.wrap(T.AutoModelForCausalLM.from_config(config).to(dtype).eval(), tokenizer=None,
+                        name=f"tiny-llama-{dtype}")
+    fast = fast_decode.decoder(model)
+    spec = _specs(model)[method]
+    assert fast.runs_native(fast.setting(spec, "kernel").variant)
+    ids = torch.randint(0, VOCAB, (14,), generator=torch.Generator().manual_seed(8)).tolist()
+    runs = {}
+    for native in (True, False):
+        counter = SparsityCounter()
+        session = fast_decode.Session(fast, spec, 40, compiled=native, dense_route="kernel", observers=[counter])
+        assert session.ready  # nothing to compile
+        runs[native] = (torch.stack([session.prefill(ids[:6])] + [session.step(t) for t in ids[6:]]).float(), counter)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
+    torch.testing.assert_close(runs[True][0], runs[False][0], **tolerance)
+    if dtype == torch.float32:
+        assert runs[True][1].per_pass == runs[False][1].per_pass
+    shares = [c.weighted(model.skippable_params("teal")) for _, c in runs.values()]
+    assert shares[0] == pytest.approx(shares[1], abs=0.01) and (method == "dense") == (shares[0] < 0.05)
+
+
 def _hf_steps(model, prompt_ids: list[int], spec, steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens of the patched model's HF forward (dense prefill, then sparse steps with its cache) and the
     logits of every step."""

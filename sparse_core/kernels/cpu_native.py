@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from . import LIBRARY, check_call, kernel_ready, sparse_linear
 
 CSRC = Path(__file__).parent / "csrc"
-# The launcher, and the vector kernels once per instruction set (each file sets its own target; no -march, so the
-# build runs on any x86-64 and picks its path at run time).
-SOURCES = [CSRC / name for name in ("sparse_gemv.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
-                                    "kernels_avx512_bf16.cpp")]
+# The launcher, the one-call decode step, and the vector kernels once per instruction set (each file sets its own
+# target; no -march, so the build runs on any x86-64 and picks its path at run time).
+SOURCES = [CSRC / name for name in ("sparse_gemv.cpp", "decode_step.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp",
+                                    "kernels_avx512.cpp", "kernels_avx512_bf16.cpp")]
 VECTOR_PATHS = ("scalar", "avx2", "avx512", "avx512_bf16")  # narrowest first, as the C++ numbers them
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in the C++ kernel
