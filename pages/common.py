@@ -258,9 +258,11 @@ def _compiled_toggle(model: models.SparseModel, kept: dict) -> bool:
     st.session_state.compiled = st.session_state.get("compiled", kept.get("compiled", fast_decode.compile_by_default(model)))
     on = st.toggle("Compiled decode step", key="compiled", disabled=why_not is not None,
                    help=why_not and f"Unavailable: {why_not}." or
-                   "Decode with the lab's own one-token step under torch.compile (static KV cache, q|k|v and gate|up "
-                   "as one sparse call each) instead of HF's forward: same tokens, less time per token. The first "
-                   "compile of a setting on this machine takes a minute or two; later ones load from the cache.")
+                   "Decode with the lab's own one-token step (static KV cache, q|k|v and gate|up as one sparse call "
+                   "each) instead of HF's forward: same tokens, less time per token. On the CPU, dense and TEAL run "
+                   "it as one native call per token; top-k and CATS (and every method on a GPU) under torch.compile, "
+                   "whose first compile of a setting on this machine takes a minute or two; later ones load from the "
+                   "cache.")
     kept["compiled"] = on
     return on and why_not is None
 

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, cost, figures, generate, metrics, models, peer, report, stakeholder_report
+from sparse_core import bench, cost, fast_decode, figures, generate, metrics, models, peer, report, stakeholder_report
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
 
@@ -141,7 +141,8 @@ def report_html(result: Result) -> str:
     flagged = bench.flagged_decode(model, spec, result.compiled)
     setting = dict(model=model.name, method=result.method, spec=result.name, target=_uniform_target(spec),
                    dtype=str(model.dtype).replace("torch.", ""), layout=model.layout, device=model.device.type,
-                   decoder="compiled step" if result.ran_compiled else "uncompiled step" if result.compiled else "HF forward",
+                   decoder=(fast_decode.step_name(model, spec) if result.ran_compiled else "uncompiled step"
+                            if result.compiled else "HF forward"),
                    generation=(f"Partial result: stopped after {len(result.tokens['sparse'])} sparse and "
                                f"{len(result.tokens['dense'])} dense tokens" if result.partial else "complete"))
     headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound, ppl_dense=quality.ppl_dense,

@@ -232,7 +232,7 @@ def paired_rates(dense: list, sparse: list) -> PairedRates | None:
 
 
 DENSE_PATHS = ("hf", "linear", "kernel")
-_DECODES = DiskStore("decode-v2")  # v2 added the bandwidth fields: an older measurement is taken again
+_DECODES = DiskStore("decode-v3")  # v3: dense and TEAL decode through the native step on the CPU (v2: bandwidth fields)
 
 
 def _decode_key(model, spec, compiled: bool) -> str:
@@ -328,7 +328,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
                   weight_bytes_per_token=cost.dense_bytes, sparse_weight_bytes_per_token=cost.sparse_bytes,
                   bandwidth_gbs=bandwidth, dense_fraction_of_limit=fraction(dense, cost.dense_bytes),
                   sparse_fraction_of_limit=fraction(sparse, cost.sparse_bytes),
-                  decoder="compiled step" if compiled and not why_not_compiled else "HF forward" if not compiled
+                  decoder=fast_decode.step_name(model, spec) if compiled and not why_not_compiled else "HF forward" if not compiled
                   else "uncompiled fallback",
                   compile_seconds=fast_decode.compile_seconds_on_record(fast, spec, len(prompt.ids) + new_tokens + 1)
                   if compiled else None,

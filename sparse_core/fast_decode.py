@@ -8,6 +8,12 @@ and CATS' gate thresholds. So one compiled step serves every spec, each call car
 share one. Every projection goes through the same registered op as the patched model (sparse_lab::sparse_linear,
 which has a fake implementation for the compiler), q|k|v and gate|up as one call each (patch.SharedInput).
 
+On the CPU, the dense and TEAL variant (the one most generations run) is not compiled: one native call a token,
+sparse_lab::decode_layers, runs every layer with the same weights, thresholds and caches (for models without
+projection biases). Measured beside the compiled step it is 1.1-1.3x faster: the compiled step's per-token
+wrapper, dynamo's guards and inductor's many small parallel kernels a layer cost more than the glue itself
+(docs/PERFORMANCE.md). Top-k and CATS, and every variant on a GPU, stay compiled.
+
 Supported: the Llama family as transformers builds it (llama, mistral, qwen2: RMSNorm, rotary embeddings, grouped
 KV heads, gated SiLU MLP) in the inputs layout; anything else decodes through HF's forward, and `unsupported` says
 why. The step counts the inputs it skips, which is all a SparsityCounter needs; observers that need every score
@@ -264,10 +270,11 @@ class Decoder:
 
     # ---- compiled one-token step ------------------------------------------------------------------
     def step_function(self, variant: tuple[str, bool]):
-        """The one-token step compiled for one variant (Setting.variant), once per process; each cache length is
-        then its own shape, and inductor keeps the compiled code on disk. Compiled from a copy of `forward` with its
-        own code object: dynamo keeps its compiled entries, and counts them against its recompile limit, per code
-        object, so variants, dtypes and models never add up to that limit."""
+        """The one-token step of one variant (Setting.variant): the native step where it runs (runs_native), else
+        compiled once per process; each cache length is then its own shape, and inductor keeps the compiled code on
+        disk. Compiled from a copy of `forward` with its own code object: dynamo keeps its compiled entries, and
+        counts them against its recompile limit, per code object, so variants, dtypes and models never add up to
+        that limit."""
         if self.runs_native(variant):
             return self.native_forward
         with self._lock:
@@ -316,6 +323,13 @@ def decoder(model: SparseModel) -> Decoder | None:
     if found is None:
         found = _DECODERS.setdefault(model.model, Decoder(model))
     return found
+
+
+def step_name(model: SparseModel, spec: SparsitySpec | None) -> str:
+    """What runs this spec's decode steps when a stream asks for the compiled step: the "native step" (dense and
+    TEAL on the CPU) or the "compiled step"."""
+    fast = decoder(model)
+    return "native step" if fast is not None and fast.runs_native(fast.setting(spec).variant) else "compiled step"
 
 
 def compile_by_default(model: SparseModel) -> bool:
