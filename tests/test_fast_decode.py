@@ -206,9 +206,9 @@ def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch):
 
 def test_more_shapes_and_methods_than_the_compile_limit_all_complete(monkeypatch):
     """Four methods x four cache sizes: 16 generations, more than dynamo's recompile limit (8). Top-k and CATS compile
-    a shape per cache size, each variant its own code object, so none reaches the limit (dense and TEAL run the
-    native step on the CPU, nothing to compile); every generation runs compiled or native, and its logits are the
-    eager ones.
+    a shape per cache size (dense too where its measured route is F.linear), each variant its own code object, so
+    none reaches the limit (TEAL runs the native step on the CPU, nothing to compile); every generation runs compiled
+    or native, and its logits are the eager ones.
     A generation longer than the compiled step's largest cache decodes eagerly and says so in one sentence."""
     monkeypatch.setattr(fast_decode, "CACHE_BUCKET", 16)
     monkeypatch.setattr(fast_decode, "MAX_COMPILED_POSITIONS", 128)
