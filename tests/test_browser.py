@@ -127,8 +127,8 @@ def _slide(page, label: str, keys: list[str], accept) -> str:
             slider.press(key)
         _settle(page)
         # The slider sends its value after a debounce, and a rerun still in flight can redraw it with the server's
-        # older value: read it only once a second wait has let both land (a value read too early once sent a run
-        # with 1 new token to Generate while the page showed 8).
+        # older value: read it only once a second wait has let both land (once, after a read between 2 and 10, the
+        # next Generate made a single token).
         page.wait_for_timeout(700)
         _settle(page)
         if accept(slider.input_value()):
