@@ -58,7 +58,7 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
 
 
 BANDWIDTH_BYTES, BANDWIDTH_REPEATS = 1 << 30, 10  # the read-bandwidth probe: far beyond any last-level cache
-_BANDWIDTH = DiskStore("read_bandwidth-v2")  # v2: the native probe (v1 timed torch's sum over 256 MiB)
+_BANDWIDTH = DiskStore("read_bandwidth-v3")  # v3: eight prefetched streams a thread (v2 read one, below the kernels)
 
 
 def read_bandwidth_gbs(device: str = "cpu", repeats: int = BANDWIDTH_REPEATS) -> float:

@@ -75,7 +75,7 @@ int64_t vector_path(int64_t want) {
 // the union keeps every row (one token: 1.3-2x faster than at::linear on either layout, float32 and bfloat16;
 // for 2..8 tokens MKL packs the whole weight first); from 16 tokens dense wins.
 constexpr int64_t kMaxUnionTokens = 8;
-constexpr int64_t kParallelBytes = 1 << 18;   // below ~256 KiB of rows a thread fork costs more than it saves
+using sparse_lab::kParallelBytes;
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) {
@@ -270,6 +270,8 @@ at::Tensor stream_read(const at::Tensor& data) {
 }
 
 }  // namespace
+
+const sparse_lab::VectorKernels& sparse_lab::active_kernels() { return vec(); }
 
 TORCH_LIBRARY_IMPL(sparse_lab, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);

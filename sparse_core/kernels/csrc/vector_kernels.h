@@ -28,4 +28,10 @@ struct VectorKernels {
 
 extern const VectorKernels kScalarKernels, kAvx2Kernels, kAvx512Kernels, kAvx512Bf16Kernels;
 
+// The table the CPU ops run now: the CPU's widest, or what SPARSE_LAB_ISA / sparse_lab::vector_path chose.
+const VectorKernels& active_kernels();
+
+// Below ~256 KiB of weight rows a second thread costs more than it saves: the projection runs on one.
+constexpr int64_t kParallelBytes = 1 << 18;
+
 }  // namespace sparse_lab
