@@ -28,12 +28,13 @@ struct V {
 };
 
 #include "vector_kernels.inc"
+#include "decode_engine.inc"
 
 
 }  // namespace avx2
 
 const VectorKernels kAvx2Kernels{"avx2", avx2::gather_f32, avx2::gather_bf16, avx2::dot_f32, avx2::dot_bf16,
-                                 avx2::read_sum};
+                                 avx2::read_sum, avx2::decode_f32, avx2::decode_bf16};
 
 }  // namespace sparse_lab
 

@@ -22,11 +22,12 @@ struct V {
 };
 
 #include "vector_kernels.inc"
+#include "decode_engine.inc"
 
 
 }  // namespace scalar
 
 const VectorKernels kScalarKernels{"scalar", scalar::gather_f32, scalar::gather_bf16, scalar::dot_f32,
-                                   scalar::dot_bf16, scalar::read_sum};
+                                   scalar::dot_bf16, scalar::read_sum, scalar::decode_f32, scalar::decode_bf16};
 
 }  // namespace sparse_lab

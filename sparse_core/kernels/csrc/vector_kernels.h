@@ -2,11 +2,34 @@
 // run time from the CPU (sparse_gemv.cpp). Raw pointers only: these files include no ATen or standard-library
 // code, so no inline function compiled for a wider ISA can be linked into the portable launcher.
 #pragma once
+#include <omp.h>  // the decode engine's team
+
 #include <cstdint>
 
 namespace sparse_lab {
 
 using bf16_bits = uint16_t;  // bfloat16 as its raw bits
+
+// One token through every decoder layer of a Llama-family model (decode_engine.inc; decode_step.cpp fills it in).
+// Per layer l the four projections are (in, out) row-major weights in the model's dtype, the norms that dtype's
+// vectors, the caches [kv_heads, cache_rows, head_dim]; thresholds[4 l + g] is group g's (attn_in, attn_out,
+// mlp_in, mlp_mid) in float32, already rounded to the dtype.
+struct DecodeStep {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inner, position, cache_rows;
+  float eps;
+  const void* const* qkv_t;
+  const void* const* o_t;
+  const void* const* gate_up_t;
+  const void* const* down_t;
+  const void* const* norms;  // input_layernorm and post_attention_layernorm of each layer, in turn
+  void* const* caches;       // K and V of each layer, in turn
+  const float* thresholds;
+  const float* cos;  // head_dim values at this position
+  const float* sin;
+  int threads;
+  float* state;      // in: the token's embedding row; out: the last layer's hidden state (values of the dtype)
+  int64_t* skipped;  // out: [layers, 4] inputs at or below their group's threshold
+};
 
 struct VectorKernels {
   const char* name;
@@ -24,6 +47,9 @@ struct VectorKernels {
                    const int64_t* rows, int64_t r0, int64_t r1, const bool* keep, int64_t out, float* y);
   // The sum of n floats, read with this ISA's widest loads: the bandwidth probe's inner loop.
   float (*read_sum)(const float* data, int64_t n);
+  // One token through every layer (DecodeStep), for float32 and bfloat16 models.
+  void (*decode_f32)(const DecodeStep& step);
+  void (*decode_bf16)(const DecodeStep& step);
 };
 
 extern const VectorKernels kScalarKernels, kAvx2Kernels, kAvx512Kernels, kAvx512Bf16Kernels;
