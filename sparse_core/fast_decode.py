@@ -9,8 +9,8 @@ share one. Every projection goes through the same registered op as the patched m
 which has a fake implementation for the compiler), q|k|v and gate|up as one call each (patch.SharedInput).
 
 On the CPU, the dense and TEAL variant (the one most generations run) is not compiled: one native call a token,
-sparse_lab::decode_layers, runs every layer with the same weights, thresholds and caches (for models without
-projection biases). Measured beside the compiled step it is 1.1-1.3x faster: the compiled step's per-token
+sparse_lab::decode_token, runs every layer and the head with the same weights, thresholds and caches (for models
+without projection biases). Measured beside the compiled step it is 1.1-1.3x faster: the compiled step's per-token
 wrapper, dynamo's guards and inductor's many small parallel kernels a layer cost more than the glue itself
 (docs/PERFORMANCE.md). Top-k and CATS, and every variant on a GPU, stay compiled.
 
@@ -116,6 +116,7 @@ class Decoder:
         self._head = torch.ops.sparse_lab.dot_linear.default if native_head else F.linear
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
         self._native = self._native_weights() if native_head else None
+        self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the native step's cos and sin rows
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
         self.failed: dict[str, str] = {}  # compile key -> why its compile failed: that shape then decodes eagerly
@@ -242,7 +243,7 @@ class Decoder:
 
     # ---- the native one-token step (CPU, dense and TEAL) -------------------------------------------
     def _native_weights(self) -> tuple | None:
-        """The (in, out) rows and norms sparse_lab::decode_layers reads (views, no copies), or None where the model
+        """The (in, out) rows and norms sparse_lab::decode_token reads (views, no copies), or None where the model
         has biases in its projections (Qwen2's q|k|v), which that step does not add."""
         blocks = self.blocks
         linears = [(b.self_attn.q_proj.shared.linear, b.self_attn.o_proj, b.mlp.gate_proj.shared.linear, b.mlp.down_proj)
@@ -259,14 +260,25 @@ class Decoder:
         return self._native is not None and variant == ("dense", False)
 
     def native_forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
-        """`forward` for one token in one native call (sparse_lab::decode_layers): what the compiled step computes,
+        """`forward` for one token in one native call (sparse_lab::decode_token): what the compiled step computes,
         without its per-token wrapper, guards and small kernels."""
         position = int(start)
-        cos, sin = self._rotary(start, self.embed.dtype)
-        hidden, skipped = torch.ops.sparse_lab.decode_layers(
-            self.embed[ids[0]], cos.reshape(-1), sin.reshape(-1), position, *self._native, caches,
-            setting.thresholds, self.heads, self.kv_heads, self.eps)
-        return self._head(self._rms(hidden[None], self.norm), self.head)[0], skipped
+        cos, sin = self._rotary_at(position)
+        return torch.ops.sparse_lab.decode_token(
+            self.embed[ids[0]], cos, sin, position, *self._native, caches, setting.thresholds, self.norm, self.head,
+            self.heads, self.kv_heads, self.eps)
+
+    def _rotary_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at one position, rows of a table the model's rotary embedding fills once per doubling of the
+        positions seen, not once a token; never past the model's trained positions, where a dynamic scaling would
+        compute the table's rows from its length."""
+        table = self._rotary_table
+        if table is None or position >= table[0].shape[0]:
+            trained = getattr(self.model.model.config, "max_position_embeddings", 0)
+            rows = max(position + 1, min(max(256, 2 * position), trained))
+            cos, sin = self._rotary(torch.arange(rows), self.embed.dtype)
+            table = self._rotary_table = (cos[0], sin[0])
+        return table[0][position], table[1][position]
 
     # ---- compiled one-token step ------------------------------------------------------------------
     def step_function(self, variant: tuple[str, bool]):

@@ -1,12 +1,12 @@
-// decode_layers: one token through every decoder layer of a Llama-family model in one native call, dense or with
-// TEAL thresholds, on the CPU. What it replaces: the compiled step's per-token Python wrapper, dynamo's guards and
+// decode_token: one token of a Llama-family model in one native call, every decoder layer dense or with TEAL
+// thresholds, then the final norm and the lm_head, on the CPU. What it replaces: the compiled step's per-token Python wrapper, dynamo's guards and
 // inductor's dozens of small parallel kernels a layer, and then one thread fork, a few tensors and a dispatch per
 // projection (docs/PERFORMANCE.md).
 //
 // This launcher checks the call and hands raw pointers to the decode engine of the active vector path
 // (decode_engine.inc, compiled per instruction set): one OpenMP team for the whole token, no allocation, tensor or
-// dispatch inside it. Returns the last layer's hidden state (the model's dtype) and, per (layer, group), the inputs
-// at or below the group's threshold: what a SparsityCounter counts.
+// dispatch inside it. Returns the logits (the model's dtype) and, per (layer, group), the inputs at or below the
+// group's threshold: what a SparsityCounter counts.
 #include "vector_kernels.h"
 
 #include <ATen/ATen.h>
@@ -28,25 +28,26 @@ std::vector<const void*> pointers(at::TensorList tensors) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                                 int64_t position, at::TensorList qkv_t, at::TensorList o_t,
-                                                 at::TensorList gate_up_t, at::TensorList down_t, at::TensorList norms,
-                                                 at::TensorList caches, const at::Tensor& thresholds, int64_t heads,
-                                                 int64_t kv_heads, double eps) {
+std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                                int64_t position, at::TensorList qkv_t, at::TensorList o_t,
+                                                at::TensorList gate_up_t, at::TensorList down_t, at::TensorList norms,
+                                                at::TensorList caches, const at::Tensor& thresholds,
+                                                const at::Tensor& final_norm, const at::Tensor& head, int64_t heads,
+                                                int64_t kv_heads, double eps) {
   const int64_t layers = static_cast<int64_t>(qkv_t.size());
   TORCH_CHECK_VALUE(layers > 0 && o_t.size() == qkv_t.size() && gate_up_t.size() == qkv_t.size() &&
                         down_t.size() == qkv_t.size() && norms.size() == 2 * qkv_t.size() &&
                         caches.size() == 2 * qkv_t.size(),
-                    "decode_layers needs four projections, two norms and two caches per layer.");
+                    "decode_token needs four projections, two norms and two caches per layer.");
   TORCH_CHECK_VALUE(thresholds.dim() == 2 && thresholds.size(0) == layers && thresholds.size(1) == 4,
-                    "decode_layers needs thresholds as [layers, 4] (attn_in, attn_out, mlp_in, mlp_mid).");
+                    "decode_token needs thresholds as [layers, 4] (attn_in, attn_out, mlp_in, mlp_mid).");
   const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "decode_layers takes float32 or bfloat16, not ",
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "decode_token takes float32 or bfloat16, not ",
                     dtype, ".");
   const int64_t hidden = x.numel(), head_dim = cos.numel();
   TORCH_CHECK_VALUE(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim % 2 == 0 && sin.numel() == head_dim,
-                    "decode_layers needs query heads grouped evenly over the KV heads and an even head_dim.");
-  TORCH_CHECK_VALUE(position >= 0 && position < caches[0].size(1), "decode_layers: position ", position,
+                    "decode_token needs query heads grouped evenly over the KV heads and an even head_dim.");
+  TORCH_CHECK_VALUE(position >= 0 && position < caches[0].size(1), "decode_token: position ", position,
                     " is beyond the cache.");
   const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim, inner = gate_up_t[0].size(1) / 2;
   for (int64_t l = 0; l < layers; ++l) {
@@ -54,16 +55,19 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const at::
                           o_t[l].sizes() == at::IntArrayRef({q_width, hidden}) &&
                           gate_up_t[l].sizes() == at::IntArrayRef({hidden, 2 * inner}) &&
                           down_t[l].sizes() == at::IntArrayRef({inner, hidden}),
-                      "decode_layers needs each layer's projections as (in, out) matrices of the model's widths.");
+                      "decode_token needs each layer's projections as (in, out) matrices of the model's widths.");
     for (int64_t k = 0; k < 2; ++k)
       TORCH_CHECK_VALUE(norms[2 * l + k].numel() == hidden &&
                             caches[2 * l + k].sizes() == at::IntArrayRef({kv_heads, caches[0].size(1), head_dim}),
-                        "decode_layers needs norms of the hidden width and caches [kv_heads, length, head_dim].");
+                        "decode_token needs norms of the hidden width and caches [kv_heads, length, head_dim].");
   }
-  for (const at::TensorList& list : {qkv_t, o_t, gate_up_t, down_t, norms, caches})
+  TORCH_CHECK_VALUE(final_norm.numel() == hidden && head.dim() == 2 && head.size(1) == hidden,
+                    "decode_token needs the final norm of the hidden width and the head as (vocab, hidden) rows.");
+  for (const at::TensorList& list : {qkv_t, o_t, gate_up_t, down_t, norms, caches, at::TensorList(final_norm),
+                                     at::TensorList(head)})
     for (const at::Tensor& t : list)
       TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
-                        "decode_layers needs every weight, norm and cache contiguous on the CPU in the hidden state's "
+                        "decode_token needs every weight, norm and cache contiguous on the CPU in the hidden state's "
                         "dtype.");
   const std::vector<float> limits = as_floats(thresholds), cosv = as_floats(cos), sinv = as_floats(sin);
   std::vector<float> state = as_floats(x);
@@ -72,15 +76,17 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(const at::Tensor& x, const at::
   std::vector<void*> cache;
   for (const at::Tensor& t : caches) cache.push_back(t.data_ptr());
   at::Tensor skipped = at::zeros({layers, 4}, at::kLong);
+  at::Tensor logits = at::empty({head.size(0)}, x.options());
   const sparse_lab::DecodeStep step{layers, hidden, heads, kv_heads, head_dim, inner, position, caches[0].size(1),
-                                    static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(), down.data(),
-                                    norm.data(), cache.data(), limits.data(), cosv.data(), sinv.data(),
-                                    at::get_num_threads(), state.data(), skipped.data_ptr<int64_t>()};
+                                    head.size(0), static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(),
+                                    down.data(), norm.data(), cache.data(), final_norm.data_ptr(), head.data_ptr(),
+                                    limits.data(), cosv.data(), sinv.data(), at::get_num_threads(), state.data(),
+                                    logits.data_ptr(), skipped.data_ptr<int64_t>()};
   const sparse_lab::VectorKernels& kernels = sparse_lab::active_kernels();
   (dtype == at::kBFloat16 ? kernels.decode_bf16 : kernels.decode_f32)(step);
-  return {at::tensor(state, at::kFloat).to(dtype), skipped};
+  return {logits, skipped};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparse_lab, CPU, m) { m.impl("decode_layers", &decode_layers); }
+TORCH_LIBRARY_IMPL(sparse_lab, CPU, m) { m.impl("decode_token", &decode_token); }

@@ -10,12 +10,13 @@ namespace sparse_lab {
 
 using bf16_bits = uint16_t;  // bfloat16 as its raw bits
 
-// One token through every decoder layer of a Llama-family model (decode_engine.inc; decode_step.cpp fills it in).
-// Per layer l the four projections are (in, out) row-major weights in the model's dtype, the norms that dtype's
-// vectors, the caches [kv_heads, cache_rows, head_dim]; thresholds[4 l + g] is group g's (attn_in, attn_out,
-// mlp_in, mlp_mid) in float32, already rounded to the dtype.
+// One token of a Llama-family model (decode_engine.inc; decode_step.cpp fills it in): every decoder layer, the
+// final norm and the lm_head. Per layer l the four projections are (in, out) row-major weights in the model's
+// dtype, the norms that dtype's vectors, the caches [kv_heads, cache_rows, head_dim]; thresholds[4 l + g] is group
+// g's (attn_in, attn_out, mlp_in, mlp_mid) in float32, already rounded to the dtype. The head is HF's (vocab,
+// hidden) rows, the embedding's when tied.
 struct DecodeStep {
-  int64_t layers, hidden, heads, kv_heads, head_dim, inner, position, cache_rows;
+  int64_t layers, hidden, heads, kv_heads, head_dim, inner, position, cache_rows, vocab;
   float eps;
   const void* const* qkv_t;
   const void* const* o_t;
@@ -23,11 +24,14 @@ struct DecodeStep {
   const void* const* down_t;
   const void* const* norms;  // input_layernorm and post_attention_layernorm of each layer, in turn
   void* const* caches;       // K and V of each layer, in turn
+  const void* final_norm;
+  const void* head;
   const float* thresholds;
   const float* cos;  // head_dim values at this position
   const float* sin;
   int threads;
-  float* state;      // in: the token's embedding row; out: the last layer's hidden state (values of the dtype)
+  float* state;      // in: the token's embedding row (float32 values of the dtype)
+  void* logits;      // out: vocab values in the model's dtype
   int64_t* skipped;  // out: [layers, 4] inputs at or below their group's threshold
 };
 
@@ -47,7 +51,7 @@ struct VectorKernels {
                    const int64_t* rows, int64_t r0, int64_t r1, const bool* keep, int64_t out, float* y);
   // The sum of n floats, read with this ISA's widest loads: the bandwidth probe's inner loop.
   float (*read_sum)(const float* data, int64_t n);
-  // One token through every layer (DecodeStep), for float32 and bfloat16 models.
+  // One token through every layer and the head (DecodeStep), for float32 and bfloat16 models.
   void (*decode_f32)(const DecodeStep& step);
   void (*decode_bf16)(const DecodeStep& step);
 };
