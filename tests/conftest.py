@@ -24,6 +24,21 @@ def smollm2():
     return models.load()
 
 
+def _vector_paths() -> tuple[str, ...]:
+    from sparse_core.kernels import cpu_native
+    return cpu_native.supported_paths() if cpu_native.native() else ("torch",)
+
+
+@pytest.fixture(params=_vector_paths())
+def vector_path(request):
+    """The native kernels switched to one vector path this CPU has (every one in turn), and back after the test."""
+    from sparse_core.kernels import cpu_native
+    before = cpu_native.vector_path()
+    assert cpu_native.vector_path(request.param) == request.param
+    yield request.param
+    cpu_native.vector_path(before)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

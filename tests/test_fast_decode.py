@@ -117,10 +117,10 @@ def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["dense", "teal"])
-def test_the_native_step_is_the_eager_one(method, dtype):
-    """Dense and TEAL on the CPU decode through sparse_lab::decode_layers, one native call a token, nothing to
-    compile: its logits are the eager step's (float32 within 1e-5; bfloat16, where both round each op to the dtype,
-    within a few bfloat16 steps of the logits), and so are its skip counts."""
+def test_the_native_step_is_the_eager_one(method, dtype, vector_path):
+    """Dense and TEAL on the CPU decode through sparse_lab::decode_token, one native call a token, nothing to
+    compile, on every vector path this CPU has: its logits are the eager step's (float32 within 1e-5; bfloat16,
+    where both round each op to the dtype, within a few bfloat16 steps of the logits), and so are its skip counts."""
     torch.manual_seed(3)
     config = T.LlamaConfig(**_LLAMA_LIKE)
     model = models.wrap(T.AutoModelForCausalLM.from_config(config).to(dtype).eval(), tokenizer=None,

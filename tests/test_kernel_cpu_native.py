@@ -15,18 +15,6 @@ from sparse_core.kernels import cpu_native
 DTYPES = (torch.float32, torch.bfloat16)
 SHAPES = [(1, 37, 53), (3, 150, 70), (1, 576, 1536), (12, 96, 33)]  # (tokens, in, out): ragged, batch 1/3, prefill
 
-PATHS = cpu_native.supported_paths() if cpu_native.native() else ("torch",)
-
-
-@pytest.fixture(params=PATHS)
-def vector_path(request):
-    """The kernels switched to one vector path for the test, and back after it."""
-    before = cpu_native.vector_path()
-    assert cpu_native.vector_path(request.param) == request.param
-    yield request.param
-    cpu_native.vector_path(before)
-
-
 def inputs(tokens, width, out, dtype, bias=True):
     x = torch.randn(tokens, width, dtype=dtype)
     weight = input_rows_weight(out, width, dtype)

@@ -19,6 +19,7 @@ struct V {
   static F fma(F a, F b, F c) { return a * b + c; }
   static void store(float* p, F v) { *p = v; }
   static float sum(F v) { return v; }
+  static F exp(F x) { return __builtin_expf(x); }
 };
 
 #include "vector_kernels.inc"
