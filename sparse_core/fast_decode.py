@@ -371,6 +371,7 @@ class Session:
                  dense_route: str | None = None, observers=(), sparse_prefill: bool = False):
         model = fast.model
         self.fast, self.observers = fast, tuple(observers)
+        self.device = model.device  # read once: the model finds it through its modules
         length = cache_length(max_positions)
         shape = (fast.kv_heads, length, fast.head_dim)  # one tensor per layer and K/V: each updated in place
         with torch.inference_mode():  # like every tensor the steps see: the compiled graph is specialised on it
@@ -390,7 +391,7 @@ class Session:
         its shape yet, so the compile is paid here, before any decode step is timed."""
         if not self.ready:
             self.compile()
-        tokens = torch.tensor(ids, device=self.fast.model.device)
+        tokens = torch.tensor(ids, device=self.device)
         start = torch.tensor([self.position], device=tokens.device)
         logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_setting)
         self.position += len(ids)
@@ -407,7 +408,7 @@ class Session:
             if self.ready:  # or compiled it meanwhile
                 return
             began = time.perf_counter()
-            device = self.fast.model.device  # two tensors: one passed twice would compile an aliased variant
+            device = self.device  # two tensors: one passed twice would compile an aliased variant
             self._run(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
             if self.failure:
                 self.fast.failed[self._key] = self.failure
@@ -434,8 +435,7 @@ class Session:
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """The next token's logits."""
-        device = self.fast.model.device
-        ids, start = torch.tensor([token], device=device), torch.tensor([self.position], device=device)
+        ids, start = torch.tensor([token], device=self.device), torch.tensor([self.position], device=self.device)
         return self._report(*self._run(ids, start))
 
     def _report(self, logits: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ LIBRARY.define("sparse_linear(Tensor x, Tensor weight, Tensor weight_t, Tensor? 
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
 LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
 LIBRARY.define("stream_read(Tensor data) -> Tensor")  # the sum of float32 data: the read-bandwidth probe
-# One token through every decoder layer and the head (CPU, dense or TEAL): the logits and the skipped inputs per
-# (layer, group).
+# One token through every decoder layer and the head (CPU, dense or TEAL): the logits (the dtype's values, held in
+# float32) and the skipped inputs per (layer, group).
 LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Tensor[] qkv_t, Tensor[] o_t, "
                "Tensor[] gate_up_t, Tensor[] down_t, Tensor[] norms, Tensor(a!)[] caches, Tensor thresholds, "
                "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps) -> (Tensor, Tensor)")

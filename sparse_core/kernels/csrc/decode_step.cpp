@@ -5,8 +5,9 @@
 //
 // This launcher checks the call and hands raw pointers to the decode engine of the active vector path
 // (decode_engine.inc, compiled per instruction set): one OpenMP team for the whole token, no allocation, tensor or
-// dispatch inside it. Returns the logits (the model's dtype) and, per (layer, group), the inputs at or below the
-// group's threshold: what a SparsityCounter counts.
+// dispatch inside it. Returns the logits (rounded to the model's dtype as HF's lm_head rounds them, held in float32
+// so a sampler reads them without a conversion) and, per (layer, group), the inputs at or below the group's
+// threshold: what a SparsityCounter counts.
 #include "vector_kernels.h"
 
 #include <ATen/ATen.h>
@@ -76,12 +77,12 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
   std::vector<void*> cache;
   for (const at::Tensor& t : caches) cache.push_back(t.data_ptr());
   at::Tensor skipped = at::zeros({layers, 4}, at::kLong);
-  at::Tensor logits = at::empty({head.size(0)}, x.options());
+  at::Tensor logits = at::empty({head.size(0)}, x.options().dtype(at::kFloat));
   const sparse_lab::DecodeStep step{layers, hidden, heads, kv_heads, head_dim, inner, position, caches[0].size(1),
                                     head.size(0), static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(),
                                     down.data(), norm.data(), cache.data(), final_norm.data_ptr(), head.data_ptr(),
                                     limits.data(), cosv.data(), sinv.data(), at::get_num_threads(), state.data(),
-                                    logits.data_ptr(), skipped.data_ptr<int64_t>()};
+                                    logits.data_ptr<float>(), skipped.data_ptr<int64_t>()};
   const sparse_lab::VectorKernels& kernels = sparse_lab::active_kernels();
   (dtype == at::kBFloat16 ? kernels.decode_bf16 : kernels.decode_f32)(step);
   return {logits, skipped};

@@ -31,7 +31,7 @@ struct DecodeStep {
   const float* sin;
   int threads;
   float* state;      // in: the token's embedding row (float32 values of the dtype)
-  void* logits;      // out: vocab values in the model's dtype
+  float* logits;     // out: vocab values, rounded to the model's dtype as HF's lm_head rounds them
   int64_t* skipped;  // out: [layers, 4] inputs at or below their group's threshold
 };
 
