@@ -1,6 +1,8 @@
 """The real embedded SmolLM2-135M-Instruct: identity at 0 %, calibration on held-out text, coherent generation,
 metrics, and two threads generating with different specs at once."""
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,27 @@ def test_quality_is_measured_once_per_setting_and_comes_back_from_disk(smollm2, 
     assert first.tokens == 2 * 255 and len(chunks) == 2 and first.held_out_tokens == 1024
     assert min(chunks) <= first.ppl_increase <= max(chunks)
     assert first.bound == pytest.approx(1 / (1 - first.weight_reads_skipped))
+
+
+def _huge_page_kib(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_the_weights_sit_on_huge_pages(smollm2):
+    """Where Linux offers transparent huge pages, a loaded model's weights are backed by 2 MiB pages (a token
+    streams every weight once: no page walk per 4 KiB): the embedding's and a projection's mappings hold some."""
+    policy = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform != "linux" or not policy.exists() or "[never]" in policy.read_text():
+        pytest.skip("this kernel offers no transparent huge pages")
+    projection = next(m for m in smollm2.model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() > 1 << 19)
+    for weight in (smollm2.model.get_input_embeddings().weight, projection.weight):
+        assert _huge_page_kib(weight.data_ptr()) >= 2048
