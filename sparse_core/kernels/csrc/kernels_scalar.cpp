@@ -19,7 +19,15 @@ struct V {
   static F fma(F a, F b, F c) { return a * b + c; }
   static void store(float* p, F v) { *p = v; }
   static float sum(F v) { return v; }
-  static F exp(F x) { return __builtin_expf(x); }
+  static F mul(F a, F b) { return a * b; }
+  static F add(F a, F b) { return a + b; }
+  static F clamp(F v, float low, float high) { return v < low ? low : (v > high ? high : v); }
+  static F round(F v) { return __builtin_rintf(v); }  // to nearest, ties to even, as the vector paths round
+  static F pow2(F n) {
+    union { uint32_t u; float f; } bits;
+    bits.u = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    return bits.f;
+  }
 };
 
 #include "vector_kernels.inc"
