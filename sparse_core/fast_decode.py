@@ -11,7 +11,8 @@ which has a fake implementation for the compiler), q|k|v and gate|up as one call
 On the CPU, the dense and TEAL variant (the one most generations run) is not compiled: one native call a token,
 sparse_lab::decode_token, runs every layer and the head with the same weights, thresholds and caches (for models
 without projection biases): the compiled step's per-token wrapper, dynamo's guards and inductor's many small
-parallel kernels a layer cost more than the glue itself (docs/PERFORMANCE.md has the measurements). Top-k and CATS, and every variant on a GPU, stay compiled.
+parallel kernels a layer cost more than the glue itself (docs/PERFORMANCE.md has the measurements). Top-k and
+CATS, and every variant on a GPU, stay compiled.
 
 Supported: the Llama family as transformers builds it (llama, mistral, qwen2: RMSNorm, rotary embeddings, grouped
 KV heads, gated SiLU MLP) in the inputs layout; anything else decodes through HF's forward, and `unsupported` says

@@ -50,7 +50,7 @@ def encode_prompt(model: SparseModel, prompt: str, chat: bool = True, max_new_to
 
 def greedy(logits: torch.Tensor) -> int:
     """The index of the largest logit (the first of equals, as torch.argmax picks). On the CPU through NumPy, whose
-    argmax over a vocabulary is a tenth of torch's, a cost every greedy token pays."""
+    argmax over a vocabulary costs a fraction of torch's: a cost every greedy token pays."""
     return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
 
 

@@ -347,7 +347,7 @@ _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux's madvise advice numbers (MADV_
 def _back_with_huge_pages(model: nn.Module) -> None:
     """Ask Linux to back the weights' memory with 2 MiB pages, now (MADV_COLLAPSE): a token streams every weight
     once, and on 4 KiB pages that is 65,000 page walks a token and a hardware prefetcher that stops at every page's
-    end (2-5 % of a decode step, docs/PERFORMANCE.md). Each weight's range is widened to whole huge pages: the
+    end (docs/PERFORMANCE.md measures what that costs). Each weight's range is widened to whole huge pages: the
     weights were allocated one after another, so what the widening takes in is mostly weights too. Elsewhere (no
     Linux, an older kernel, THP turned off) the advice is refused and nothing changes."""
     if not sys.platform.startswith("linux"):
