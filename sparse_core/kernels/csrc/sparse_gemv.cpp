@@ -112,17 +112,15 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::op
   const int threads = n * row_bytes >= kParallelBytes ? at::get_num_threads() : 1;
   std::vector<float> acc(static_cast<size_t>(threads) * tokens * out, 0.0f);
   const W* w = wt.data_ptr<W>();
-  const int64_t chunk = (n + threads - 1) / threads;
   const VectorKernels& k = vec();
   at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t k0 = p * chunk, k1 = std::min(n, (p + 1) * chunk);
       float* part = acc.data() + p * tokens * out;
       if constexpr (std::is_same_v<W, float>)
-        k.gather_f32(w, out, idx.data(), xs.data(), n, tokens, k0, k1, part);
+        k.gather_f32(w, out, idx.data(), xs.data(), n, tokens, p, threads, part);
       else
-        k.gather_bf16(reinterpret_cast<const sparse_lab::bf16_bits*>(w), out, idx.data(), xs.data(), n, tokens, k0,
-                      k1, part);
+        k.gather_bf16(reinterpret_cast<const sparse_lab::bf16_bits*>(w), out, idx.data(), xs.data(), n, tokens, p,
+                      threads, part);
     }
   });
   at::Tensor y = at::empty({tokens, out}, x2.options());

@@ -37,11 +37,13 @@ struct DecodeStep {
 
 struct VectorKernels {
   const char* name;
-  // acc[t * out + j] += sum over k in [k0, k1) of xs[t * n + k] * wt[idx[k] * out + j]: the input-sparse gather.
+  // acc[t * out + j] += sum over k in share `share` of `shares` of xs[t * n + k] * wt[idx[k] * out + j]: the
+  // input-sparse gather. The shares interleave blocks of kBlock picked rows (block b is share b % shares's), so
+  // a team's threads stream neighbouring rows.
   void (*gather_f32)(const float* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n, int64_t tokens,
-                     int64_t k0, int64_t k1, float* acc);
+                     int64_t share, int64_t shares, float* acc);
   void (*gather_bf16)(const bf16_bits* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n,
-                      int64_t tokens, int64_t k0, int64_t k1, float* acc);
+                      int64_t tokens, int64_t share, int64_t shares, float* acc);
   // y[t * out + rows[r]] = dot(w[rows[r] * in ...], x[t * in ...]) for r in [r0, r1) (rows null: every row), where keep is null or
   // keep[t * out + rows[r]]: the (out, in) rows' dot products (CATS' up projection, the tied lm_head). x is given
   // as float32 and, for bfloat16 weights, also as its bfloat16 bits.
@@ -60,6 +62,9 @@ extern const VectorKernels kScalarKernels, kAvx2Kernels, kAvx512Kernels, kAvx512
 
 // The table the CPU ops run now: the CPU's widest, or what SPARSE_LAB_ISA / sparse_lab::vector_path chose.
 const VectorKernels& active_kernels();
+
+// The gather takes rows a block at a time (vector_kernels.inc), and a team's threads take blocks in turn.
+constexpr int64_t kBlock = 8;
 
 // Below ~256 KiB of weight rows a second thread costs more than it saves: the projection runs on one.
 constexpr int64_t kParallelBytes = 1 << 18;
