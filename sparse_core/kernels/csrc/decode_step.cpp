@@ -18,14 +18,26 @@
 
 namespace {
 
+// A small tensor's values as float32, read directly (a torch conversion costs dispatches on every token).
 std::vector<float> as_floats(const at::Tensor& t) {
-  const at::Tensor f = t.reshape({-1}).to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+  TORCH_CHECK_VALUE(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+                    "decode_token takes its vectors contiguous in float32 or bfloat16.");
+  const int64_t n = t.numel();
+  std::vector<float> out(n);
+  if (t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+  } else {
+    const c10::BFloat16* p = t.const_data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  }
+  return out;
 }
 
 std::vector<const void*> pointers(at::TensorList tensors) {
   std::vector<const void*> out;
-  for (const at::Tensor& t : tensors) out.push_back(t.data_ptr());
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) out.push_back(t.const_data_ptr());
   return out;
 }
 
@@ -75,8 +87,9 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
   const std::vector<const void*> qkv = pointers(qkv_t), o = pointers(o_t), gate_up = pointers(gate_up_t),
                                  down = pointers(down_t), norm = pointers(norms);
   std::vector<void*> cache;
-  for (const at::Tensor& t : caches) cache.push_back(t.data_ptr());
-  at::Tensor skipped = at::zeros({layers, 4}, at::kLong);
+  cache.reserve(caches.size());
+  for (const at::Tensor& t : caches) cache.push_back(t.mutable_data_ptr());
+  at::Tensor skipped = at::empty({layers, 4}, x.options().dtype(at::kLong));  // the engine writes every count
   at::Tensor logits = at::empty({head.size(0)}, x.options().dtype(at::kFloat));
   const sparse_lab::DecodeStep step{layers, hidden, heads, kv_heads, head_dim, inner, position, caches[0].size(1),
                                     head.size(0), static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(),
