@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Hashable
 
@@ -41,21 +42,26 @@ def setting_key(model, spec) -> str:
 
 
 class BoundedCache:
-    """A dict that forgets its oldest entry beyond `limit` entries; safe to share between threads (sessions)."""
+    """A dict that forgets its least recently used entry beyond `limit` entries (a read counts as a use, so what
+    every visit reads stays while what one visit made ages out); safe to share between threads (sessions)."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._items: dict[Hashable, Any] = {}
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, default: Any = None) -> Any:
-        return self._items.get(key, default)
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
 
     def put(self, key: Hashable, value: Any) -> Any:
         with self._lock:
             self._items.pop(key, None)
             while len(self._items) >= self.limit:
-                self._items.pop(next(iter(self._items)))
+                self._items.popitem(last=False)
             self._items[key] = value
         return value
 
@@ -66,7 +72,8 @@ class BoundedCache:
         return len(self._items)
 
     def __iter__(self):
-        return iter(list(self._items))
+        with self._lock:
+            return iter(list(self._items))
 
 
 class DiskStore:
