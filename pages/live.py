@@ -15,9 +15,8 @@ from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
 
 RUNS = ("dense", "sparse")
-# The live heatmap redraws at most this often, between forward passes, never inside one. Measured in Chromium on
-# the server's own 2 cores (48 tokens, median of 3): every 0.25 s cost ~40 % of the tok/s, 0.5 s ~19 %, 1 s ~15 %;
-# with the browser on another machine the cost is the figure's serialisation only (~3 %).
+# The live heatmap redraws at most this often, between forward passes, never inside one: each redraw costs decode
+# speed when the browser shares the server's cores (docs/PERFORMANCE.md, "Design decisions", has the measurement).
 DRAW_EVERY_S = 0.5
 
 

@@ -33,12 +33,12 @@ from .store import DiskStore, digest, setting_key
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
-QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 24  # --quick: the whole run in well under a minute on 2 cores
+QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 24  # --quick: fewer sparsities and repeats, for a first look
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 Progress = Callable[[int, int], None]
 BOUND_SLACK = 1.05   # a speedup above 1.05 x its bound is a broken measurement, never a result
 NOISY_SPREAD = 0.25  # an interquartile range above a quarter of the median: the machine was busy
-MIN_SECONDS_PER_CALL = 0.05  # small shapes repeat until each call has run this long: 24 samples of 0.1 ms drift by 10 %
+MIN_SECONDS_PER_CALL = 0.05  # small shapes repeat until each timed call runs this long (too short a call drifts)
 DECODE_TOKENS, DECODE_REPEATS = 32, 5  # the setting's decode measurement, as the app and the CLI take it
 
 
