@@ -9,6 +9,7 @@ from pathlib import Path
 from . import calibrate as calibration
 from . import generate as generation
 from . import fast_decode, metrics, models, ops, peer, tuning
+from .bench import progress_bar
 from .spec import METHODS, SparsitySpec, SpecError
 
 
@@ -36,24 +37,13 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto (CUDA when there is a device, else the CPU), cpu or cuda")
 
 
-def _progress(label: str):
-    from tqdm import tqdm
-    bar = tqdm(desc=label, file=sys.stderr, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return update
-
-
 def _spec(args, model: models.SparseModel) -> SparsitySpec:
     if args.spec:
         return SparsitySpec.from_json(args.spec.read_text(encoding="utf-8"))
     text = args.text.read_text(encoding="utf-8") if getattr(args, "text", None) and args.command == "calibrate" else None
     if getattr(args, "allocation", "uniform") == "greedy":
-        return tuning.greedy_specs(model, args.method, [args.sparsity], text=text, progress=_progress("allocating"))[args.sparsity]
-    return calibration.calibrate(model, args.method, args.sparsity, text=text, progress=_progress("calibrating"))
+        return tuning.greedy_specs(model, args.method, [args.sparsity], text=text, progress=progress_bar("allocating"))[args.sparsity]
+    return calibration.calibrate(model, args.method, args.sparsity, text=text, progress=progress_bar("calibrating"))
 
 
 def cmd_info(args, model):
@@ -99,7 +89,7 @@ def cmd_calibrate(args, model):
 def cmd_eval(args, model):
     spec = _spec(args, model)
     text = args.text.read_text(encoding="utf-8") if args.text else None
-    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=_progress("evaluating"),
+    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=progress_bar("evaluating"),
                               protocol=args.protocol)
     row = {"model": model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
            "spec": spec.label, "dtype": str(model.dtype).replace("torch.", ""), "layout": model.layout,
@@ -114,7 +104,7 @@ def cmd_eval(args, model):
 def cmd_sweep(args, model):
     text = args.text.read_text(encoding="utf-8") if args.text else None
     frame = tuning.sweep(model, args.methods, args.targets, args.allocations, text=text, max_tokens=args.max_tokens,
-                         progress=_progress("sweeping"), protocol=args.protocol)
+                         progress=progress_bar("sweeping"), protocol=args.protocol)
     if args.json:
         print(json.dumps({"model": model.name, "rows": frame.round(4).to_dict(orient="records")}))
     else:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .calibrate import Progress
 from .cost import token_cost
 from .models import machine, synchronize
 from .store import DiskStore, digest, setting_key
@@ -35,7 +36,6 @@ DTYPES = ("float32", "bfloat16")
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 24  # --quick: fewer sparsities and repeats, for a first look
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-Progress = Callable[[int, int], None]
 BOUND_SLACK = 1.05   # a speedup above 1.05 x its bound is a broken measurement, never a result
 NOISY_SPREAD = 0.25  # an interquartile range above a quarter of the median: the machine was busy
 MIN_SECONDS_PER_CALL = 0.05  # small shapes repeat until each timed call runs this long (too short a call drifts)
@@ -359,9 +359,17 @@ def add_arguments(parser):
     parser.add_argument("--rounds", type=int, default=3, help="peer: interleaved rounds of llama.cpp and the lab (peer.ROUNDS)")
 
 
-def _bar(label: str) -> Progress:
+def progress_bar(label: str) -> Progress:
+    """A Progress callback that draws a tqdm bar on stderr (the CLI's; the app draws its own), from the first
+    report on: a command that fails before any work prints its error alone."""
+    from tqdm import tqdm
+    bars = []
+
     def update(done: int, total: int) -> None:
-        print(f"\r{label} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        if not bars:
+            bars.append(tqdm(desc=label, total=total, file=sys.stderr, leave=False))
+        bars[0].total, bars[0].n = total, done
+        bars[0].refresh()
     return update
 
 
@@ -371,7 +379,7 @@ def run(args) -> int:
     if args.what == "kernels":
         sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
         rows = kernel_rows(SHAPES, DTYPES, sparsities, repeats=QUICK_REPEATS if args.quick else 30, device=device,
-                           progress=_bar("kernels"))
+                           progress=progress_bar("kernels"))
         device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
         if args.json:
             print(json.dumps({"backend": ops.describe_backends(), "device": device,
@@ -388,7 +396,7 @@ def run(args) -> int:
     if args.what == "peer":
         from . import peer
         result = peer.run(rounds=args.rounds, tokens=args.new_tokens if args.new_tokens != DECODE_TOKENS else peer.TOKENS,
-                          device=device, progress=_bar("peer"))
+                          device=device, progress=progress_bar("peer"))
         if args.json:
             print(json.dumps(result))
             return 0
@@ -406,7 +414,7 @@ def run(args) -> int:
     for target in args.sparsity:
         spec = calibrate.calibrate(model, args.method, target)
         compiled = fast_decode.compile_by_default(model) if args.compile is None else args.compile
-        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=_bar(f"decode {target:g}"),
+        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=progress_bar(f"decode {target:g}"),
                                compiled=compiled)
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n", flush=True)
     return 0
