@@ -360,8 +360,9 @@ def add_arguments(parser):
 
 
 def progress_bar(label: str) -> Progress:
-    """A Progress callback that draws a tqdm bar on stderr (the CLI's; the app draws its own), from the first
-    report on: a command that fails before any work prints its error alone."""
+    """A Progress callback that draws a tqdm bar on stderr (the CLI's; the app draws its own) from the first report
+    until the last (done == total), when it clears: a command that fails before any work prints its error alone,
+    and the next step's bar takes the same line."""
     from tqdm import tqdm
     bars = []
 
@@ -370,6 +371,8 @@ def progress_bar(label: str) -> Progress:
             bars.append(tqdm(desc=label, total=total, file=sys.stderr, leave=False))
         bars[0].total, bars[0].n = total, done
         bars[0].refresh()
+        if done >= total:
+            bars.pop().close()
     return update
 
 
