@@ -200,7 +200,7 @@ def spec_for(model: models.SparseModel, method: str, target: float) -> SparsityS
     return spec
 
 
-_LOAD_SECONDS = DiskStore("load_seconds")
+_LOAD_SECONDS = DiskStore("load_seconds", 1)
 
 
 def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool, notice) -> models.SparseModel:

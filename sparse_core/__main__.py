@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import calibrate as calibration
 from . import generate as generation
-from . import fast_decode, metrics, models, ops, peer, tuning
+from . import fast_decode, metrics, models, ops, patch, peer, tuning
 from .bench import progress_bar
 from .spec import METHODS, SparsitySpec, SpecError
 
@@ -17,7 +17,7 @@ def _model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--model", default=models.DEFAULT_MODEL, help="embedded default, a HF hub id or a local folder")
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES))
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-    p.add_argument("--layout", default="inputs", choices=models.LAYOUTS,
+    p.add_argument("--layout", default="inputs", choices=patch.LAYOUTS,
                    help="how the one copy of the weights is stored: inputs (TEAL/top-k skip reads in every projection), "
                         "cats (up_proj keeps its rows, so CATS skips them too) or hf (HF's own storage: bit-identical "
                         "to plain HF, no kernels)")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import ops
 from .calibrate import Progress
 from .cost import token_cost
-from .models import machine, synchronize
+from .machine import machine, synchronize
 from .store import DiskStore, digest, setting_key
 
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
@@ -58,7 +58,7 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
 
 
 BANDWIDTH_BYTES, BANDWIDTH_REPEATS = 1 << 30, 10  # the read-bandwidth probe: far beyond any last-level cache
-_BANDWIDTH = DiskStore("read_bandwidth-v3")  # v3: eight prefetched streams a thread (v2 read one, below the kernels)
+_BANDWIDTH = DiskStore("read_bandwidth", 3)  # v3: eight prefetched streams a thread (v2 read one, below the kernels)
 
 
 def read_bandwidth_gbs(device: str = "cpu", repeats: int = BANDWIDTH_REPEATS) -> float:
@@ -232,7 +232,7 @@ def paired_rates(dense: list, sparse: list) -> PairedRates | None:
 
 
 DENSE_PATHS = ("hf", "linear", "kernel")
-_DECODES = DiskStore("decode-v3")  # v3: dense and TEAL decode through the native step on the CPU (v2: bandwidth fields)
+_DECODES = DiskStore("decode", 3)  # v3: dense and TEAL decode through the native step on the CPU (v2: bandwidth fields)
 
 
 def _decode_key(model, spec, compiled: bool) -> str:

@@ -15,7 +15,7 @@ import torch
 from .models import SparseModel
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
-from .store import BoundedCache, cache_dir, digest, write_atomically
+from .store import BoundedCache, DiskStore, digest, write_atomically
 from .trace import AbsHistogram
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -110,11 +110,11 @@ def calibrate(model: SparseModel, method: str, target: float | Sequence[Sequence
     return spec
 
 
-CALIBRATION_VERSION = 3  # bump when the calibration procedure changes, so cached specs are rebuilt
+_CALIBRATIONS = DiskStore("calibrations", 3)  # v3: thresholds from the first 2,048 calibration tokens
 
 
 def calibration_cache_path(model: SparseModel, method: str, table: list[list[float]], text: str, refine: int) -> Path:
-    return cache_dir() / "calibrations" / f"{digest(CALIBRATION_VERSION, model.fingerprint, method, table, text_hash(text), refine)}.json"
+    return _CALIBRATIONS.path(digest(model.fingerprint, method, table, text_hash(text), refine))
 
 
 def _target_table(model: SparseModel, target: float | Sequence[Sequence[float]]) -> list[list[float]]:

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels import cpu_native
-from .models import SparseModel, decoder_layers, machine
+from .machine import machine
+from .models import SparseModel
+from .patch import decoder_layers
 from .spec import GROUPS, SparsitySpec
 from .store import DiskStore, cache_dir, digest
 
@@ -48,7 +50,7 @@ FAMILIES = ("llama", "mistral", "qwen2")
 # Longer generations decode uncompiled (attention over the context dominates them anyway).
 CACHE_BUCKET = 256
 MAX_COMPILED_POSITIONS = 8192
-_COMPILE_SECONDS = DiskStore("compile_seconds")
+_COMPILE_SECONDS = DiskStore("compile_seconds", 1)
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_MID = (GROUPS.index(g) for g in ("attn_in", "attn_out", "mlp_in", "mlp_mid"))
 
 

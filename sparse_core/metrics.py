@@ -52,7 +52,7 @@ PROTOCOLS = {"dense-prefill": Protocol("dense-prefill", 512, 2048, True),
              "all-sparse": Protocol("all-sparse", 256, 1024, False)}
 DEFAULT_PROTOCOL = "dense-prefill"
 QUALITY_TOKENS = PROTOCOLS[DEFAULT_PROTOCOL].tokens  # held-out tokens of the one quality measurement per setting
-_MEASURED = DiskStore("quality")
+_MEASURED = DiskStore("quality", 1)
 
 
 def protocol_of(name: str) -> Protocol:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .spec import SparsitySpec
+from .spec import GROUPS, SparsitySpec
 
 
 class Observer(Protocol):
@@ -215,3 +215,104 @@ class SparseGatedMLP(nn.Module):
         up = self.up_proj.keep_rows(x, keep)
         hidden = active * up  # zero wherever keep is False
         return self.down_proj.skip_inputs(hidden, 0.0)
+
+
+# How the projections' single copy of weights is stored (docs/PERFORMANCE.md, "One copy of the weights"):
+#   inputs: every projection as (in, out) rows, so TEAL and top-k skip reads in all seven; CATS skips down's rows.
+#   cats:   the same, except up_proj keeps HF's (out, in) rows, so CATS also skips up's rows of inactive neurons
+#           and TEAL/top-k read all of up (its input sparsity saves nothing there).
+#   hf:     HF's own storage, untouched, and no kernels: every call runs HF's forward or the reference ops, so
+#           0 % is bit-identical to a freshly loaded model (and nothing is faster).
+LAYOUTS = ("inputs", "cats", "hf")
+
+# Projection name inside a decoder block -> the group whose input it reads.
+_LEAF_GROUP = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "c_attn": "attn_in",
+    "o_proj": "attn_out", "out_proj": "attn_out",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "c_fc": "mlp_in", "fc1": "mlp_in",
+    "down_proj": "mlp_mid", "fc2": "mlp_mid",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded or patched; the message is one sentence naming what was tried."""
+
+
+def patch_model(model: nn.Module, layout: str = "inputs") -> tuple[int, bool, tuple[dict[str, int], ...], dict[str, int]]:
+    """Replace every block projection with a SparseLinear (and gated MLPs with SparseGatedMLP), in place, once,
+    and store its weights in the kernels' layout (replacing HF's storage, never beside it)."""
+    check_layout(layout)
+    layers = decoder_layers(model)
+    gated_all, params, widths = True, [], {}
+    for index, block in enumerate(layers):
+        found: dict[str, int] = {}
+        for qualified, module in list(block.named_modules()):
+            parent_name, _, leaf = qualified.rpartition(".")
+            group = _LEAF_GROUP.get(leaf)
+            if leaf == "c_proj":  # GPT-2 uses the same name for attention-out and MLP-down
+                group = "attn_out" if "attn" in parent_name else "mlp_mid"
+            if group is None or not hasattr(module, "weight") or isinstance(module, SparseLinear):
+                continue
+            parent = block.get_submodule(parent_name) if parent_name else block
+            wrapped = SparseLinear(module, index, group, records=group not in found, kernels=layout != "hf")
+            setattr(parent, leaf, wrapped)
+            found[group] = found.get(group, 0) + wrapped.weight.numel()
+            widths[group] = wrapped.weight.shape[1]
+        missing = [g for g in GROUPS if g not in found]
+        if missing:
+            raise ModelLoadError(f"This model family ({type(model).__name__}) is not supported: block {index} has no projection for {', '.join(missing)}.")
+        mlp = getattr(block, "mlp", None)
+        gated = mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        keeps_rows = mlp.up_proj if gated and layout == "cats" else None  # CATS reads up's (out, in) rows
+        for linear in block.modules():
+            if isinstance(linear, SparseLinear) and layout != "hf" and linear is not keeps_rows:
+                adopt_input_rows(linear.inner)
+        if layout != "hf":
+            _share_inputs(block, skip=keeps_rows)
+        if gated:
+            block.mlp = SparseGatedMLP(mlp, index)
+        gated_all &= gated
+        params.append(found)
+    return len(layers), gated_all, tuple(params), widths
+
+
+# Projections of one module that read the same input: stored as one matrix and computed in one sparse call.
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _share_inputs(block: nn.Module, skip: nn.Module | None) -> None:
+    """Join each set of _SHARED_INPUTS projections of the block into a SharedInput where they can be (not `skip`,
+    the cats layout's up_proj, which keeps its own (out, in) rows for CATS' row kernel)."""
+    for parent in list(block.modules()):
+        for names in _SHARED_INPUTS:
+            members = [getattr(parent, name, None) for name in names]
+            if all(isinstance(m, SparseLinear) and m is not skip for m in members) and SharedInput.fusable(members):
+                SharedInput(members)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ModelLoadError(f"Unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+
+
+def adopt_input_rows(linear: nn.Module) -> None:
+    """Store an nn.Linear's (out, in) weight as contiguous (in, out) rows, in place: the parameter becomes a
+    transposed view of the new storage and the old storage is freed. GPT-2's Conv1D already is (in, out); weights
+    that accelerate offloaded (meta) stay as they are and run the reference path.
+
+    HF's forward is unchanged, but float32 matmuls on this layout round differently in the last bit from a freshly
+    loaded model (the BLAS sums in another order), so "dense" in this package means this model, at 0 % sparsity."""
+    weight = linear.weight
+    if isinstance(linear, nn.Linear) and weight.device.type != "meta" and not weight.t().is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks, found by its length (families name it differently)."""
+    config = model.config
+    config = getattr(config, "text_config", None) or config
+    count = getattr(config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelLoadError(f"Could not find the decoder blocks of {type(model).__name__} (expected {count} layers).")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .machine import machine
 from .store import DiskStore, cache_dir, digest
 
 SDIST = "llama_cpp_python-0.3.36"
@@ -28,7 +29,7 @@ PRECISIONS = {"float32": "F32", "bfloat16": "BF16"}  # lab dtype -> the GGUF typ
 QUANTIZED = ("Q8_0",)  # measured beside, for the reader: what llama.cpp gets from quantized weights
 TEAL_TARGETS = (0.25, 0.4, 0.5)
 TOKENS, ROUNDS = 64, 3
-_RESULTS = DiskStore("peer-v1")
+_RESULTS = DiskStore("peer", 1)
 
 
 class PeerMissing(RuntimeError):
@@ -65,7 +66,7 @@ def missing() -> str | None:
 def convert() -> None:
     """The lab's cached safetensors model as GGUF F32 and BF16 (llama.cpp's converter, its own gguf-py), and Q8_0
     quantized from F32 (llama-quantize). Files already there are kept."""
-    from .models import default_model_dir
+    from .gguf import default_model_dir
     folder = default_model_dir()
     env = dict(os.environ, PYTHONPATH=str(source_dir() / "gguf-py"))
     for kind in PRECISIONS.values():
@@ -171,9 +172,9 @@ def run(rounds: int = ROUNDS, tokens: int = TOKENS, targets=TEAL_TARGETS, device
                                      limit=bandwidth,
                                      gbs=statistics.median(rates) * cost.sparse_bytes / 1e9)
             rows.append(row)
-    result = {"machine": models.machine(torch.device(device)), "threads": threads, "tokens": tokens, "rounds": rounds,
+    result = {"machine": machine(torch.device(device)), "threads": threads, "tokens": tokens, "rounds": rounds,
               "llama_cpp": build, "bandwidth_gbs": bandwidth, "rows": rows}
-    return _RESULTS.save(digest(models.machine(torch.device(device))), result)
+    return _RESULTS.save(digest(machine(torch.device(device))), result)
 
 
 def _skipped(model, spec):
@@ -188,7 +189,6 @@ def _skipped(model, spec):
 
 def stored(device: str = "cpu") -> dict | None:
     """This machine's last `bench peer` result, if any."""
-    from .models import machine
     return _RESULTS.load(digest(machine(torch.device(device))))
 
 

@@ -4,7 +4,6 @@ for the heatmaps and a per-layer timing of decode steps.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import threading
 import time
 from collections import defaultdict
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import generate, models
+from . import generate, machine, models, patch
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
 from .trace import SparsityCounter, Trace
@@ -182,7 +181,7 @@ def decode_step_breakdown(model: models.SparseModel, prompt: generate.Prompt, sp
 
 def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: SparsitySpec | None,
                   new_tokens: int) -> tuple[list[list[float]], list[float]]:
-    blocks = models.decoder_layers(model.model)
+    blocks = patch.decoder_layers(model.model)
     started: dict[int, float] = {}
     seconds: dict[int, list[float]] = defaultdict(list)
     device = model.device
@@ -191,12 +190,12 @@ def _timed_layers(model: models.SparseModel, prompt: generate.Prompt, spec: Spar
 
     def start(index: int) -> None:
         if threading.get_ident() == timing:
-            models.synchronize(device)  # on a GPU the work queued before this layer is not its time
+            machine.synchronize(device)  # on a GPU the work queued before this layer is not its time
             started[index] = time.perf_counter()
 
     def stop(index: int) -> None:
         if threading.get_ident() == timing:
-            models.synchronize(device)
+            machine.synchronize(device)
             seconds[index].append(time.perf_counter() - started[index])
 
     handles = []

@@ -7,40 +7,20 @@ the page that offers the download stays a thin caller and the report can be test
 from __future__ import annotations
 
 import datetime
-import html
 import os
 import platform
 
+import jinja2
 import plotly.graph_objects as go
 import torch
+from markupsafe import Markup
 from plotly.subplots import make_subplots
 
 from .figures import TITLED_MARGIN
+from .machine import cpu_name
 from .metrics import ppl_change
-from .models import cpu_name
 
 FIGURE_HEIGHT = "420px"  # a bare to_html div is sized 100% of a parent with no height; give each chart a real one
-
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1f2933;
-       max-width: 1100px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #d9dee3; padding-bottom: 0.2em; }
-.muted { color: #66737f; font-size: 0.9em; }
-table { border-collapse: collapse; }
-th, td { text-align: left; padding: 0.25em 1em 0.25em 0; border-bottom: 1px solid #eef1f4; vertical-align: top; }
-th { font-weight: 600; color: #4a5561; }
-.cards { display: flex; flex-wrap: wrap; gap: 0.8em; }
-.card { border: 1px solid #d9dee3; border-radius: 8px; padding: 0.6em 0.9em; min-width: 10em; flex: 1; }
-.card .label { font-size: 0.85em; color: #4a5561; }
-.card .value { font-size: 1.6em; font-weight: 600; }
-.card .sub { font-size: 0.85em; color: #66737f; }
-.sentence { font-size: 1.1em; }
-.note { background: #fff4e5; border-left: 4px solid #f0a000; padding: 0.5em 0.8em; }
-.texts { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
-.text { border: 1px solid #d9dee3; border-radius: 8px; padding: 0.6em 0.9em; white-space: pre-wrap; }
-mark { background: #ffe08a; }
-"""
 
 
 def machine_info() -> dict[str, str]:
@@ -101,7 +81,8 @@ def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -
 
 def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars: int | None,
           figures: dict[str, go.Figure], machine: dict | None = None, peer: dict | None = None) -> str:
-    """The whole report as one self-contained HTML document (write it with encoding="utf-8").
+    """The whole report as one self-contained HTML document (write it with encoding="utf-8"), rendered from
+    templates/report.html with every value escaped.
 
     setting: model, method, spec (its name), target (or None), dtype, layout, device, decoder; shown as a table in
     this order.
@@ -116,87 +97,55 @@ def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars
     peer: this machine's stored `bench peer` result (peer.stored()), shown beside the lab's rates; None: none yet.
     """
     machine = machine_info() if machine is None else machine
-    title = f"Sparsity lab report — {setting['model']} · {setting['spec']}"
-    generated = machine.get("Generated")
-    body = [f"<h1>{_esc(title)}</h1>",
-            f"<p class='muted'>Generated {_esc(generated)}</p>" if generated else "",
-            "<h2>Setting</h2>", _table(setting),
-            "<h2>Headline</h2>", _headline(headline),
-            "<h2>Generation</h2>", _texts(texts, divergence_chars)]
-    if figures:
-        body.append("<h2>Charts</h2>")
+    charts = []
     for i, (chart_title, figure) in enumerate(figures.items()):
         height = f"{figure.layout.height}px" if figure.layout.height else FIGURE_HEIGHT  # its own, or it is clipped
-        chart = figure.to_html(full_html=False, include_plotlyjs=i == 0, default_height=height)
-        body.append(f"<section class='chart'><h3>{_esc(chart_title)}</h3>{chart}</section>")
-    body += ["<h2>Beside llama.cpp</h2>", _peer(peer), "<h2>Machine</h2>", _table(machine)]
-    return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-            f"<title>{_esc(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-            + "\n".join(part for part in body if part) + "\n</body>\n</html>\n")
+        charts.append((chart_title, Markup(figure.to_html(full_html=False, include_plotlyjs=i == 0,
+                                                          default_height=height))))
+    return _TEMPLATE.render(
+        title=f"Sparsity lab report — {setting['model']} · {setting['spec']}", generated=machine.get("Generated"),
+        setting=_rows(setting), cards=_cards(headline), sentence=headline["sentence"], note=_note(headline),
+        quality_protocol=headline["quality_protocol"], texts=texts, divergence_chars=divergence_chars, charts=charts,
+        peer=_peer(peer), machine=_rows(machine))
 
 
-def _peer(result: dict | None) -> str:
+_TEMPLATE = jinja2.Environment(loader=jinja2.PackageLoader("sparse_core", "templates"), autoescape=True,
+                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_TEMPLATE.filters["dash"] = lambda value: "—" if value is None or value != value else value  # None, NaN: a dash
+_TEMPLATE = _TEMPLATE.get_template("report.html")
+
+
+def _peer(result: dict | None) -> dict | None:
     if result is None:
-        return ("<p class='muted'>Not measured on this machine: run <code>make peer</code>, then "
-                "<code>python -m sparse_core bench peer</code>.</p>")
+        return None
     from . import peer
     frame = peer.table(result)
-    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{_esc(None if v != v else v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<p class='muted'>{_esc(peer.caption(result))}</p><table><tr>{head}</tr>{rows}</table>"
+    return dict(caption=peer.caption(result), columns=list(frame.columns), rows=list(frame.itertuples(index=False)))
 
 
-def _esc(value) -> str:
-    """Every value shown is escaped: prompts and generated text are arbitrary and may contain markup."""
-    return html.escape("—" if value is None else str(value))
+def _rows(rows: dict) -> list[tuple[str, object]]:
+    """Keys become row labels ("max_new_tokens" -> "Max new tokens", "CPU cores" as it is)."""
+    return [(key.replace("_", " ")[:1].upper() + key.replace("_", " ")[1:], value) for key, value in rows.items()]
 
 
-def _table(rows: dict) -> str:
-    """Keys become row labels ("max_new_tokens" -> "Max new tokens", "CPU cores" as it is); None shows as a dash."""
-    labels = {key: key.replace("_", " ") for key in rows}
-    cells = "".join(f"<tr><th>{_esc(labels[key][:1].upper() + labels[key][1:])}</th><td>{_esc(value)}</td></tr>"
-                    for key, value in rows.items())
-    return f"<table>{cells}</table>"
-
-
-def _card(label: str, value: str, sub: str = "") -> str:
-    sub_html = f"<div class='sub'>{_esc(sub)}</div>" if sub else ""
-    return f"<div class='card'><div class='label'>{_esc(label)}</div><div class='value'>{_esc(value)}</div>{sub_html}</div>"
-
-
-def _headline(h: dict) -> str:
-    """The Playground's headline card, with the same formats, and a note in place of a speedup that is not a result."""
-    flag, speedup = h.get("flag"), h.get("speedup")
+def _cards(h: dict) -> list[tuple[str, str, str]]:
+    """The Playground's headline card, with the same formats; a speedup that is not a result is never shown."""
+    flag, speedup, iqr = h.get("flag"), h.get("speedup"), h.get("speedup_iqr")
     if flag:
-        speed = _card("Decode speedup", "flagged", "not shown as a result")
-        note = f"<p class='note'>The decode measurement of this setting is not shown as a result: {_esc(flag)}.</p>"
+        speed = ("Decode speedup", "flagged", "not shown as a result")
     elif speedup is None:
-        speed = _card("Decode speedup", "not measured")
-        note = "<p class='note'>Decode speed was not measured for this setting, so no speedup is claimed.</p>"
+        speed = ("Decode speedup", "not measured", "")
     else:
-        iqr = h.get("speedup_iqr")
-        speed = _card("Decode speedup", f"×{speedup:.2f}", f"IQR ×{iqr[0]:.2f}–×{iqr[1]:.2f}" if iqr else "")
-        note = ""
-    cards = [_card("Weight reads skipped", f"{h['weight_reads_skipped']:.1%}"), speed,
-             _card("Speedup bound", f"×{h['bound']:.2f}", "1/(1−s): the most a memory-bound decoder can gain"),
-             _card("Perplexity change", ppl_change(h["ppl_increase"]), f"{h['ppl_dense']:.1f} → {h['ppl_sparse']:.1f}"),
-             _card("Top-1 agreement", f"{h['top1_agreement']:.0%}", f"KL {h['kl']:.3f} nats")]
-    return (f"<div class='cards'>{''.join(cards)}</div>\n<p class='sentence'>{_esc(h['sentence'])}</p>{note}"
-            f"<p class='muted'>Quality measured with {_esc(h['quality_protocol'])}.</p>")
+        speed = ("Decode speedup", f"×{speedup:.2f}", f"IQR ×{iqr[0]:.2f}–×{iqr[1]:.2f}" if iqr else "")
+    return [("Weight reads skipped", f"{h['weight_reads_skipped']:.1%}", ""), speed,
+            ("Speedup bound", f"×{h['bound']:.2f}", "1/(1−s): the most a memory-bound decoder can gain"),
+            ("Perplexity change", ppl_change(h["ppl_increase"]), f"{h['ppl_dense']:.1f} → {h['ppl_sparse']:.1f}"),
+            ("Top-1 agreement", f"{h['top1_agreement']:.0%}", f"KL {h['kl']:.3f} nats")]
 
 
-def _texts(texts: dict[str, str], divergence_chars: int | None) -> str:
-    sparse = texts["sparse"]
-    if divergence_chars is None:
-        marked = _esc(sparse)
-        caption = "The sparse run produced the same text as dense."
-    else:
-        marked = f"{_esc(sparse[:divergence_chars])}<mark>{_esc(sparse[divergence_chars:])}</mark>"
-        caption = ("The sparse text is highlighted from where it first differs from dense; after that the two continue "
-                   "from different text, so later differences are expected.")
-    return (f"<p><strong>Prompt</strong></p><div class='text'>{_esc(texts['prompt'])}</div>\n"
-            f"<div class='texts'><div><p><strong>Dense</strong></p><div class='text'>{_esc(texts['dense'])}</div></div>"
-            f"<div><p><strong>Sparse</strong></p><div class='text'>{marked}</div></div></div>\n"
-            f"<p class='muted'>{_esc(caption)}</p>")
+def _note(h: dict) -> str | None:
+    if h.get("flag"):
+        return f"The decode measurement of this setting is not shown as a result: {h['flag']}."
+    if h.get("speedup") is None:
+        return "Decode speed was not measured for this setting, so no speedup is claimed."
+    return None

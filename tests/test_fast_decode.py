@@ -1,7 +1,6 @@
 """The fast decoder (own one-token step, static KV cache, compiled) against the patched model's HF forward, which
 test_families holds against the masked reference: the same logits within float rounding, the same greedy tokens
 and the same counts of skipped inputs, for every method and every family it covers; compiled against eager."""
-import copy
 
 import pytest
 import torch

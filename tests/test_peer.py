@@ -50,6 +50,16 @@ RESULT = {"machine": "AMD EPYC, 2 threads", "threads": 2, "tokens": 64, "rounds"
 def test_the_peer_table_is_the_same_on_the_page_and_in_the_report():
     frame = peer.table(RESULT)
     assert list(frame["tok/s"]) == [52.0, 60.0] and frame["× llama.cpp (same precision)"].iloc[1] == 1.154
-    html = stakeholder_report._peer(RESULT)
+    html = _report(RESULT)
     assert "abc1234 (build 7)" in html and "<td>60.0</td>" in html and "<td>1.154</td>" in html
-    assert "make peer" in stakeholder_report._peer(None)
+    assert "make peer" in _report(None)
+
+
+def _report(result) -> str:
+    """A report with nothing but its peer section's input varied."""
+    setting = {"model": "SmolLM2-135M-Instruct", "spec": "TEAL at 50%"}
+    headline = {"weight_reads_skipped": 0.4, "speedup": None, "bound": 1.65, "ppl_dense": 12.0, "ppl_sparse": 13.0,
+                "ppl_increase": 0.08, "top1_agreement": 0.9, "kl": 0.04, "quality_protocol": "dense prefill",
+                "sentence": "Skips 40% of weight reads."}
+    return stakeholder_report.build(setting, headline, {"prompt": "p", "dense": "d", "sparse": "d"}, None, {},
+                                    machine={"CPU": "Test CPU"}, peer=result)

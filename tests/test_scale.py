@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_core import calibrate, generate, models, tuning
+from sparse_core import calibrate, generate, models, patch, tuning
 from sparse_core.patch import sparsity
 from sparse_core.trace import SparsityCounter
 
@@ -209,7 +209,7 @@ def test_a_model_split_by_accelerate_over_memory_and_disk_runs_every_method(smol
     monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")  # the offloaded weights go with tmp_path
     whole = models.load(str(tmp_path))
     split = models.load(str(tmp_path), device_map=placement)
-    offloaded = models.decoder_layers(split.model)[3].self_attn.q_proj.weight
+    offloaded = patch.decoder_layers(split.model)[3].self_attn.q_proj.weight
     assert split.model.hf_device_map["model.layers.3"] == "disk" and offloaded.device.type == "meta"
     assert split.fingerprint == whole.fingerprint
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kernel_reference import in_kernel_layout
-from sparse_core import calibrate, generate, metrics, models
+from sparse_core import calibrate, generate, gguf, metrics, models
 from sparse_core.patch import sparsity
 from sparse_core.spec import GROUPS, SpecError
 
@@ -20,7 +20,7 @@ def test_zero_sparsity_matches_plain_hf_logits_and_tokens(smollm2):
     """On the "linear" dense route, exactly HF's own forward on the same weight storage; against a freshly loaded HF
     model (its weights in HF's layout, so the BLAS sums in another order) within float32 rounding, with the same
     greedy tokens, on either dense route."""
-    pristine = AutoModelForCausalLM.from_pretrained(models.default_model_dir(), dtype=torch.float32).eval()
+    pristine = AutoModelForCausalLM.from_pretrained(gguf.default_model_dir(), dtype=torch.float32).eval()
     zero = calibrate.calibrate(smollm2, "teal", 0.0)
     prompt = generate.encode_prompt(smollm2, QUESTION)
     ids = torch.tensor([prompt.ids])
@@ -62,7 +62,7 @@ def test_zero_sparsity_costs_nothing_under_either_protocol(smollm2, protocol):
                               protocol=protocol)
     assert result.kl == 0 and result.top1_agreement == 1 and result.ppl_sparse == result.ppl_dense
     assert result.weight_reads_skipped < 1e-3  # only exact zeros (at most a few inputs) count as skipped
-    pristine = AutoModelForCausalLM.from_pretrained(models.default_model_dir(), dtype=torch.float32).eval()
+    pristine = AutoModelForCausalLM.from_pretrained(gguf.default_model_dir(), dtype=torch.float32).eval()
     ids = smollm2.tokenizer(calibrate.default_text("evaluation"), add_special_tokens=False,
                             return_tensors="pt")["input_ids"][:, :how.window]
     context = how.context(how.window)
@@ -173,7 +173,7 @@ def test_corrupt_calibration_cache_is_rebuilt_not_loaded(smollm2):
 
 
 def test_a_model_too_big_for_memory_is_refused_before_loading(smollm2):
-    folder = str(models.default_model_dir())
+    folder = str(gguf.default_model_dir())
     need = models.estimate_bytes(folder, "float32")
     assert need == sum(p.numel() for p in smollm2.model.parameters()) * 4
     assert models.estimate_bytes(folder, "bfloat16") == need // 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from sparse_core import models, tuning
+from sparse_core import models, patch, tuning
 from sparse_core.patch import sparsity
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import AbsHistogram
@@ -48,7 +48,7 @@ def test_greedy_lands_on_each_target_in_every_block(tiny):
 def test_greedy_errs_less_than_uniform_on_its_objective(tiny):
     model, ids, histogram = tiny
     blocks = tuning._record_blocks(model, ids)
-    layers = models.decoder_layers(model.model)
+    layers = patch.decoder_layers(model.model)
     table = tuning.greedy_targets(model, "teal", [0.5], ids, histogram, step=0.05)[0.5]
 
     def block_errors(spec):

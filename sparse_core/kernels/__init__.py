@@ -1,7 +1,7 @@
 """Fast backends for `ops.sparse_linear`: one torch.library op, a native CPU kernel and a Triton GPU kernel.
 
 Both kernels read the weight as (in, out) rows, so a skipped input is a skipped contiguous row. They take the
-weight in that layout only: a patched model stores its projections that way (models.adopt_input_rows, in place,
+weight in that layout only: a patched model stores its projections that way (patch.adopt_input_rows, in place,
 one copy), and a weight in HF's (out, in) layout runs the reference path rather than being copied behind the
 caller's back (docs/PERFORMANCE.md).
 """

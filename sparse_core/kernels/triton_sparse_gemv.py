@@ -7,7 +7,7 @@ same kernel, which writes each output once: no zero-filled buffer, no atomics, n
 
 The launchers are CUDA-graph capturable: a scalar threshold travels as a kernel argument (no tensor built from a
 Python number), the only allocation is the output, and the configs are a small set that autotune picks from on
-the first call of a shape (models.warm_kernels makes that call at load, before any capture). Loaded values are cast
+the first call of a shape (models.wrap makes that call at load, before any capture). Loaded values are cast
 to float32 at once: the interpreter (TRITON_INTERPRET=1, used by the CPU tests) computes bfloat16 arithmetic
 wrongly otherwise.
 """
