@@ -1,9 +1,10 @@
-"""Activation-sparsity lab in the browser: this entry point only lists the pages. Each page draws the shared
-settings sidebar itself (pages.common.sidebar), so a page renders the same whether Streamlit runs it through this
-navigation or directly as a file of the pages/ folder (as AppTest does on reruns)."""
+"""Activation-sparsity lab in the browser. This entry point runs on every rerun of every page: it lists the pages,
+draws the shared settings sidebar once (pages.common.sidebar), then runs the page, which only renders."""
 from pathlib import Path
 
 import streamlit as st
+
+from pages import common
 
 HERE = Path(__file__).parent
 
@@ -15,4 +16,5 @@ page = st.navigation([
     st.Page("pages/quality.py", title="Quality", icon=":material/query_stats:"),
     st.Page("pages/tuner.py", title="Tuner", icon=":material/tune:"),
 ])
+common.sidebar()
 page.run()

@@ -251,11 +251,11 @@ def _device_label(device: str) -> str:
     return device
 
 
-def _compiled_toggle(model: models.SparseModel, kept: dict) -> bool:
+def _compiled_toggle(model: models.SparseModel) -> bool:
     """The compiled decode step: on by default where the model supports it (SPARSE_LAB_COMPILE=0 turns the default
-    off); greyed out, with the reason, where it does not. Kept like the other sidebar choices."""
+    off); greyed out, with the reason, where it does not."""
     why_not = fast_decode.unsupported(model)
-    st.session_state.compiled = st.session_state.get("compiled", kept.get("compiled", fast_decode.compile_by_default(model)))
+    st.session_state.setdefault("compiled", fast_decode.compile_by_default(model))
     on = st.toggle("Compiled decode step", key="compiled", disabled=why_not is not None,
                    help=why_not and f"Unavailable: {why_not}." or
                    "Decode with the lab's own one-token step (static KV cache, q|k|v and gate|up as one sparse call "
@@ -263,19 +263,31 @@ def _compiled_toggle(model: models.SparseModel, kept: dict) -> bool:
                    "it as one native call per token; top-k and CATS (and every method on a GPU) under torch.compile, "
                    "whose first compile of a setting on this machine takes a minute or two; later ones load from the "
                    "cache.")
-    kept["compiled"] = on
     return on and why_not is None
 
 
-def sidebar() -> Settings:
-    """Draw the settings (same keys on every page) and resolve them to a model and a spec."""
-    # Re-assigned every run, from a copy in a plain (non-widget) key: Streamlit drops a widget's state after a run
-    # that did not draw it (a page change that interrupts a run can be one), and the visitor's choices must survive.
-    kept = st.session_state.setdefault("sidebar_kept", {})
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """What the sidebar says this run, before a spec is resolved for it (the page does that: it may calibrate)."""
+    model: models.SparseModel
+    method: str
+    target: float
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    compiled: bool
+    sparse_prefill: bool
+    applied: tuple[str, SparsitySpec] | None  # the Tuner's spec, when the visitor generates with it
+
+
+def sidebar() -> None:
+    """Draw the settings once per run, from app.py before the page: the same widgets on every page, so Streamlit
+    keeps their values across pages by itself. Every widget is drawn before the model loads, so a run that a page
+    change interrupts during a load has registered them all. The page reads the outcome with current()."""
     for key, value in DEFAULTS.items():
-        st.session_state[key] = st.session_state.get(key, kept.get(key, value))
+        st.session_state.setdefault(key, value)  # the first run only: never written over a visitor's choice
     st.logo(str(LOGO), size="large")
-    notice = st.empty()  # in the main area, under the page's title: what is being prepared
+    notice = st.empty()  # at the top of the main area: what is being prepared
     with st.sidebar:
         st.header("Model")
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
@@ -291,12 +303,7 @@ def sidebar() -> Settings:
         trust = st.toggle("Run the model's own code (trust_remote_code)", key="trust_remote_code",
                           help="Off by default. Only for models whose repository ships Python code you have read and "
                                "trust: it runs on this machine with your permissions.")
-        model = _resolve_model(name, dtype, layout, device, trust, notice)
-        prepared = prepare_ahead(model)
-        if prepared is not None and prepared.working and not prepared.finished:
-            st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "
-                       "calibrated and measured, so the slider answers in seconds.")
-        st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
+        about_model = st.container()  # filled once the model is loaded
 
         st.header("Sparsity")
         method = METHODS[st.radio("Method", list(METHODS), key="method_label", help=METHOD_HELP)]
@@ -304,30 +311,50 @@ def sidebar() -> Settings:
         st.header("Generation")
         max_new_tokens = st.slider("Max new tokens", 1, 256, key="max_new_tokens")
         sample = st.toggle("Sample (otherwise greedy)", key="sample")
-        temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature") if sample else 0.0
-        seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed")) if sample else 0
+        # Drawn greyed out when greedy, so the visitor's temperature and seed stay for the next sampled run.
+        temperature = st.slider("Temperature", 0.1, 2.0, step=0.1, key="temperature", disabled=not sample)
+        seed = int(st.number_input("Seed", 0, 2**31 - 1, key="seed", disabled=not sample))
+        temperature, seed = (temperature, seed) if sample else (0.0, 0)
         sparse_prefill = st.toggle("Sparse prefill", key="sparse_prefill",
                                    help="Off (the default): the prompt's prefill runs dense and the spec applies to "
                                         "the decode steps. A prefill is compute-bound, so skipping buys nothing there, "
                                         "and a thresholded prompt's KV cache costs every later token quality. On: the "
                                         "prompt runs sparse too, to study that cost. Counts and heatmaps cover the "
                                         "decode steps either way.")
-        compiled = _compiled_toggle(model, kept)
-    kept.update({key: st.session_state[key] for key in DEFAULTS})
-    applied = st.session_state.get("applied_spec")
-    use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.sidebar.toggle(
-        f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
-        help="Generate with the spec applied on the Tuner page instead of the method and slider above.")
+        model_bound = st.container()  # the widgets that depend on the model
+    model = _resolve_model(name, dtype, layout, device, trust, notice)
+    with about_model:
+        prepared = prepare_ahead(model)
+        if prepared is not None and prepared.working and not prepared.finished:
+            st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "
+                       "calibrated and measured, so the slider answers in seconds.")
+        st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
+    with model_bound:
+        compiled = _compiled_toggle(model)
+        applied = st.session_state.get("applied_spec")
+        use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.toggle(
+            f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
+            help="Generate with the spec applied on the Tuner page instead of the method and slider above.")
+    st.session_state.choices = Choices(model, method, target, max_new_tokens, temperature, seed, compiled,
+                                       sparse_prefill, applied if use_applied else None)
+
+
+def current() -> Settings:
+    """This run's sidebar choices resolved to a model and a spec (calibrated with a progress bar on first use; spec
+    None, with the reason shown, when it cannot run on the model)."""
+    chosen: Choices = st.session_state.choices
+    model, method = chosen.model, chosen.method
     try:
-        spec = applied[1] if use_applied else spec_for(model, method, target)
+        spec = chosen.applied[1] if chosen.applied else spec_for(model, method, chosen.target)
         model.check(spec)
     except SpecError as err:
         st.error(str(err))
         spec = None
-    if use_applied:
+    if chosen.applied and spec is not None:
         method = spec.method
-    name = f"Tuner spec “{applied[0]}”" if use_applied else f"{METHODS_BY_KEY[method]} at {target:.0%}"
-    return Settings(model, method, target, spec, max_new_tokens, temperature, seed, name, compiled, sparse_prefill)
+    name = f"Tuner spec “{chosen.applied[0]}”" if chosen.applied else f"{METHODS_BY_KEY[method]} at {chosen.target:.0%}"
+    return Settings(model, method, chosen.target, spec, chosen.max_new_tokens, chosen.temperature, chosen.seed, name,
+                    chosen.compiled, chosen.sparse_prefill)
 
 
 MAX_UPLOAD_BYTES = 1 << 20  # texts and specs: parsed as UTF-8 / JSON, never executed

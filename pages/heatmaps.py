@@ -20,7 +20,7 @@ st.caption("Each projection skips the inputs whose magnitude is at or below its 
            "that happens: which layers and tokens skip most, which neurons are almost always active (\"hot\"), and "
            "how the threshold cuts the distribution of input magnitudes. Quality suffers where large inputs get "
            "skipped, so a threshold should sit in the dense low end of the histogram.")
-current = common.sidebar()
+current = common.current()
 
 generation = st.session_state.get("generation")
 source = st.segmented_control("Data", SOURCES, key="heatmap_source",

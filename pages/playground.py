@@ -184,7 +184,7 @@ st.caption("Most inputs to a language model's weight matrices are close to zero 
            "sparsity skips the weights those inputs would multiply: a **threshold** decides, per input, whether it is "
            "small enough to skip. Fewer weights read means faster decoding, but every skipped input slightly changes "
            "the answer, so the quality cost is always shown next to the speed.")
-current = common.sidebar()
+current = common.current()
 if current.spec is None:
     st.stop()
 common.headline(current)

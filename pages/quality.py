@@ -12,7 +12,7 @@ st.caption("Sparsity trades quality for speed. A sweep measures, on held-out tex
            "loss), KL divergence (how different its next-token probabilities are) and top-1 agreement (how often it "
            "picks the same next token). Greedy allocation gives each layer and projection its own share of the "
            "sparsity where it hurts least; uniform gives every one the same.")
-current = common.sidebar()
+current = common.current()
 model = current.model
 
 with st.form("sweep_form"):

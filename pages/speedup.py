@@ -52,7 +52,7 @@ st.caption("Decoding one token at a time is limited by how fast the weights stre
            "chart. Every speedup is over the fastest dense product measured in the same run (HF's own layout, "
            "F.linear on the stored rows, or the kernel with nothing skipped), with its spread; one above 1.05 × its "
            f"bound or with a wide spread is flagged, not shown as a result. Active backend: {ops.describe_backends()}.")
-current = common.sidebar()
+current = common.current()
 if current.method == "cats" and current.model.layout == "inputs":
     st.caption("CATS in the **inputs** weight layout skips only the down projection's reads; pick the **cats** "
                "layout in the sidebar to skip the up rows of inactive neurons too.")

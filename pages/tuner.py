@@ -11,7 +11,7 @@ st.title("Tuner")
 st.caption("A spec holds one target per layer and projection group: the share of that group's inputs to skip. "
            "Calibration turns targets into magnitude thresholds on the calibration text. Edit the table, calibrate "
            "it, compare it with another spec, download it, or apply it to the Playground.")
-current = common.sidebar()
+current = common.current()
 model = current.model
 
 library: dict[str, SparsitySpec] = st.session_state.setdefault("spec_library", {})

@@ -15,6 +15,21 @@ from sparse_core import models, report
 TIMEOUT = 300  # seconds per script run; importing torch and the first calibration take a while on 2 cores
 
 
+@pytest.fixture(autouse=True)
+def every_run_starts_at_app_py(monkeypatch):
+    """Run app.py (navigation, the shared sidebar, then the page) on every rerun, as `streamlit run` does. AppTest
+    resets PagesManager.uses_pages_directory before each run, and with a pages/ folder beside app.py that makes
+    reruns execute the page file alone (Streamlit's first multipage API), skipping the sidebar app.py draws; the
+    server keeps it False once st.navigation has run, and so does this."""
+    from streamlit.runtime.pages_manager import PagesManager
+    original = PagesManager.__init__
+
+    def navigation_only(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", navigation_only)
+
+
 def _app(**state) -> AppTest:
     at = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
     for key, value in state.items():
@@ -188,11 +203,11 @@ def test_a_slowdown_reads_as_one():
 
 
 def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_same(monkeypatch):
-    from sparse_core import bench, store
+    from sparse_core import bench
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)  # the page passes these at call time: a short measurement
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
     monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)  # a valid measurement (the flags have tests of their own)
-    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)  # the tests' own cache (conftest): measure anew
+    shutil.rmtree(bench._DECODES.folder, ignore_errors=True)  # the tests' own cache (conftest): measure anew
     at = _ok(_app(target=0.35))
     assert _metric(at, "Decode speedup") == "—"
     assert any(m.value.endswith("no valid decode measurement yet, so no speedup is claimed.") for m in at.markdown)
@@ -210,12 +225,12 @@ def test_measure_decode_speed_fills_the_headline_and_the_speedup_page_shows_the_
 def test_a_flagged_decode_measurement_is_said_and_never_drawn(monkeypatch):
     """A measurement on a busy machine is flagged: the headline claims no speedup, the Speedup page draws no bars
     and says why, and the table keeps the raw figures with the flag."""
-    from sparse_core import bench, store
+    from sparse_core import bench
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
     noisy = "noisy: interquartile range 40% of the median (the machine was busy)"
     monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: noisy)
-    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
+    shutil.rmtree(bench._DECODES.folder, ignore_errors=True)
     at = _ok(_app(target=0.4))
     next(b for b in at.button if b.label == "Measure decode speed").click()
     _ok(at.run())
@@ -301,12 +316,12 @@ def test_heatmaps_page_opens_with_charts_on_first_visit():
 
 
 def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
-    from sparse_core import bench, report, store
+    from sparse_core import bench, report
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
     monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)  # every timing valid: the page draws them all
     monkeypatch.setattr(report, "REST_DRIFT", float("inf"))
-    shutil.rmtree(store.cache_dir() / bench._DECODES.kind, ignore_errors=True)
+    shutil.rmtree(bench._DECODES.folder, ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
     _ok(at.switch_page("pages/speedup.py").run())
     assert at.title[0].value == "Speedup"
