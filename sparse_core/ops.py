@@ -8,8 +8,6 @@ call and must agree with it.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -45,34 +43,16 @@ def topk_threshold(x: torch.Tensor, drop_fraction: float) -> torch.Tensor | floa
     return torch.nextafter(kth, torch.zeros_like(kth))
 
 
-# ---- backends ---------------------------------------------------------------------------------------
-# A backend is (name, accepts(x, weight) -> bool, fn, describe() -> str). The most recently registered backend
-# that accepts a call runs it; the reference runs whatever none accepts.
-Backend = tuple[str, Callable[[torch.Tensor, torch.Tensor], bool], Callable[..., torch.Tensor], Callable[[], str]]
-_BACKENDS: list[Backend] = []
-
-
-def register_backend(name: str, accepts: Callable[[torch.Tensor, torch.Tensor], bool], fn: Callable[..., torch.Tensor],
-                     describe: Callable[[], str] | None = None) -> None:
-    _BACKENDS.insert(0, (name, accepts, fn, describe or (lambda: name)))
-
-
-def backend_for(x: torch.Tensor, weight: torch.Tensor) -> str:
-    for name, accepts, _, _ in _BACKENDS:
-        if accepts(x, weight):
-            return name
-    return "reference"
+def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias) * keep
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: Threshold) -> torch.Tensor:
-    for _, accepts, fn, _ in _BACKENDS:
-        if accepts(x, weight):
-            return fn(x, weight, bias, threshold)
+    """The op where its contract holds (kernels.takes), dispatched by torch.library to the implementation for x's
+    device; the reference otherwise (HF's (out, in) layout, a dtype no kernel computes, autograd)."""
+    if kernels.takes(x, weight):
+        return kernels.sparse_linear(x, weight, bias, threshold)
     return reference_sparse_linear(x, weight, bias, threshold)
-
-
-def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight, bias) * keep
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
@@ -80,17 +60,33 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Reference: the dense linear, then zero the unneeded outputs. The kernels read only the kept rows.
     """
-    y = kernels.rows_linear(x, weight, bias, keep)
-    return reference_rows_linear(x, weight, bias, keep) if y is None else y
+    if kernels.takes_rows(x, weight):
+        return kernels.rows_linear(x, weight, bias, keep)
+    return reference_rows_linear(x, weight, bias, keep)
+
+
+def backend_for(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """What runs ops.sparse_linear(x, weight, ...): "CPU" or "CUDA" (the op's kernel for that dispatch key), or
+    "reference"."""
+    return kernels.implementation(x, weight)
 
 
 def describe_backends() -> str:
-    """Which backend runs each device's calls, most preferred first; 'reference' runs everything else."""
-    return "; ".join([f"{name}: {describe()}" for name, _, _, describe in _BACKENDS] + ["otherwise: reference (masked F.linear)"])
+    """Which implementation serves each device type's calls; 'reference' runs everything else."""
+    return kernels.describe()
 
 
 from . import kernels  # noqa: E402 - the kernels register behind the API above
-from .kernels import cpu_native  # noqa: E402
 
-register_backend(*kernels.triton_backend())
-register_backend(*cpu_native.backend())
+
+def _reference_op(x, weight, weight_t, bias, threshold, scalar_threshold):
+    """sparse_lab::sparse_linear by the reference, under the same contract as the kernels (kernels.check_call)."""
+    per_token = kernels.check_call(x, weight_t, threshold)
+    limit = scalar_threshold if per_token is None else per_token.reshape(*x.shape[:-1], 1)
+    return reference_sparse_linear(x, weight, bias, limit)
+
+
+# The reference is the ops' implementation for every device without a kernel of its own (the dispatcher prefers a
+# backend key's kernel, CPU or CUDA, over this one).
+kernels.LIBRARY.impl("sparse_linear", _reference_op, "CompositeExplicitAutograd")
+kernels.LIBRARY.impl("rows_linear", reference_rows_linear, "CompositeExplicitAutograd")

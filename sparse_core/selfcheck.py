@@ -18,7 +18,6 @@ import torch
 SHAPES = {"cpu": ((96, 160), (200, 72)), "cuda": ((96, 160), (4096, 4096), (11008, 4096))}  # (out, in); ragged
 BATCHES = tuple(range(1, 9))
 SPARSITIES = (0.0, 0.5, 0.9)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of the output's largest magnitude
 PARTS = ("kernels", "bench", "decode")
 
@@ -26,15 +25,15 @@ PARTS = ("kernels", "bench", "decode")
 def _backends(device: str) -> dict:
     """name -> (the op's implementation, the dtypes it takes) for every kernel that serves `device`; on the CPU the
     Triton kernel runs in Triton's interpreter, chosen before its kernels are defined (there is no GPU to compile for)."""
-    from .kernels import cpu_native
+    from .kernels import KERNEL_DTYPES, cpu_native
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .kernels import triton_sparse_gemv
     found = {}
     if device == "cuda" or triton_sparse_gemv.INTERPRET:
-        found["triton" if device == "cuda" else "triton-interpret"] = (triton_sparse_gemv.sparse_linear, DTYPES)
+        found["triton" if device == "cuda" else "triton-interpret"] = (triton_sparse_gemv.sparse_linear, KERNEL_DTYPES["cuda"])
     if device == "cpu" and cpu_native.native():
-        found["cpu-native"] = (torch.ops.sparse_lab.sparse_linear, cpu_native.DTYPES)
+        found["cpu-native"] = (torch.ops.sparse_lab.sparse_linear, KERNEL_DTYPES["cpu"])
     return found
 
 

@@ -1,6 +1,7 @@
-"""The op's own contract, on every backend: a threshold of one value broadcasts over the tokens (0-dim, (1,) and
-(1, 1) alike), a threshold of any other wrong size is refused, and a weight_t that is not a contiguous (in, out)
-matrix is refused (ops.sparse_linear routes such weights to the reference instead)."""
+"""The op's own contract, on every implementation: a threshold of one value broadcasts over the tokens (0-dim, (1,)
+and (1, 1) alike), a threshold of any other wrong size is refused, and a weight_t that is not a contiguous (in, out)
+matrix is refused (ops.sparse_linear routes such weights to the reference instead). torch.library.opcheck checks
+the registrations themselves: schema, fake (Meta) implementation, dispatch under tracing."""
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ BACKENDS = {
     "cpu-native": torch.ops.sparse_lab.sparse_linear,  # the registered op on CPU tensors
     "triton-interpret": triton_sparse_gemv.sparse_linear,
     "embedding-bag-fallback": cpu_native._embedding_bag_sparse_linear,
+    "reference-default": ops._reference_op,  # what the dispatcher runs for a device with no kernel of its own
 }
 
 
@@ -87,3 +89,29 @@ def test_the_cpu_row_kernel_refuses_a_dtype_it_does_not_compute_and_the_entry_ro
         torch.ops.sparse_lab.rows_linear(x, weight, None, keep)
     expected = torch.nn.functional.linear(x.double(), weight.double()) * keep
     torch.testing.assert_close(ops.rows_linear(x, weight, None, keep).double(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", ["scalar", "one", "per-token"])
+def test_opcheck_passes_for_the_input_sparse_op(dtype, threshold):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 48, generator=generator).to(dtype)
+    weight, bias = input_rows_weight(40, 48, dtype, generator), torch.randn(40, generator=generator).to(dtype)
+    tensor = {"scalar": None, "one": torch.tensor(0.5), "per-token": torch.rand(3, 1, generator=generator)}[threshold]
+    torch.library.opcheck(torch.ops.sparse_lab.sparse_linear.default, (x, weight, weight.t(), bias, tensor, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_passes_for_the_row_op(dtype):
+    generator = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(2, 32, generator=generator).to(dtype), torch.randn(24, 32, generator=generator).to(dtype)
+    keep = torch.rand(2, 24, generator=generator) > 0.5
+    torch.library.opcheck(torch.ops.sparse_lab.rows_linear.default, (x, weight, None, keep))
+
+
+def test_the_dispatcher_runs_the_kernel_registered_for_the_device_and_the_reference_elsewhere():
+    x, weight = torch.randn(1, 32), input_rows_weight(16, 32, torch.float32)
+    assert ops.backend_for(x, weight) == "CPU"  # the CPU dispatch key has the C++ kernel
+    on_meta = ops.sparse_linear(x.to("meta"), weight.to("meta"), None, 0.5)  # no kernel and no kernel dtype: reference
+    assert on_meta.device.type == "meta" and on_meta.shape == (1, 16)
+    assert ops.backend_for(x.to("meta"), weight.to("meta")) == "reference"

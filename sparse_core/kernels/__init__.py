@@ -76,14 +76,8 @@ def input_rows(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.t().is_contiguous()
 
 
-_SPARSE_LINEAR = torch.ops.sparse_lab.sparse_linear.default  # the overload itself: skips ~4 us of resolution per call
-
-
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold) -> torch.Tensor:
-    """The backend entry: `ops.sparse_linear`'s signature onto the op (a float threshold travels as a scalar)."""
-    if isinstance(threshold, torch.Tensor):
-        return _SPARSE_LINEAR(x, weight, weight.t(), bias, threshold, 0.0)
-    return _SPARSE_LINEAR(x, weight, weight.t(), bias, None, float(threshold))
+# What the registered kernels compute, by device type; a call outside it (another dtype or device) runs the reference.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
 
 def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -91,22 +85,61 @@ def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-def kernel_ready(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """What every input-sparse kernel needs: x in the weight's dtype, one it supports, the input-rows layout,
-    and no autograd."""
-    return x.dtype == weight.dtype and x.dtype in dtypes and input_rows(weight) and inference_only(x, weight)
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The input-sparse op's contract: what the kernels of x's device compute, on the input-rows layout. Which
+    implementation then runs is the dispatcher's choice."""
+    return _computes(x, weight) and input_rows(weight)
 
 
-def triton_backend():
-    """(name, accepts, fn, describe) for CUDA tensors; Triton is imported on the first CUDA call only."""
-    def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return x.is_cuda and kernel_ready(x, weight, (torch.float16, torch.bfloat16, torch.float32)) and triton_loaded()
+def takes_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The output-sparse (CATS row) op's contract: what the kernels of x's device compute, on (out, in) rows."""
+    return _computes(x, weight) and weight.is_contiguous()
 
-    def describe() -> str:
-        if not torch.cuda.is_available():
-            return "Triton input-sparse GEMV (no CUDA device here)"
-        return "Triton input-sparse GEMV" if triton_loaded() else "reference (Triton is not installed)"
-    return "GPU", accepts, sparse_linear, describe
+
+def _computes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.dtype == weight.dtype and x.dtype in KERNEL_DTYPES.get(x.device.type, ()) and inference_only(x, weight)
+
+
+@functools.cache
+def _implementations() -> None:
+    """Register the ops' implementations, once per process, before the first call dispatches: the CPU kernel (built
+    on first use, or its pure-torch fallback) and, where torch sees a GPU, the Triton kernels. The reference is
+    registered for every other device (ops.py), so the dispatcher always finds one."""
+    from . import cpu_native
+    cpu_native.native()
+    if torch.cuda.is_available():
+        triton_loaded()
+
+
+_SPARSE_LINEAR = torch.ops.sparse_lab.sparse_linear.default  # the overload itself: skips ~4 us of resolution per call
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold) -> torch.Tensor:
+    """`ops.sparse_linear`'s signature onto the op (a float threshold travels as a scalar); the dispatch key of x
+    picks the implementation."""
+    _implementations()
+    if isinstance(threshold, torch.Tensor):
+        return _SPARSE_LINEAR(x, weight, weight.t(), bias, threshold, 0.0)
+    return _SPARSE_LINEAR(x, weight, weight.t(), bias, None, float(threshold))
+
+
+def implementation(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """What runs this call: "CPU" or "CUDA" (a kernel registered for x's dispatch key), or "reference"."""
+    if not takes(x, weight):
+        return "reference"
+    _implementations()
+    key = "CUDA" if x.is_cuda else "CPU"
+    return key if torch._C._dispatch_has_kernel_for_dispatch_key("sparse_lab::sparse_linear", key) else "reference"
+
+
+def describe() -> str:
+    """Which implementation serves each device type, and what runs otherwise."""
+    from . import cpu_native
+    if not torch.cuda.is_available():
+        gpu = "Triton input-sparse GEMV (no CUDA device here)"
+    else:
+        gpu = "Triton input-sparse GEMV" if triton_loaded() else "reference (Triton is not installed)"
+    return f"CPU: {cpu_native.describe()}; GPU: {gpu}; otherwise: reference (masked F.linear)"
 
 
 @functools.cache
@@ -119,10 +152,7 @@ def triton_loaded() -> bool:
     return True
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
-    """The output-sparse op where a kernel for x's device is present, else None (the caller runs the reference)."""
-    from . import cpu_native
-    native = triton_loaded() if x.is_cuda else (x.device.type == "cpu" and x.dtype in cpu_native.DTYPES and cpu_native.native())
-    if not native or x.dtype != weight.dtype or not inference_only(x, weight) or not weight.is_contiguous():
-        return None
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """The output-sparse op; the dispatch key of x picks the implementation."""
+    _implementations()
     return torch.ops.sparse_lab.rows_linear(x, weight, bias, keep)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import LIBRARY, check_call, kernel_ready, sparse_linear
+from . import KERNEL_DTYPES, LIBRARY, check_call
 
 CSRC = Path(__file__).parent / "csrc"
 # The launcher, the one-call decode step, and the vector kernels once per instruction set (each file sets its own
@@ -24,7 +24,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("sparse_gemv.cpp", "decode_step.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp",
                                     "kernels_avx512.cpp", "kernels_avx512_bf16.cpp")]
 VECTOR_PATHS = ("scalar", "avx2", "avx512", "avx512_bf16")  # narrowest first, as the C++ numbers them
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = KERNEL_DTYPES["cpu"]
 MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in the C++ kernel
 
 
@@ -115,19 +115,7 @@ def supported_paths() -> tuple[str, ...]:
     return VECTOR_PATHS[:VECTOR_PATHS.index(widest) + 1]
 
 
-def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and kernel_ready(x, weight, DTYPES)
-
-
 def describe() -> str:
     if native():
         return f"native C++/OpenMP row gather (float32, bfloat16; {vector_path()} vector path)"
     return f"fallback ({native_failure()}): pure-torch embedding_bag row gather"
-
-
-def backend():
-    """(name, accepts, fn, describe) for ops.register_backend; the build happens on the first CPU call."""
-    def fn(x, weight, bias, threshold):
-        native()
-        return sparse_linear(x, weight, bias, threshold)
-    return "CPU", accepts, fn, describe

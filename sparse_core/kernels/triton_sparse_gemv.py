@@ -22,7 +22,6 @@ import triton.language as tl
 
 from . import LIBRARY, check_call
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_UNION_TOKENS = 4  # beyond this the union of the masks rarely skips rows: masked dense matmul instead
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
