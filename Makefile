@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt
 
 # Rebuilt when its source changes. Without a compiler this only prints why (the app then runs its fallback),
 # and is retried on the next make.
-$(KERNEL): $(VENV)/.installed $(wildcard sparse_core/kernels/csrc/*)
+$(KERNEL): $(VENV)/.installed $(wildcard sparse_core/kernels/csrc/*) sparse_core/kernels/cpu_native.py sparse_core/kernels/__init__.py
 	$(PY) -c "from sparse_core.kernels import cpu_native; cpu_native.build()"
 	@[ ! -f $@ ] || touch $@
 

@@ -31,7 +31,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, ops
 from .kernels import cpu_native
 from .machine import machine
 from .models import SparseModel
@@ -61,7 +61,7 @@ def unsupported(model: SparseModel) -> str | None:
         return f"the fast decoder covers {', '.join(FAMILIES)}, not {config.model_type}"
     if model.layout != "inputs":
         return f"the fast decoder runs the inputs layout, not {model.layout}"
-    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32) if model.device.type == "cuda" else (torch.float32, torch.bfloat16)
+    kernel_dtypes = kernels.KERNEL_DTYPES.get(model.device.type, ())
     if model.dtype not in kernel_dtypes:
         return f"the kernels on {model.device.type} take {', '.join(str(d)[6:] for d in kernel_dtypes)}, not {str(model.dtype)[6:]}"
     if model.device.type == "cuda" and not kernels.triton_loaded():
@@ -141,8 +141,8 @@ class Decoder:
             elif method == "cats":
                 gate = values[:, _MLP_MID].float()
             else:
-                keep = torch.round((1.0 - values) * self.widths).long()
-        as_dtype = lambda t: t.float().to(dtype).float().to(device)
+                keep = ops.keep_count(values, self.widths)
+        as_dtype = lambda t: kernels.comparable(t.float(), dtype).to(device)
         return Setting(method, self._linear(spec, dense_route), as_dtype(thresholds), keep.to(device), as_dtype(gate))
 
     def _linear(self, spec: SparsitySpec | None, dense_route: str | None) -> bool:
@@ -165,12 +165,7 @@ class Decoder:
         """One value, or top-k's one per token: the largest value below each token's k-th largest |x|."""
         if setting.method != "topk":
             return setting.thresholds[layer, group].reshape(1)
-        width = x.shape[-1]
-        keep = setting.keep[layer, group]
-        ranked = x.abs().sort(dim=-1, descending=True).values
-        kth = ranked.gather(-1, (keep - 1).clamp(0, width - 1).expand(x.shape[0], 1))
-        below = torch.nextafter(kth, torch.zeros_like(kth)).float()
-        return torch.where(keep >= width, 0.0, torch.where(keep <= 0, float("inf"), below)).reshape(-1, 1)
+        return ops.topk_threshold(x, setting.keep[layer, group]).reshape(-1, 1)
 
     def _project(self, x, linear, setting: Setting, layer: int, group: int, skipped: list, count: bool = True):
         """A projection (or a joint one) through the sparse op, or dense through F.linear; appends to `skipped`

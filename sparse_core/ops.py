@@ -12,9 +12,6 @@ import torch
 import torch.nn.functional as F
 
 Threshold = float | torch.Tensor
-# Up to this many tokens (a decode step is one) a dense product may go through the kernel with nothing skipped; the
-# kernels run a masked dense matmul beyond it, which plain F.linear beats when nothing is masked (prefill).
-DENSE_GATHER_TOKENS = 4
 
 
 def keep_mask(score: torch.Tensor, threshold: Threshold) -> torch.Tensor:
@@ -27,20 +24,32 @@ def reference_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return F.linear(x * keep_mask(x.abs(), threshold), weight, bias)
 
 
-def topk_threshold(x: torch.Tensor, drop_fraction: float) -> torch.Tensor | float:
-    """Per-token threshold that keeps the k = round((1 - drop) * width) largest |x| of each row.
+def keep_count(drop_fraction, width):
+    """How many inputs of a `width`-wide row top-k keeps: round((1 - drop) * width), half to even, in float64 (for
+    one fraction, an int; for a tensor of them, a long tensor). The one count both decode roads use."""
+    if isinstance(drop_fraction, torch.Tensor):
+        return torch.round((1.0 - drop_fraction.double()) * width).long()
+    return int(round((1.0 - drop_fraction) * width))
 
-    Returned as the largest float below the k-th largest |x|, so `|x| > t` keeps exactly those entries
-    (ties at the k-th value are kept together).
-    """
+
+def topk_threshold(x: torch.Tensor, keep) -> torch.Tensor | float:
+    """Per-token threshold that keeps the `keep` largest |x| of each row: the largest float below the keep-th
+    largest |x|, so `|x| > t` keeps exactly those entries (ties at that value are kept together).
+
+    `keep` an int (the patched model's): 0.0 when it keeps every input and inf when none, so the caller can take
+    the dense or empty shortcut. `keep` a long tensor (the compiled step's, one graph for every k): always a
+    float32 tensor, with the same edge values."""
     width = x.shape[-1]
-    keep = int(round((1.0 - drop_fraction) * width))
-    if keep >= width:
-        return 0.0
-    if keep <= 0:
-        return float("inf")
-    kth = x.abs().topk(keep, dim=-1).values[..., -1:]
-    return torch.nextafter(kth, torch.zeros_like(kth))
+    if not isinstance(keep, torch.Tensor):
+        if keep >= width:
+            return 0.0
+        if keep <= 0:
+            return float("inf")
+        keep = torch.tensor(keep)
+    ranked = x.abs().sort(dim=-1, descending=True).values
+    kth = ranked.gather(-1, (keep - 1).clamp(0, width - 1).expand(*x.shape[:-1], 1))
+    below = torch.nextafter(kth, torch.zeros_like(kth)).float()
+    return torch.where(keep >= width, 0.0, torch.where(keep <= 0, float("inf"), below))
 
 
 def reference_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from . import ops
+from . import kernels, ops
 from .spec import GROUPS, SparsitySpec
 
 
@@ -43,9 +43,9 @@ class CallContext:
         if spec is None or spec.method == "dense":
             return 0.0
         if spec.method == "teal":
-            return spec.value(layer, group)
+            return kernels.comparable(spec.value(layer, group), x.dtype)
         if spec.method == "topk":
-            return ops.topk_threshold(x, spec.value(layer, group))
+            return ops.topk_threshold(x, ops.keep_count(spec.value(layer, group), x.shape[-1]))
         return 0.0  # cats: only the gated MLP intermediate is thresholded, in SparseGatedMLP
 
     def observe(self, layer: int, group: str, score: torch.Tensor, threshold: ops.Threshold) -> None:
@@ -115,8 +115,8 @@ class SparseLinear(nn.Module):
     def dense(self, x: torch.Tensor, route: str | None = None) -> torch.Tensor:
         """The dense product by `route` (default: this linear's measured one). "linear" is HF's own forward,
         bit-identical to HF on this storage; "kernel" reads every row through the kernel, where one runs, for
-        decode steps (up to ops.DENSE_GATHER_TOKENS tokens; a prefill runs F.linear either way)."""
-        if ((route or self.dense_route) == "kernel" and self.kernels and x.numel() <= ops.DENSE_GATHER_TOKENS * x.shape[-1]
+        decode steps (up to kernels.DENSE_GATHER_TOKENS tokens; a prefill runs F.linear either way)."""
+        if ((route or self.dense_route) == "kernel" and self.kernels and x.numel() <= kernels.DENSE_GATHER_TOKENS * x.shape[-1]
                 and ops.backend_for(x, self.weight) != "reference"):
             return self.run(ops.sparse_linear, x, 0.0)
         return self.inner(x)
@@ -208,7 +208,7 @@ class SparseGatedMLP(nn.Module):
         if call is None or call.spec is None or call.spec.method != "cats":
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         active = self.act_fn(self.gate_proj(x))
-        threshold = call.spec.value(self.layer, "mlp_mid")
+        threshold = kernels.comparable(call.spec.value(self.layer, "mlp_mid"), active.dtype)
         score = active.abs()
         call.observe(self.layer, "mlp_mid", score, threshold)
         keep = ops.keep_mask(score, threshold)

@@ -53,7 +53,7 @@ def test_native_sparse_linear_matches_masked_reference(tokens, width, out, dtype
 @pytest.mark.parametrize("tokens", [1, 3, 12])
 def test_per_token_topk_threshold(tokens, dtype, vector_path):
     x, weight, bias = inputs(tokens, 200, 90, dtype, bias=False)
-    threshold = ops.topk_threshold(x, 0.6)
+    threshold = ops.topk_threshold(x, ops.keep_count(0.6, x.shape[-1]))
     with torch.inference_mode():
         y = ops.sparse_linear(x.unsqueeze(0), weight, bias, threshold.unsqueeze(0))  # (batch, T, in) layout
     assert y.shape == (1, tokens, 90)

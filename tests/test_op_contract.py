@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_reference import check, input_rows_weight, reference
-from sparse_core import ops
+from sparse_core import kernels, ops
 from sparse_core.kernels import check_call, cpu_native, triton_sparse_gemv
 
 BACKENDS = {
@@ -115,3 +115,25 @@ def test_the_dispatcher_runs_the_kernel_registered_for_the_device_and_the_refere
     on_meta = ops.sparse_linear(x.to("meta"), weight.to("meta"), None, 0.5)  # no kernel and no kernel dtype: reference
     assert on_meta.device.type == "meta" and on_meta.shape == (1, 16)
     assert ops.backend_for(x.to("meta"), weight.to("meta")) == "reference"
+
+
+def test_the_cpu_kernel_rounds_a_scalar_threshold_by_the_one_rule():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 256, generator=generator).to(torch.bfloat16)
+    weight = input_rows_weight(32, 256, torch.bfloat16, generator)
+    for value in torch.rand(50, generator=generator).tolist():  # most are not bfloat16 values
+        rounded = kernels.comparable(value, torch.bfloat16)
+        as_given = torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None, None, value)
+        assert torch.equal(as_given, torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None, None, rounded))
+        assert torch.equal(as_given, torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), None,
+                                                                        torch.tensor(value), 0.0))
+
+
+def test_top_k_gives_the_same_threshold_for_a_count_and_for_a_count_tensor():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 40, generator=torch.Generator().manual_seed(10)).to(dtype)
+        for keep in (0, 1, 17, 39, 40):
+            as_int, as_tensor = ops.topk_threshold(x, keep), ops.topk_threshold(x, torch.tensor(keep))
+            assert torch.equal(torch.as_tensor(as_int, dtype=torch.float32).expand(3, 1), as_tensor)
+            survivors = (x.abs() > as_tensor).sum(-1)
+            assert (survivors == keep).all() if dtype == torch.float32 else (survivors >= keep).all()  # bf16: ties

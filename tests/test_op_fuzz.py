@@ -36,7 +36,7 @@ def test_every_backend_matches_the_masked_reference(case, backend):
     weight = input_rows_weight(out, width, dtype, generator)
     bias = torch.randn(out, generator=generator).to(dtype) if with_bias else None
     if per_token:
-        threshold = ops.topk_threshold(x, sparsity)
+        threshold = ops.topk_threshold(x, ops.keep_count(sparsity, width))
         threshold = threshold if torch.is_tensor(threshold) else torch.full((tokens, 1), threshold, dtype=dtype)
     else:
         threshold = float(x.abs().float().quantile(sparsity)) if 0 < sparsity < 1 else (0.0 if sparsity == 0 else float("inf"))

@@ -24,6 +24,28 @@ LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Ten
                "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps) -> (Tensor, Tensor)")
 
 
+# The token counts where the kernels change strategy, per device type, measured (docs/PERFORMANCE.md): up to
+# UNION_TOKENS tokens a call gathers the union of the tokens' active rows, beyond it a masked dense matmul (the C++
+# kernel is built with the CPU's number); a dense product goes through the kernel with nothing skipped up to
+# DENSE_GATHER_TOKENS tokens (a decode step is one), where plain F.linear beats the masked matmul beyond it.
+UNION_TOKENS = {"cpu": 8, "cuda": 4}
+DENSE_GATHER_TOKENS = 4
+
+
+def comparable(threshold, dtype: torch.dtype):
+    """The one rounding rule of a threshold: torch compares x with a Python float or a 0-dim tensor in x's dtype,
+    so such a threshold is worth its value in that dtype (kept as float32, or a Python float for a float). Every
+    road to the op rounds with this (the C++ kernel mirrors it for the scalar it is given)."""
+    if isinstance(threshold, torch.Tensor):
+        return threshold.to(dtype).float()
+    return _comparable_float(float(threshold), dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _comparable_float(value: float, dtype: torch.dtype) -> float:
+    return value if dtype == torch.float32 else torch.tensor(value, dtype=dtype).item()
+
+
 class OpContractError(ValueError):
     """A call to the op that its kernels cannot run correctly; the message is one sentence."""
 
@@ -41,7 +63,7 @@ def check_call(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor 
         return None
     tokens = x.numel() // max(x.shape[-1], 1)
     if threshold.dim() == 0:  # torch compares x with a 0-dim tensor in x's dtype, as with a Python float
-        threshold = threshold.to(x.dtype)
+        threshold = comparable(threshold, x.dtype)
     if threshold.numel() == 1:
         return threshold.reshape(1).float().expand(tokens)
     if threshold.numel() != tokens:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import KERNEL_DTYPES, LIBRARY, check_call
+from . import KERNEL_DTYPES, LIBRARY, UNION_TOKENS, check_call
 
 CSRC = Path(__file__).parent / "csrc"
 # The launcher, the one-call decode step, and the vector kernels once per instruction set (each file sets its own
@@ -25,7 +25,6 @@ SOURCES = [CSRC / name for name in ("sparse_gemv.cpp", "decode_step.cpp", "kerne
                                     "kernels_avx512.cpp", "kernels_avx512_bf16.cpp")]
 VECTOR_PATHS = ("scalar", "avx2", "avx512", "avx512_bf16")  # narrowest first, as the C++ numbers them
 DTYPES = KERNEL_DTYPES["cpu"]
-MAX_UNION_TOKENS = 8  # the fallback's batch limit for the union gather, as in the C++ kernel
 
 
 def build_dir() -> Path:
@@ -70,7 +69,7 @@ def _load() -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             cpp_extension.load(name="sparse_lab_cpu", sources=[str(s) for s in SOURCES], build_directory=str(folder),
-                               extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(CSRC)],
+                               extra_cflags=["-O3", "-fopenmp", f"-DSPARSE_LAB_UNION_TOKENS={UNION_TOKENS['cpu']}"], extra_include_paths=[str(CSRC)],
                                extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
             return None
@@ -89,7 +88,7 @@ def _embedding_bag_sparse_linear(x, weight, weight_t, bias, threshold, scalar_th
     x2 = x.reshape(-1, x.shape[-1])
     limit = per_token.reshape(-1, 1) if per_token is not None else torch.tensor(scalar_threshold, dtype=x.dtype)
     keep = x2.abs() > limit
-    if x2.shape[0] > MAX_UNION_TOKENS:
+    if x2.shape[0] > UNION_TOKENS["cpu"]:
         return F.linear(x2 * keep, weight, bias).reshape(*x.shape[:-1], -1)
     rows, cols = keep.nonzero(as_tuple=True)
     offsets = torch.searchsorted(rows, torch.arange(x2.shape[0]))

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import LIBRARY, check_call
+from . import LIBRARY, UNION_TOKENS, check_call, comparable
 
-MAX_UNION_TOKENS = 4  # beyond this the union of the masks rarely skips rows: masked dense matmul instead
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The interpreter runs one config (multi-config autotune needs a GPU to time on); big blocks keep it fast.
@@ -78,23 +77,18 @@ def _rows_kernel(x_ptr, w_ptr, keep_ptr, bias_ptr, y_ptr, N, K,
     tl.store(y_ptr + t * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-def _in_dtype(value: float, dtype: torch.dtype) -> float:
-    """`value` rounded to `dtype` (on the host): the reference compares x with a float threshold in x's dtype."""
-    return value if dtype == torch.float32 else torch.tensor(value, dtype=dtype).item()
-
-
 def sparse_linear(x, weight, weight_t, bias, threshold, scalar_threshold):
     """sparse_lab::sparse_linear for CUDA (and the interpreter): union gather for few tokens, else masked dense."""
     per_token = check_call(x, weight_t, threshold)
     x2 = x.reshape(-1, x.shape[-1])
     tokens, (K, N) = x2.shape[0], weight_t.shape
-    if tokens > MAX_UNION_TOKENS:
-        limit = per_token.reshape(-1, 1) if per_token is not None else _in_dtype(scalar_threshold, x.dtype)
+    if tokens > UNION_TOKENS["cuda"]:  # the union of the masks rarely skips rows: masked dense
+        limit = per_token.reshape(-1, 1) if per_token is not None else comparable(scalar_threshold, x.dtype)
         return F.linear(x2 * (x2.abs() > limit), weight, bias).reshape(*x.shape[:-1], N)
     y = torch.empty(tokens, N, dtype=x.dtype, device=x.device)
     thr = per_token.contiguous() if per_token is not None else y  # y: an unread placeholder pointer
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _sparse_gemv_kernel[grid](x2.contiguous(), weight_t, thr, _in_dtype(scalar_threshold, x.dtype),
+    _sparse_gemv_kernel[grid](x2.contiguous(), weight_t, thr, comparable(scalar_threshold, x.dtype),
                               bias if bias is not None else y, y, tokens, N, K, PER_TOKEN=per_token is not None,
                               HAS_BIAS=bias is not None, BATCH=triton.next_power_of_2(tokens))
     return y.reshape(*x.shape[:-1], N)

@@ -71,10 +71,13 @@ int64_t vector_path(int64_t want) {
   return active_path().load();
 }
 
-// Measured crossover (docs/PERFORMANCE.md): up to 8 tokens the gather beats MKL's masked dense matmul even when
-// the union keeps every row (one token: 1.3-2x faster than at::linear on either layout, float32 and bfloat16;
-// for 2..8 tokens MKL packs the whole weight first); from 16 tokens dense wins.
-constexpr int64_t kMaxUnionTokens = 8;
+// Measured crossover (docs/PERFORMANCE.md): up to this many tokens the gather beats MKL's masked dense matmul even
+// when the union keeps every row (MKL packs the whole weight first). Its one definition is kernels.UNION_TOKENS,
+// which cpu_native passes to the build.
+#ifndef SPARSE_LAB_UNION_TOKENS
+#error "build through sparse_core.kernels.cpu_native, which defines SPARSE_LAB_UNION_TOKENS"
+#endif
+constexpr int64_t kMaxUnionTokens = SPARSE_LAB_UNION_TOKENS;
 using sparse_lab::kParallelBytes;
 
 inline float widen(float v) { return v; }
@@ -165,7 +168,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
     const at::Tensor rounded = threshold->dim() == 0 ? threshold->to(x.scalar_type()) : *threshold;
     const at::Tensor t = rounded.reshape({-1}).to(at::kFloat).contiguous();
     std::memcpy(thr.data(), t.data_ptr<float>(), thr.size() * sizeof(float));
-  } else {  // compared in x's dtype, like the reference `x.abs() > threshold`
+  } else {  // compared in x's dtype, like the reference `x.abs() > threshold` (kernels.comparable's rule)
     thr[0] = x.scalar_type() == at::kBFloat16 ? static_cast<float>(c10::BFloat16(static_cast<float>(scalar_threshold)))
                                               : static_cast<float>(scalar_threshold);
   }
