@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sparse_core import bench, calibrate, fast_decode, metrics, models, report, warmup
+from sparse_core import bench, calibrate, fast_decode, metrics, models, views, warmup
 from sparse_core.spec import SparsitySpec, SpecError
 from sparse_core.store import BoundedCache, DiskStore, digest
 
@@ -55,7 +55,7 @@ TARGET_HELP = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Selection:
     """One visitor's choices from the sidebar, plus the model and spec they resolve to (spec None: unusable)."""
     model: models.SparseModel
     method: str
@@ -73,7 +73,7 @@ class Settings:
         return METHODS_BY_KEY[self.method]
 
     @property
-    def setting(self) -> str:
+    def label(self) -> str:
         """Every result carries this: method and target or spec name, dtype, layout, device, a sparse prefill when
         asked for, and the compiled step when it decodes with it."""
         model = self.model
@@ -81,7 +81,7 @@ class Settings:
                 + (" · sparse prefill" if self.sparse_prefill else "") + (" · compiled" if self.compiled else ""))
 
 
-def model_setting(model: models.SparseModel) -> str:
+def model_label(model: models.SparseModel) -> str:
     """What a result that covers several specs (a sweep) was measured on."""
     return f"{model.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
 
@@ -172,7 +172,7 @@ def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation
         return metrics.measured(model, spec, progress=update)
 
 
-def measure_decode(current: Settings, progress=None) -> dict:
+def measure_decode(current: Selection, progress=None) -> dict:
     """The setting's decode measurement (bench.decode_result, stored): against the fastest dense, plain HF included."""
     model = current.model
     plain = None if model.layout == "hf" else load_model(
@@ -339,7 +339,7 @@ def sidebar() -> None:
                                        sparse_prefill, applied if use_applied else None)
 
 
-def current() -> Settings:
+def current() -> Selection:
     """This run's sidebar choices resolved to a model and a spec (calibrated with a progress bar on first use; spec
     None, with the reason shown, when it cannot run on the model)."""
     chosen: Choices = st.session_state.choices
@@ -353,7 +353,7 @@ def current() -> Settings:
     if chosen.applied and spec is not None:
         method = spec.method
     name = f"Tuner spec “{chosen.applied[0]}”" if chosen.applied else f"{METHODS_BY_KEY[method]} at {chosen.target:.0%}"
-    return Settings(model, method, chosen.target, spec, chosen.max_new_tokens, chosen.temperature, chosen.seed, name,
+    return Selection(model, method, chosen.target, spec, chosen.max_new_tokens, chosen.temperature, chosen.seed, name,
                     chosen.compiled, chosen.sparse_prefill)
 
 
@@ -409,7 +409,7 @@ def _await_quality(model: models.SparseModel, spec: SparsitySpec, prepared: warm
             f"in line ({takes}). Now: {prepared.status()}. Generate works meanwhile.")
 
 
-def headline(current: Settings) -> None:
+def headline(current: Selection) -> None:
     """The Playground's first card: what the current setting skips, gains and costs, each measured once for it.
     With the background preparation on, a setting not measured yet is measured there, first in line, while the
     page stays usable; the card fills in when it is done."""
@@ -418,14 +418,14 @@ def headline(current: Settings) -> None:
     if quality_now is None and prepared is not None and prepared.working:
         prepared.request(current.spec)
         with st.container(border=True, key="headline"):
-            st.markdown(f"**{current.setting}**")
+            st.markdown(f"**{current.label}**")
             _await_quality(current.model, current.spec, prepared)
         return
     quality_now = quality_now or quality(current.model, current.spec)
     speed = bench.stored_decode(current.model, current.spec, current.compiled)
     flagged = bench.flagged_decode(current.model, current.spec, current.compiled)
     with st.container(border=True, key="headline"):
-        st.markdown(f"**{current.setting}**")
+        st.markdown(f"**{current.label}**")
         cols = st.columns(5)
         cols[0].metric("Weight reads skipped (measured)", f"{quality_now.weight_reads_skipped:.1%}",
                        help=f"Share of all weight bytes read per token that this setting skips, measured on "
@@ -474,14 +474,14 @@ def headline_sentence(quality_now: metrics.Evaluation, speed: dict | None) -> st
     return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality_now.bound:.2f}), {cost}."
 
 
-def stale_note(asked: str, current: Settings, produced_by: str | None = None) -> None:
+def stale_note(asked: str, current: Selection, produced_by: str | None = None) -> None:
     """Say which setting produced a result (`produced_by`: as it ran, where that differs from what was `asked`),
     and mark it stale (never relabel it) when the sidebar has moved on."""
     produced_by = produced_by or asked
-    if asked == current.setting:
+    if asked == current.label:
         st.caption(f"Produced by: {produced_by}.")
     else:
-        st.warning(f"Stale: produced by {produced_by}; the sidebar now says {current.setting}. Run it again for the current setting.")
+        st.warning(f"Stale: produced by {produced_by}; the sidebar now says {current.label}. Run it again for the current setting.")
 
 
 def table_with_download(frame: pd.DataFrame, file_name: str, column_config: dict | None = None) -> None:
@@ -499,13 +499,13 @@ def text_block(text: str, highlight_from: int | None = None) -> str:
 
 
 def traced(model: models.SparseModel, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int,
-           dense_prefix: int = 0) -> report.TokenTrace:
-    """`ids` traced (report.trace_tokens: the first `dense_prefix` dense, the rest sparse). Only this visitor's latest
+           dense_prefix: int = 0) -> views.TokenTrace:
+    """`ids` traced (views.trace_tokens: the first `dense_prefix` dense, the rest sparse). Only this visitor's latest
     trace is kept, in their session, so it is released with the session; reruns with the same inputs reuse it."""
     key = (*model_key(model), spec, ids, layer, dense_prefix)
     held = st.session_state.get("trace")
     if held is None or held[0] != key:
         with st.spinner("Tracing the tokens…"):
-            held = (key, report.trace_tokens(model, spec, ids, layer, dense_prefix=dense_prefix))
+            held = (key, views.trace_tokens(model, spec, ids, layer, dense_prefix=dense_prefix))
         st.session_state.trace = held
     return held[1]

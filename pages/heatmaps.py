@@ -3,7 +3,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages import common
-from sparse_core import figures, report
+from sparse_core import figures, views
 from sparse_core.spec import GROUPS
 
 SOURCES = ["Last generation", "Example text", "Pasted text"]
@@ -43,10 +43,10 @@ else:
     model, spec = current.model, current.spec
     ids = tuple(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     first_generated = None
-if len(ids) > report.MAX_TRACE_TOKENS:
-    st.caption(f"Showing the last {report.MAX_TRACE_TOKENS} of {len(ids)} tokens.")
+if len(ids) > views.MAX_TRACE_TOKENS:
+    st.caption(f"Showing the last {views.MAX_TRACE_TOKENS} of {len(ids)} tokens.")
     if first_generated is not None:
-        first_generated -= len(ids) - report.MAX_TRACE_TOKENS
+        first_generated -= len(ids) - views.MAX_TRACE_TOKENS
 
 layer = st.slider("Layer for the neuron and histogram views", 0, model.num_layers - 1, model.num_layers // 2, key="heatmap_layer")
 trace = common.traced(model, spec, ids, layer)
@@ -56,12 +56,12 @@ st.caption("Colours span the 2nd to 98th percentile of each chart, so a few extr
            "· marks a space, ↵ a line break.")
 for group, tab in zip(GROUPS, st.tabs([figures.GROUP_TITLES[g] for g in GROUPS])):
     with tab:
-        matrix = report.skipped_matrix(trace, group).values
+        matrix = views.skipped_matrix(trace, group).values
         st.plotly_chart(figures.skipped_heatmap(matrix, trace.tokens, first_generated), width="stretch", key=f"layers-{group}")
 
 st.subheader(f"MLP neurons of layer {layer}")
 hot_first = st.toggle("Hot neurons first (most often active)", value=True, key="hot_first")
-neurons = report.neuron_view(trace, hot_first=hot_first)
+neurons = views.neuron_view(trace, hot_first=hot_first)
 st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens), width="stretch", key="neurons")
 shown, width = len(neurons.neurons), model.group_widths["mlp_mid"]
 st.caption("|activation| of the MLP intermediate; grey = skipped at the current threshold. Colours stop at the "
@@ -72,7 +72,7 @@ st.caption("|activation| of the MLP intermediate; grey = skipped at the current 
 st.subheader(f"Distribution of |x| in layer {layer}")
 group = st.selectbox("Projection group", GROUPS, format_func=figures.GROUP_TITLES.get, index=2, key="histogram_group")
 bins = trace.trace.histogram.frame(layer, group)
-threshold, below = report.threshold_marker(trace, group)
+threshold, below = views.threshold_marker(trace, group)
 nonzero = bins[bins["abs_high"] > 0]
 figure = go.Figure(go.Scatter(x=nonzero["abs_high"], y=nonzero["count"], line_shape="vh", fill="tozeroy",
                               line_color="#0f766e", hovertemplate="|x| up to %{x:.3g}: %{y} inputs<extra></extra>"))

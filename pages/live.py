@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, cost, fast_decode, figures, generate, metrics, models, peer, report, stakeholder_report
+from sparse_core import bench, cost, fast_decode, figures, generate, metrics, models, peer, stakeholder_report, views
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
 
@@ -31,8 +31,8 @@ class Result:
     tokens: dict[str, list[generate.Token]]
     spec: SparsitySpec
     method: str
-    name: str      # Settings.name at generation time
-    setting: str   # Settings.setting at generation time: what was asked for
+    name: str      # Selection.name at generation time
+    label: str     # Selection.label at generation time: what was asked for
     counter: SparsityCounter  # the sparse run's
     compiled: bool = False    # the compiled step was asked for
     sparse_prefill: bool = False  # the spec applied to the prompt's prefill too (never counted: decode steps only)
@@ -53,7 +53,7 @@ class Result:
     @property
     def produced_by(self) -> str:
         """The setting as it ran: "· compiled" only where every decode step ran compiled."""
-        asked = self.setting.removesuffix(" · compiled")
+        asked = self.label.removesuffix(" · compiled")
         return asked + (" · compiled" if self.ran_compiled else " · uncompiled" if self.compiled else "")
 
     @property
@@ -81,7 +81,7 @@ class Result:
 
     @property
     def per_layer(self) -> pd.DataFrame:
-        return report.per_layer_frame(self.model, self.counter, self.method)
+        return views.per_layer_frame(self.model, self.counter, self.method)
 
     def skipped_per_token(self) -> dict[str, np.ndarray]:
         """Per group, layers x decode steps: the share skipped in the step that produced each token after the first

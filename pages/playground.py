@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common, live
-from sparse_core import cost, fast_decode, figures, generate, ops, report
+from sparse_core import cost, fast_decode, figures, generate, ops, views
 from sparse_core.trace import SparsityCounter
 
 RUNS = live.RUNS
@@ -20,7 +20,7 @@ def _use_preset() -> None:
     st.session_state.prompt = common.PRESETS[st.session_state.preset]
 
 
-def _generate(current: common.Settings, prompt_text: str, panes: dict, view: live.LiveView | None,
+def _generate(current: common.Selection, prompt_text: str, panes: dict, view: live.LiveView | None,
               notice) -> live.Result | None:
     """Interleave the dense and the sparse stream one token at a time: the text panes update every token, the live
     view between forward passes (never inside the timed ones). Both runs carry a SparsityCounter, so observer
@@ -35,7 +35,7 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
         return None
     counters = {run: SparsityCounter() for run in RUNS}
     result = live.Result(model, prompt, prompt_text, {run: [] for run in RUNS}, current.spec, current.method,
-                         current.name, current.setting, counters["sparse"], current.compiled, current.sparse_prefill)
+                         current.name, current.label, counters["sparse"], current.compiled, current.sparse_prefill)
     st.session_state.generation = result
     with common.foreground(notice):
         if current.compiled:  # why a run then decodes uncompiled, if one does, comes with its first token
@@ -50,7 +50,7 @@ def _generate(current: common.Settings, prompt_text: str, panes: dict, view: liv
     return result
 
 
-def _compile_both(current: common.Settings, prompt, notice) -> None:
+def _compile_both(current: common.Selection, prompt, notice) -> None:
     """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it."""
     positions = len(prompt.ids) + current.max_new_tokens
     waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
@@ -146,7 +146,7 @@ def _neuron_view(result: live.Result) -> None:
     layer = st.slider("Layer for the neuron view", 0, model.num_layers - 1, model.num_layers // 2, key="playground_layer")
     ids = result.prompt.ids + tuple(t.id for t in result.tokens["sparse"])
     trace = common.traced(model, result.spec, ids, layer, 0 if result.sparse_prefill else len(result.prompt.ids))
-    neurons = report.neuron_view(trace, hot_first=True)
+    neurons = views.neuron_view(trace, hot_first=True)
     st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens, height=440), width="stretch", key="playground_neurons")
     prompt = "the prompt ran sparse too (sparse prefill)" if result.sparse_prefill else "the prompt's tokens ran dense (the prefill)"
     st.caption(f"MLP neurons of layer {layer}, the most often active at the top; grey = skipped; {prompt}. The "
@@ -222,7 +222,7 @@ elif not result.tokens["sparse"] and not result.tokens["dense"]:
                "Stopped before the first token.")
 else:
     view.update(result, final=True)
-    common.stale_note(result.setting, current, result.produced_by)
+    common.stale_note(result.label, current, result.produced_by)
     for note in result.notes:
         st.warning(note)
     if result.report is None:  # built once, in the page run: a file built on click could be lost (CI lost some)

@@ -73,10 +73,10 @@ elif job is not None and st.session_state.get("sweep_from") is not job:  # colle
     st.session_state.sweep_from = job
     if job.state == "finished":
         st.session_state.sweep, st.session_state.sweep_note = job.frame, None
-        st.session_state.sweep_on = common.model_setting(job.model)
+        st.session_state.sweep_on = common.model_label(job.model)
     elif job.state == "stopped" and len(job.frame):
         st.session_state.sweep = job.frame
-        st.session_state.sweep_on = common.model_setting(job.model)
+        st.session_state.sweep_on = common.model_label(job.model)
         st.session_state.sweep_note = f"Partial sweep: stopped after {len(job.frame)} of {job.planned} points."
 if job is not None and job.state == "failed":
     st.error(job.error)
@@ -93,12 +93,12 @@ if frame is None or frame.empty:
     st.info("Choose methods, allocations and targets, then run a sweep.")
     st.stop()
 
-swept_on = st.session_state.get("sweep_on", common.model_setting(model))
+swept_on = st.session_state.get("sweep_on", common.model_label(model))
 measured_how = metrics.protocol_of(frame.protocol.iloc[0]).describe(int(frame.held_out_tokens.iloc[0]))
-if swept_on == common.model_setting(model):
+if swept_on == common.model_label(model):
     st.caption(f"Produced by: a sweep on {swept_on}; quality measured with {measured_how}.")
 else:
-    st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {common.model_setting(model)}. Run the sweep again.")
+    st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {common.model_label(model)}. Run the sweep again.")
 frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
 figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats", "Top-1 agreement"))
 for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):

@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, figures, generate, ops, peer, report, stakeholder_report
+from sparse_core import bench, figures, generate, ops, peer, stakeholder_report, views
 
 
 def _kernel_chart(kernels: pd.DataFrame) -> None:
@@ -83,8 +83,8 @@ st.caption("Wall time of each decoder layer while generating a few tokens, dense
 if current.spec is not None and st.button("Time the layers", key="time_layers"):
     with common.foreground(), st.status("Timing decode steps dense and sparse, interleaved…") as status:
         prompt = generate.encode_prompt(current.model, bench.PROMPT)
-        st.session_state.layer_times = (report.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
-                                        current.setting)
+        st.session_state.layer_times = (views.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
+                                        current.label)
         status.update(label="Decode steps timed", state="complete")
 if st.session_state.get("layer_times") is not None:
     breakdown, produced_by = st.session_state.layer_times
@@ -139,7 +139,7 @@ else:
                f"prompt's prefill runs dense). Dense reaches "
                f"{decode['dense_fraction_of_limit']:.0%} of its limit, sparse {decode['sparse_fraction_of_limit']:.0%}; "
                "the rest is per-token overhead (docs/PERFORMANCE.md).")
-    st.caption(f"Measured for {current.setting} with the {decode['decoder']}: {decode['model']}, dense path "
+    st.caption(f"Measured for {current.label} with the {decode['decoder']}: {decode['model']}, dense path "
                f"“{decode['dense_path']}”, plain HF {decode['plain_hf_tok_s'] or '—'} tok/s.")
 if decode is not None or flagged is not None:
     rows = [row for row in (decode, flagged) if row is not None]

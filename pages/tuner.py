@@ -20,7 +20,7 @@ if "tuner_select" in st.session_state:  # a spec kept on the last run: select it
 text = common.uploaded_text("Your own calibration text (optional)", key="tuner_text")
 
 
-def keep(name: str, spec: SparsitySpec) -> None:
+def add_to_library(name: str, spec: SparsitySpec) -> None:
     """Add a spec, named, to this visitor's library and select it. A widget's value cannot change once it is drawn,
     so the selection travels to the next run, which starts at once. Keeping the same spec again (an upload that is
     still in its box) changes nothing."""
@@ -38,18 +38,18 @@ cols = st.columns(3)
 if cols[0].button(f"Calibrate uniform {current.target:.0%}", width="stretch"):
     with common.progress("Calibrating…") as update:
         uniform = calibrate.calibrate(model, method, current.target, text=text, progress=update)
-    keep(f"{method} uniform {current.target:.0%}", uniform)
+    add_to_library(f"{method} uniform {current.target:.0%}", uniform)
 if cols[1].button(f"Calibrate greedy {current.target:.0%}", width="stretch",
                   help="Greedy allocation: each block reaches the target, the projections where skipping hurts least first."):
     with common.progress("Allocating greedily, block by block…") as update:
         specs = tuning.greedy_specs(model, method, [current.target], text=text, progress=update)
-    keep(f"{method} greedy {current.target:.0%}", specs[current.target])
+    add_to_library(f"{method} greedy {current.target:.0%}", specs[current.target])
 upload = cols[2].file_uploader("Upload a spec (JSON)", type=["json"], key="spec_upload")
 if upload is not None:
     try:
         spec = common.read_spec(upload)
         model.check(spec)
-        keep(f"uploaded {upload.name}", spec)
+        add_to_library(f"uploaded {upload.name}", spec)
     except SpecError as err:
         st.error(str(err))
 
@@ -78,7 +78,7 @@ if cols[0].button("Calibrate the edited table", width="stretch"):
     except SpecError as err:
         st.error(str(err))
     else:
-        keep(f"{name} (edited)", edited_spec)
+        add_to_library(f"{name} (edited)", edited_spec)
 if cols[1].button("Apply to the Playground", type="primary", width="stretch"):
     st.session_state.applied_spec = (name, spec)
     st.success(f"The Playground now generates with “{name}”. Turn it off in the sidebar.")

@@ -29,7 +29,7 @@ from . import ops
 from .calibrate import Progress
 from .cost import token_cost
 from .machine import machine, synchronize
-from .store import DiskStore, digest, setting_key
+from .store import DiskStore, digest, measurement_key
 
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
@@ -237,7 +237,7 @@ _DECODES = DiskStore("decode", 3)  # v3: dense and TEAL decode through the nativ
 
 def _decode_key(model, spec, compiled: bool) -> str:
     """A setting's speed measurement, with the compiled step or with HF's forward: two measurements."""
-    return setting_key(model, spec) + ("-compiled" if compiled else "")
+    return measurement_key(model, spec) + ("-compiled" if compiled else "")
 
 
 def stored_decode(model, spec, compiled: bool = False) -> dict | None:

@@ -76,15 +76,15 @@ def unsupported(model: SparseModel) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
+class StepInputs:
     """A spec as the step's inputs. `method` and `linear` pick the compiled variant (dense through F.linear, or
     through the sparse op with `thresholds`). The tensors: `thresholds` [layers, groups] for each group's input (0
-    keeps every non-zero input); `keep` [layers, groups], top-k's count kept per token; `gate` [layers], CATS'
+    keeps every non-zero input); `keep_counts` [layers, groups], top-k's inputs kept per token; `gate` [layers], CATS'
     threshold on |act(gate)|."""
     method: str
     linear: bool
     thresholds: torch.Tensor
-    keep: torch.Tensor
+    keep_counts: torch.Tensor
     gate: torch.Tensor
 
     @property
@@ -126,7 +126,7 @@ class Decoder:
         self._compiling: dict[str, threading.Lock] = {}  # one compile of a shape at a time; a second caller waits
 
     # ---- the spec as tensors ----------------------------------------------------------------------
-    def setting(self, spec: SparsitySpec | None, dense_route: str | None = None) -> Setting:
+    def step_inputs(self, spec: SparsitySpec | None, dense_route: str | None = None) -> StepInputs:
         """The step's inputs for `spec` (None: dense, by `dense_route` or the model's measured one). Thresholds are
         rounded to the model's dtype as the kernel rounds a float threshold, so both decoders compare alike."""
         layers, device, dtype = self.model.num_layers, self.model.device, self.model.dtype
@@ -143,7 +143,7 @@ class Decoder:
             else:
                 keep = ops.keep_count(values, self.widths)
         as_dtype = lambda t: kernels.comparable(t.float(), dtype).to(device)
-        return Setting(method, self._linear(spec, dense_route), as_dtype(thresholds), keep.to(device), as_dtype(gate))
+        return StepInputs(method, self._linear(spec, dense_route), as_dtype(thresholds), keep.to(device), as_dtype(gate))
 
     def _linear(self, spec: SparsitySpec | None, dense_route: str | None) -> bool:
         """True when the step computes dense products with F.linear (a dense spec on the model's "linear" route)."""
@@ -161,29 +161,29 @@ class Decoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _threshold(self, x: torch.Tensor, setting: Setting, layer: int, group: int) -> torch.Tensor:
+    def _threshold(self, x: torch.Tensor, inputs: StepInputs, layer: int, group: int) -> torch.Tensor:
         """One value, or top-k's one per token: the largest value below each token's k-th largest |x|."""
-        if setting.method != "topk":
-            return setting.thresholds[layer, group].reshape(1)
-        return ops.topk_threshold(x, setting.keep[layer, group]).reshape(-1, 1)
+        if inputs.method != "topk":
+            return inputs.thresholds[layer, group].reshape(1)
+        return ops.topk_threshold(x, inputs.keep_counts[layer, group]).reshape(-1, 1)
 
-    def _project(self, x, linear, setting: Setting, layer: int, group: int, skipped: list, count: bool = True):
+    def _project(self, x, linear, inputs: StepInputs, layer: int, group: int, skipped: list, count: bool = True):
         """A projection (or a joint one) through the sparse op, or dense through F.linear; appends to `skipped`
         how many of its inputs the threshold drops, as a SparsityCounter would have counted them."""
         weight, bias = linear.weight, linear.bias
-        threshold = self._threshold(x, setting, layer, group)
+        threshold = self._threshold(x, inputs, layer, group)
         if count:
             skipped.append((x.abs() <= threshold.reshape(-1, 1)).sum())
-        if setting.linear:
+        if inputs.linear:
             return F.linear(x, weight, bias)
         return torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), bias, threshold, 0.0)
 
-    def _layer(self, x, index: int, cos, sin, positions, mask, caches, setting: Setting, skipped: list):
+    def _layer(self, x, index: int, cos, sin, positions, mask, caches, inputs: StepInputs, skipped: list):
         block = self.blocks[index]
         tokens = x.shape[0]
         h = self._rms(x, block.input_layernorm.weight)
         attn = block.self_attn
-        qkv = self._project(h, attn.q_proj.shared.linear, setting, index, _ATTN_IN, skipped)
+        qkv = self._project(h, attn.q_proj.shared.linear, inputs, index, _ATTN_IN, skipped)
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q = q.view(tokens, self.heads, self.head_dim).transpose(0, 1)
@@ -194,18 +194,18 @@ class Decoder:
         k_cache.index_copy_(1, positions, k)
         v_cache.index_copy_(1, positions, v)
         out = self._attend(q, k_cache, v_cache, mask).transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
-        x = x + self._project(out, attn.o_proj, setting, index, _ATTN_OUT, skipped)
+        x = x + self._project(out, attn.o_proj, inputs, index, _ATTN_OUT, skipped)
 
         h = self._rms(x, block.post_attention_layernorm.weight)
         mlp = block.mlp
-        gate, up = self._project(h, mlp.gate_proj.shared.linear, setting, index, _MLP_IN, skipped).chunk(2, dim=-1)
+        gate, up = self._project(h, mlp.gate_proj.shared.linear, inputs, index, _MLP_IN, skipped).chunk(2, dim=-1)
         active = F.silu(gate)
-        if setting.method == "cats":  # neurons whose |act(gate)| is at most the threshold are skipped, and counted
-            keep = active.abs() > setting.gate[index]
+        if inputs.method == "cats":  # neurons whose |act(gate)| is at most the threshold are skipped, and counted
+            keep = active.abs() > inputs.gate[index]
             skipped.append((~keep).sum())
             up = up * keep
-        return x + self._project(active * up, mlp.down_proj, setting, index, _MLP_MID, skipped,
-                                 count=setting.method != "cats")
+        return x + self._project(active * up, mlp.down_proj, inputs, index, _MLP_MID, skipped,
+                                 count=inputs.method != "cats")
 
     def _attend(self, q, k_cache, v_cache, mask):
         """Attention of the T queries [heads, T, head_dim] over the whole cache, masked, as two float32 batched
@@ -219,7 +219,7 @@ class Decoder:
         weights = torch.softmax(scores, dim=-1).view(self.kv_heads, group * tokens, -1)
         return torch.bmm(weights, v_cache.float()).view(heads, tokens, self.head_dim).to(q.dtype)
 
-    def forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, caches, inputs: StepInputs):
         """(logits of the last of `ids`, inputs skipped per [layer, group] over the T tokens) for T tokens at positions
         start..start+T-1, filling the caches. `start` is a one-element tensor, so the compiled step's graph does not
         change with the position."""
@@ -229,7 +229,7 @@ class Decoder:
         mask = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]
         x, skipped = F.embedding(ids, self.embed), []
         for index in range(len(self.blocks)):
-            x = self._layer(x, index, cos, sin, positions, mask, caches, setting, skipped)
+            x = self._layer(x, index, cos, sin, positions, mask, caches, inputs, skipped)
         logits = self._head(self._rms(x[-1:], self.norm), self.head)[0]
         return logits, torch.stack(skipped).view(len(self.blocks), len(GROUPS))
 
@@ -256,13 +256,13 @@ class Decoder:
         the CPU, for a model without projection biases."""
         return self._native is not None and variant == ("dense", False)
 
-    def native_forward(self, ids: torch.Tensor, start: torch.Tensor, caches, setting: Setting):
+    def native_forward(self, ids: torch.Tensor, start: torch.Tensor, caches, inputs: StepInputs):
         """`forward` for one token in one native call (sparse_lab::decode_token): what the compiled step computes,
         without its per-token wrapper, guards and small kernels."""
         position = int(start)
         cos, sin = self._rotary_at(position)
         return torch.ops.sparse_lab.decode_token(
-            self.embed[ids[0]], cos, sin, position, *self._native, caches, setting.thresholds, self.norm, self.head,
+            self.embed[ids[0]], cos, sin, position, *self._native, caches, inputs.thresholds, self.norm, self.head,
             self.heads, self.kv_heads, self.eps)
 
     def _rotary_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +279,7 @@ class Decoder:
 
     # ---- compiled one-token step ------------------------------------------------------------------
     def step_function(self, variant: tuple[str, bool]):
-        """The one-token step of one variant (Setting.variant): the native step where it runs (runs_native), else
+        """The one-token step of one variant (StepInputs.variant): the native step where it runs (runs_native), else
         compiled once per process; each cache length is then its own shape, and inductor keeps the compiled code on
         disk. Compiled from a copy of `forward` with its own code object: dynamo keeps its compiled entries, and
         counts them against its recompile limit, per code object, so variants, dtypes and models never add up to
@@ -338,7 +338,7 @@ def step_name(model: SparseModel, spec: SparsitySpec | None) -> str:
     """What runs this spec's decode steps when a stream asks for the compiled step: the "native step" (dense and
     TEAL on the CPU) or the "compiled step"."""
     fast = decoder(model)
-    return "native step" if fast is not None and fast.runs_native(fast.setting(spec).variant) else "compiled step"
+    return "native step" if fast is not None and fast.runs_native(fast.step_inputs(spec).variant) else "compiled step"
 
 
 def compile_by_default(model: SparseModel) -> bool:
@@ -374,13 +374,13 @@ class Session:
         shape = (fast.kv_heads, length, fast.head_dim)  # one tensor per layer and K/V: each updated in place
         with torch.inference_mode():  # like every tensor the steps see: the compiled graph is specialised on it
             self.caches = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(2 * model.num_layers)]
-        self.setting = fast.setting(spec, dense_route)
-        self.prefill_setting = self.setting if sparse_prefill else fast.setting(None, "linear")
+        self.inputs = fast.step_inputs(spec, dense_route)
+        self.prefill_inputs = self.inputs if sparse_prefill else fast.step_inputs(None, "linear")
         self._key = fast.shape_key(spec, max_positions, dense_route)
         self.note = fast.why_eager(self._key, length) if compiled else None
         self.failure: str | None = None  # the compiled step's error, when it failed in this session
         self.compiled = compiled and self.note is None
-        self._step = fast.step_function(self.setting.variant) if self.compiled else fast.forward
+        self._step = fast.step_function(self.inputs.variant) if self.compiled else fast.forward
         self.position = 0
 
     @torch.inference_mode()
@@ -391,7 +391,7 @@ class Session:
             self.compile()
         tokens = torch.tensor(ids, device=self.device)
         start = torch.tensor([self.position], device=tokens.device)
-        logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_setting)
+        logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_inputs)
         self.position += len(ids)
         return logits
 
@@ -419,12 +419,12 @@ class Session:
         """The step, compiled while it works; after a failure eager, for the rest of this session."""
         if self.compiled:
             try:
-                return self._step(ids, start, self.caches, self.setting)
+                return self._step(ids, start, self.caches, self.inputs)
             except Exception as err:  # noqa: BLE001 - no compiler, a refused op, a compile limit: all mean eager
                 text = str(err).strip().splitlines()
                 self.failure = f"{type(err).__name__}: {text[0][:160] if text else ''}"
                 self._go_eager(f"The compiled step failed ({self.failure}), so this generation decodes uncompiled.")
-        return self.fast.forward(ids, start, self.caches, self.setting)
+        return self.fast.forward(ids, start, self.caches, self.inputs)
 
     def _go_eager(self, note: str) -> None:
         """Decode eagerly from here on, saying why."""
@@ -451,7 +451,7 @@ class Session:
     def ready(self) -> bool:
         """True when the first step will not wait for a compile: its shape already ran compiled in this process, or
         this session decodes eagerly."""
-        return not self.compiled or self._key in self.fast.shapes_run or self.fast.runs_native(self.setting.variant)
+        return not self.compiled or self._key in self.fast.shapes_run or self.fast.runs_native(self.inputs.variant)
 
 
 def compile_estimate(seconds_on_record: list[float | None]) -> str:
@@ -488,5 +488,5 @@ def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, den
     if fast is None:
         return True
     key = fast.shape_key(spec, max_positions, dense_route)
-    return (key in fast.shapes_run or fast.runs_native(fast.setting(spec, dense_route).variant)
+    return (key in fast.shapes_run or fast.runs_native(fast.step_inputs(spec, dense_route).variant)
             or fast.why_eager(key, cache_length(max_positions)) is not None)

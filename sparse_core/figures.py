@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .report import NeuronView, color_range, token_labels
+from .views import NeuronView, color_range, token_labels
 from .spec import GROUPS
 
 GROUP_TITLES = {"attn_in": "Attention input (q, k, v)", "attn_out": "Attention output (o)",

@@ -20,7 +20,7 @@ from .cost import token_cost
 from .models import SparseModel
 from .patch import sparsity
 from .spec import SparsitySpec
-from .store import DiskStore, digest, setting_key
+from .store import DiskStore, digest, measurement_key
 from .trace import SparsityCounter
 
 
@@ -124,7 +124,7 @@ def stored(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_
 def _key(model: SparseModel, spec: SparsitySpec, text: str | None, max_tokens: int | None, name: str) -> str:
     how = protocol_of(name)
     text = default_text("evaluation") if text is None else text
-    return digest(setting_key(model, spec), text_hash(text), how.text_tokens(max_tokens), how)
+    return digest(measurement_key(model, spec), text_hash(text), how.text_tokens(max_tokens), how)
 
 
 def evaluate(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = None,

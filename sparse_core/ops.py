@@ -14,14 +14,14 @@ import torch.nn.functional as F
 Threshold = float | torch.Tensor
 
 
-def keep_mask(score: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+def above_threshold(score: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """True where an input survives. Strict '>' so a threshold of 0 keeps every non-zero input."""
     return score > threshold
 
 
 def reference_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             threshold: Threshold) -> torch.Tensor:
-    return F.linear(x * keep_mask(x.abs(), threshold), weight, bias)
+    return F.linear(x * above_threshold(x.abs(), threshold), weight, bias)
 
 
 def keep_count(drop_fraction, width):

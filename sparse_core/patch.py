@@ -211,7 +211,7 @@ class SparseGatedMLP(nn.Module):
         threshold = kernels.comparable(call.spec.value(self.layer, "mlp_mid"), active.dtype)
         score = active.abs()
         call.observe(self.layer, "mlp_mid", score, threshold)
-        keep = ops.keep_mask(score, threshold)
+        keep = ops.above_threshold(score, threshold)
         up = self.up_proj.keep_rows(x, keep)
         hidden = active * up  # zero wherever keep is False
         return self.down_proj.skip_inputs(hidden, 0.0)

@@ -34,7 +34,7 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
-def setting_key(model, spec) -> str:
+def measurement_key(model, spec) -> str:
     """What a speed or quality measurement belongs to: the model (weights, dtype, layout, device, dense route) and
     the spec's method and values (not its name or date: two specs with equal values measure the same)."""
     return digest(model.fingerprint, str(model.dtype), model.layout, str(model.device), model.dense_route,

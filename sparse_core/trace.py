@@ -16,7 +16,7 @@ from .spec import GROUPS
 
 
 def _skipped(score: torch.Tensor, threshold: ops.Threshold) -> torch.Tensor:
-    return ~ops.keep_mask(score, threshold)
+    return ~ops.above_threshold(score, threshold)
 
 
 class SparsityCounter:

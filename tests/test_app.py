@@ -10,7 +10,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from sparse_core import models, report
+from sparse_core import models, views
 
 TIMEOUT = 300  # seconds per script run; importing torch and the first calibration take a while on 2 cores
 
@@ -124,7 +124,7 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     rows, columns = map(int, z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
     assert len(live["data"]) == 4 and rows == 30  # four groups, one row per layer
     assert columns == len(decoded)  # one column per decode step
-    assert live["layout"]["xaxis"]["ticktext"][0] == report.token_labels([decoded[0].text])[0]
+    assert live["layout"]["xaxis"]["ticktext"][0] == views.token_labels([decoded[0].text])[0]
     assert at.success or at.warning  # same tokens, or where they diverge
     assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu." in [c.value for c in at.caption]
     labels = {m.label for m in at.metric}
@@ -316,11 +316,11 @@ def test_heatmaps_page_opens_with_charts_on_first_visit():
 
 
 def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
-    from sparse_core import bench, report
+    from sparse_core import bench, views
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
     monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)  # every timing valid: the page draws them all
-    monkeypatch.setattr(report, "REST_DRIFT", float("inf"))
+    monkeypatch.setattr(views, "REST_DRIFT", float("inf"))
     shutil.rmtree(bench._DECODES.folder, ignore_errors=True)
     at = _ok(_app(method_label="top-k", target=0.3))
     _ok(at.switch_page("pages/speedup.py").run())

@@ -126,7 +126,7 @@ def test_the_native_step_is_the_eager_one(method, dtype, vector_path):
                         name=f"tiny-llama-{dtype}")
     fast = fast_decode.decoder(model)
     spec = _specs(model)[method]
-    assert fast.runs_native(fast.setting(spec, "kernel").variant)
+    assert fast.runs_native(fast.step_inputs(spec, "kernel").variant)
     ids = torch.randint(0, VOCAB, (14,), generator=torch.Generator().manual_seed(8)).tolist()
     runs = {}
     for native in (True, False):

@@ -1,11 +1,11 @@
-"""sparse_core.report on a tiny Llama whose weight counts are worked out by hand below."""
+"""sparse_core.views on a tiny Llama whose weight counts are worked out by hand below."""
 
 import numpy as np
 import pytest
 import torch
 import transformers as T
 
-from sparse_core import generate, models, report
+from sparse_core import generate, models, views
 from sparse_core.cost import token_cost
 from sparse_core.spec import GROUPS, SparsitySpec
 from sparse_core.trace import SparsityCounter
@@ -66,19 +66,19 @@ def _teal(model, threshold):
 
 def test_trace_heatmap_data_agrees_with_the_threshold(tiny):
     spec = _teal(tiny, 0.05)
-    traced = report.trace_tokens(tiny, spec, list(range(1, 10)) * 40, layer=0, max_tokens=300)
+    traced = views.trace_tokens(tiny, spec, list(range(1, 10)) * 40, layer=0, max_tokens=300)
     assert len(traced.tokens) == 300 and traced.tokens[0] == "<7>"  # the last 300 of 360 tokens
-    matrix = report.skipped_matrix(traced, "mlp_in")
+    matrix = views.skipped_matrix(traced, "mlp_in")
     assert matrix.shape == (1, 300) and ((matrix >= 0) & (matrix <= 1)).all().all()
 
-    view = report.neuron_view(traced, hot_first=True, max_neurons=10)
+    view = views.neuron_view(traced, hot_first=True, max_neurons=10)
     values, thresholds = traced.trace.activation_matrix()
     assert view.activations.shape == (300, 10) and len(view.neurons) == 10
     assert list(view.active_share) == sorted(view.active_share, reverse=True)
     chosen = values[:, torch.as_tensor(view.neurons)].numpy()
     assert np.array_equal(np.isnan(view.activations), chosen <= thresholds.numpy())
 
-    threshold, below = report.threshold_marker(traced, "mlp_mid")
+    threshold, below = views.threshold_marker(traced, "mlp_mid")
     assert threshold == 0.05
     assert below == pytest.approx(float((values <= 0.05).float().mean()), abs=1e-6)
 
@@ -88,8 +88,8 @@ def test_a_trace_with_a_dense_prefix_sees_what_the_generation_skipped(tiny):
     that prefix skips nothing in the prompt and, token for token, what the generation's decode steps skipped."""
     from sparse_core.trace import Trace
     spec, ids, prefix = _teal(tiny, 0.5), list(range(1, 10)) * 3, 9
-    traced = report.trace_tokens(tiny, spec, ids, layer=0, dense_prefix=prefix)
-    matrix = report.skipped_matrix(traced, "mlp_in")
+    traced = views.trace_tokens(tiny, spec, ids, layer=0, dense_prefix=prefix)
+    matrix = views.skipped_matrix(traced, "mlp_in")
     assert matrix.shape == (1, len(ids)) and (matrix.iloc[0, :prefix] == 0).all()
     generation = Trace(activation_layer=0)
     session = generate.HFSession(tiny, spec, observers=(generation,))
@@ -104,43 +104,43 @@ def test_a_trace_with_a_dense_prefix_sees_what_the_generation_skipped(tiny):
 
 
 def test_dense_trace_has_no_threshold_marker(tiny):
-    traced = report.trace_tokens(tiny, None, [1, 2, 3, 4], layer=0)
-    assert report.threshold_marker(traced, "attn_in") == (None, 0.0)
+    traced = views.trace_tokens(tiny, None, [1, 2, 3, 4], layer=0)
+    assert views.threshold_marker(traced, "attn_in") == (None, 0.0)
 
 
 def test_neuron_view_puts_hot_neurons_first_only_when_asked(tiny):
-    traced = report.trace_tokens(tiny, _teal(tiny, 0.05), list(range(1, 10)) * 4, layer=0)
+    traced = views.trace_tokens(tiny, _teal(tiny, 0.05), list(range(1, 10)) * 4, layer=0)
     values, _ = traced.trace.activation_matrix()
-    hot = report.neuron_view(traced, hot_first=True)
+    hot = views.neuron_view(traced, hot_first=True)
     strength = values.mean(0).numpy()[hot.neurons]
     ranked = list(zip(hot.active_share, strength))
     assert ranked == sorted(ranked, reverse=True)  # most often active first, the stronger first among equals
     assert sorted(hot.neurons) == list(range(16))
-    assert list(report.neuron_view(traced, hot_first=False, max_neurons=10).neurons) == list(range(10))
+    assert list(views.neuron_view(traced, hot_first=False, max_neurons=10).neurons) == list(range(10))
 
 
 def test_token_labels_show_whitespace_and_shorten_long_words():
     tokens = [" the", "\n", " lighthouse", "\tkeeper", " the"]
-    assert report.token_labels(tokens) == ["·the", "↵", "·lighth…", "⇥keeper", "·the"]  # 8 characters at most
-    assert report.token_labels(tokens, max_chars=None)[2] == "·lighthouse"
+    assert views.token_labels(tokens) == ["·the", "↵", "·lighth…", "⇥keeper", "·the"]  # 8 characters at most
+    assert views.token_labels(tokens, max_chars=None)[2] == "·lighthouse"
 
 
 def test_color_range_ignores_outliers_and_skipped_cells():
     values = np.append(np.linspace(0.0, 1.0, 99), [8.0, np.nan])
-    low, high = report.color_range(values, 1, 99)
+    low, high = views.color_range(values, 1, 99)
     assert 0.0 <= low < 0.02 and 0.98 < high < 1.1  # the 8 would have squashed everything else into one colour
-    assert report.color_range(np.zeros(5), 2, 98) == (None, None)
-    assert report.color_range(np.full(3, np.nan), 2, 98) == (None, None)
+    assert views.color_range(np.zeros(5), 2, 98) == (None, None)
+    assert views.color_range(np.full(3, np.nan), 2, 98) == (None, None)
 
 
 def test_per_layer_frame_and_decode_breakdown(tiny):
     counter = SparsityCounter()
     prompt = generate.Prompt((1, 2, 3), 0)
     list(generate.stream(tiny, prompt, _teal(tiny, 0.05), 3, observers=[counter], stop_at_eos=False))
-    frame = report.per_layer_frame(tiny, counter, "teal")
+    frame = views.per_layer_frame(tiny, counter, "teal")
     assert list(frame.columns) == ["layer", "skipped", *GROUPS] and 0 < frame["skipped"][0] < 1
 
-    breakdown = report.decode_step_breakdown(tiny, prompt, _teal(tiny, 0.05), new_tokens=3)
+    breakdown = views.decode_step_breakdown(tiny, prompt, _teal(tiny, 0.05), new_tokens=3)
     assert list(breakdown.frame["part"]) == ["layer 0", "rest"]
     assert (breakdown.frame[["dense_ms", "sparse_ms"]] > 0).all().all()
     assert (breakdown.frame[["dense_iqr_ms", "sparse_iqr_ms"]] >= 0).all().all()
@@ -157,9 +157,9 @@ def test_a_layer_timing_above_its_bound_or_with_a_moving_rest_is_flagged(tiny, m
     def timed(model, prompt, run_spec, new_tokens):
         layer, rest = pace["dense" if run_spec is None else "sparse"]
         return [[layer] * (new_tokens + 1)], [layer + rest] * (new_tokens + 1)
-    monkeypatch.setattr(report, "_timed_layers", timed)
-    assert report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag.startswith("invalid")
+    monkeypatch.setattr(views, "_timed_layers", timed)
+    assert views.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag.startswith("invalid")
     pace["sparse"] = (0.0065, 0.004)  # slower overall, but the rest no sparsity touches moved by 20 %
-    assert "never-sparsified rest" in report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag
+    assert "never-sparsified rest" in views.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag
     pace["sparse"] = (0.0049, 0.005)  # the layer a little faster, the rest the same: a result
-    assert report.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag is None
+    assert views.decode_step_breakdown(tiny, prompt, spec, new_tokens=3).flag is None

@@ -1,5 +1,6 @@
-"""What the dashboard shows, computed here without Streamlit so it can be unit-tested: the trace of a token sequence
-for the heatmaps and a per-layer timing of decode steps.
+"""What the pages show about a run, computed here without Streamlit so it can be unit-tested: the trace of a token
+sequence for the heatmaps, the neuron view, a per-layer table and a per-layer timing of decode steps. The report a
+stakeholder downloads is stakeholder_report.py.
 """
 from __future__ import annotations
 
