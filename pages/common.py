@@ -17,9 +17,9 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sparse_core import bench, calibrate, fast_decode, metrics, models, views, warmup
+from sparse_core import fast_decode, lab, metrics, models, views, warmup
 from sparse_core.spec import SparsitySpec, SpecError
-from sparse_core.store import BoundedCache, DiskStore, digest
+from sparse_core.store import DiskStore, digest
 
 METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
 METHODS_BY_KEY = {key: label for label, key in METHODS.items()}
@@ -41,7 +41,6 @@ PRESETS = {
     "A story": "Tell me a short story about a dog and a boy.",
 }  # each verified: the dense greedy answer is right (docs/PRESETS.md)
 LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
-MAX_SHARED_SPECS = 256  # calibrated specs kept in memory for all visitors (each is a few KB)
 TARGET_LABELS = {"teal": "Inputs skipped (target)", "topk": "Inputs skipped (target)", "cats": "MLP neurons skipped (target)"}
 TARGET_HELP = {
     "teal": "The share of every projection's inputs to skip, turned into one |x| threshold per layer and projection "
@@ -56,8 +55,9 @@ TARGET_HELP = {
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """One visitor's choices from the sidebar, plus the model and spec they resolve to (spec None: unusable)."""
-    model: models.SparseModel
+    """One visitor's choices from the sidebar, plus the model (its Lab) and spec they resolve to (spec None:
+    unusable)."""
+    lab: lab.Lab
     method: str
     target: float
     spec: SparsitySpec | None
@@ -67,6 +67,10 @@ class Selection:
     name: str  # what produced a result: the method at its target, or the Tuner spec's name
     compiled: bool = False  # decode with the compiled step (fast_decode)
     sparse_prefill: bool = False  # the spec applies to the prompt's prefill too (default: dense prefill)
+
+    @property
+    def model(self) -> models.SparseModel:
+        return self.lab.model
 
     @property
     def method_label(self) -> str:
@@ -92,19 +96,12 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner=False, max_entries=3, on_release=warmup.stop_for)
-def load_model(name: str, dtype: str, layout: str = "inputs", device: str = models.resolve_device("auto"),
-               trust_remote_code: bool = False) -> models.SparseModel:
-    """One model per name, dtype, layout and (resolved, never "auto") device, shared by every visitor; its background
-    preparation stops when it is evicted."""
-    return models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, layout=layout)
-
-
-@st.cache_resource(show_spinner=False)
-def _calibrated_specs() -> BoundedCache:
-    """Specs shared by every visitor, keyed by model, dtype, method and target. A plain store rather than a cached
-    function, because calibration reports progress to a bar on the page and cached functions replay their output."""
-    return BoundedCache(MAX_SHARED_SPECS)
+@st.cache_resource(show_spinner=False, max_entries=3, on_release=lambda held: warmup.stop_for(held.model))
+def load_lab(name: str, dtype: str, layout: str = "inputs", device: str = models.resolve_device("auto"),
+             trust_remote_code: bool = False) -> lab.Lab:
+    """One model (its Lab) per name, dtype, layout and (resolved, never "auto") device, shared by every visitor; its
+    background preparation stops when it is evicted."""
+    return lab.Lab.load(name, dtype, layout, device, trust_remote_code)
 
 
 def progress_text(label: str, done: int, total: int, left: float | None) -> str:
@@ -165,46 +162,38 @@ def foreground(notice=None, timed: bool = True) -> Iterator[None]:
         yield
 
 
-def quality(model: models.SparseModel, spec: SparsitySpec) -> metrics.Evaluation:
-    """The setting's one quality measurement (metrics.measured): from disk when known, else measured once here."""
+def quality(held: lab.Lab, spec: SparsitySpec) -> metrics.Evaluation:
+    """The setting's one quality measurement (Lab.quality): from disk when known, else measured once here."""
     with foreground(), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS:,} held-out tokens, dense "
                                 "prefill and sparse decode (once per setting)…") as update:
-        return metrics.measured(model, spec, progress=update)
+        return held.quality(spec, progress=update)
 
 
 def measure_decode(current: Selection, progress=None) -> dict:
-    """The setting's decode measurement (bench.decode_result, stored): against the fastest dense, plain HF included."""
-    model = current.model
-    plain = None if model.layout == "hf" else load_model(
-        model.name, str(model.dtype).replace("torch.", ""), "hf", model.device.type,
-        trust_remote_code=st.session_state.get("trust_remote_code", False))
+    """The setting's decode measurement (Lab.measure_decode, stored): against the fastest dense, plain HF included."""
     with foreground():
-        return bench.decode_result(model, current.spec, bench.DECODE_TOKENS, bench.DECODE_REPEATS, plain=plain,
-                                   progress=progress, compiled=current.compiled)
+        return current.lab.measure_decode(current.spec, current.compiled, progress=progress)
 
 
 def model_key(model: models.SparseModel) -> tuple:
     return model.name, str(model.dtype), model.layout, str(model.device), model.fingerprint
 
 
-def spec_for(model: models.SparseModel, method: str, target: float) -> SparsitySpec:
-    """The calibrated spec for this setting; computed with a progress bar on first use, then shared."""
-    key = (*model_key(model), method, round(target, 4))
-    store = _calibrated_specs()
-    spec = store.get(key)
-    if spec is None:
-        label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
-        with foreground(), progress(label) as update:
-            spec = calibrate.calibrate(model, method, target, progress=update)
-        store.put(key, spec)  # the oldest goes beyond MAX_SHARED_SPECS (on disk: back in milliseconds)
-    return spec
+def spec_for(held: lab.Lab, method: str, target: float) -> SparsitySpec:
+    """The calibrated spec for this setting (Lab.spec_for); computed with a progress bar on first use, then shared."""
+    known = held.known_spec(method, target)
+    if known is not None:
+        return known
+    label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
+    with foreground(), progress(label) as update:
+        return held.spec_for(method, target, progress=update)
 
 
 _LOAD_SECONDS = DiskStore("load_seconds", 1)
 
 
-def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool, notice) -> models.SparseModel:
-    """load_model, announced in the main area (`notice`) with the time the same load last took on this machine."""
+def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool, notice) -> lab.Lab:
+    """load_lab, announced in the main area (`notice`) with the time the same load last took on this machine."""
     key = digest(name, dtype, layout, device)
     last = _LOAD_SECONDS.load(key)
     if last:
@@ -216,20 +205,20 @@ def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code:
     started = time.monotonic()
     with notice.container(), st.spinner(f"Preparing {name} ({dtype}, {layout} layout, {device}): loading the weights "
                                         f"and storing them for the kernels — {estimate}…", show_time=True):
-        model = load_model(name, dtype, layout, device, trust_remote_code)
+        held = load_lab(name, dtype, layout, device, trust_remote_code)
     seconds = time.monotonic() - started
     if seconds > 1.0:  # a real load, not a cache hit
         _LOAD_SECONDS.save(key, {"seconds": round(seconds, 1)})
-    return model
+    return held
 
 
 def _resolve_model(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool,
-                   notice) -> models.SparseModel:
+                   notice) -> lab.Lab:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
     name = name.strip() or models.DEFAULT_MODEL
     try:
         device = models.resolve_device(device)
-        model = _loading(name, dtype, layout, device, trust_remote_code, notice)
+        held = _loading(name, dtype, layout, device, trust_remote_code, notice)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
         message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
@@ -237,9 +226,9 @@ def _resolve_model(name: str, dtype: str, layout: str, device: str, trust_remote
         if fallback == (name, dtype, layout, device):
             st.stop()
         st.sidebar.caption(f"Still using {fallback[0]} ({fallback[1]}, {fallback[3]}).")
-        return load_model(*fallback)
+        return load_lab(*fallback)
     st.session_state.last_loaded = (name, dtype, layout, device)
-    return model
+    return held
 
 
 def _device_label(device: str) -> str:
@@ -269,7 +258,7 @@ def _compiled_toggle(model: models.SparseModel) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Choices:
     """What the sidebar says this run, before a spec is resolved for it (the page does that: it may calibrate)."""
-    model: models.SparseModel
+    lab: lab.Lab
     method: str
     target: float
     max_new_tokens: int
@@ -322,7 +311,8 @@ def sidebar() -> None:
                                         "prompt runs sparse too, to study that cost. Counts and heatmaps cover the "
                                         "decode steps either way.")
         model_bound = st.container()  # the widgets that depend on the model
-    model = _resolve_model(name, dtype, layout, device, trust, notice)
+    held = _resolve_model(name, dtype, layout, device, trust, notice)
+    model = held.model
     with about_model:
         prepared = prepare_ahead(model)
         if prepared is not None and prepared.working and not prepared.finished:
@@ -335,7 +325,7 @@ def sidebar() -> None:
         use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.toggle(
             f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
             help="Generate with the spec applied on the Tuner page instead of the method and slider above.")
-    st.session_state.choices = Choices(model, method, target, max_new_tokens, temperature, seed, compiled,
+    st.session_state.choices = Choices(held, method, target, max_new_tokens, temperature, seed, compiled,
                                        sparse_prefill, applied if use_applied else None)
 
 
@@ -343,9 +333,9 @@ def current() -> Selection:
     """This run's sidebar choices resolved to a model and a spec (calibrated with a progress bar on first use; spec
     None, with the reason shown, when it cannot run on the model)."""
     chosen: Choices = st.session_state.choices
-    model, method = chosen.model, chosen.method
+    model, method = chosen.lab.model, chosen.method
     try:
-        spec = chosen.applied[1] if chosen.applied else spec_for(model, method, chosen.target)
+        spec = chosen.applied[1] if chosen.applied else spec_for(chosen.lab, method, chosen.target)
         model.check(spec)
     except SpecError as err:
         st.error(str(err))
@@ -353,7 +343,7 @@ def current() -> Selection:
     if chosen.applied and spec is not None:
         method = spec.method
     name = f"Tuner spec “{chosen.applied[0]}”" if chosen.applied else f"{METHODS_BY_KEY[method]} at {chosen.target:.0%}"
-    return Selection(model, method, chosen.target, spec, chosen.max_new_tokens, chosen.temperature, chosen.seed, name,
+    return Selection(chosen.lab, method, chosen.target, spec, chosen.max_new_tokens, chosen.temperature, chosen.seed, name,
                     chosen.compiled, chosen.sparse_prefill)
 
 
@@ -398,10 +388,10 @@ def speedup_delta(ratio: float) -> dict:
 
 
 @st.fragment(run_every=1.0)
-def _await_quality(model: models.SparseModel, spec: SparsitySpec, prepared: warmup.Warmup) -> None:
+def _await_quality(held: lab.Lab, spec: SparsitySpec, prepared: warmup.Warmup) -> None:
     """What the headline waits for, said again every second; reruns the page once the background measurement of
     this setting's quality is on disk."""
-    if metrics.stored(model, spec) is not None or not prepared.working:
+    if held.stored_quality(spec) is not None or not prepared.working:
         st.rerun()  # measured, or the preparation cannot measure it (stopped, failed): the page measures it itself
     last = prepared.measure_seconds
     takes = f"the measurement itself took {last:.0f} s last time" if last else "the measurement itself takes seconds"
@@ -414,16 +404,16 @@ def headline(current: Selection) -> None:
     With the background preparation on, a setting not measured yet is measured there, first in line, while the
     page stays usable; the card fills in when it is done."""
     prepared = prepare_ahead(current.model)
-    quality_now = metrics.stored(current.model, current.spec)
+    quality_now = current.lab.stored_quality(current.spec)
     if quality_now is None and prepared is not None and prepared.working:
         prepared.request(current.spec)
         with st.container(border=True, key="headline"):
             st.markdown(f"**{current.label}**")
-            _await_quality(current.model, current.spec, prepared)
+            _await_quality(current.lab, current.spec, prepared)
         return
-    quality_now = quality_now or quality(current.model, current.spec)
-    speed = bench.stored_decode(current.model, current.spec, current.compiled)
-    flagged = bench.flagged_decode(current.model, current.spec, current.compiled)
+    quality_now = quality_now or quality(current.lab, current.spec)
+    speed = current.lab.decode_speed(current.spec, current.compiled)
+    flagged = current.lab.flagged_decode(current.spec, current.compiled)
     with st.container(border=True, key="headline"):
         st.markdown(f"**{current.label}**")
         cols = st.columns(5)

@@ -109,8 +109,8 @@ st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.
 if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
     with common.progress("Decoding dense and sparse…") as update:
         common.measure_decode(current, progress=update)
-decode = None if current.spec is None else bench.stored_decode(current.model, current.spec, current.compiled)
-flagged = None if current.spec is None else bench.flagged_decode(current.model, current.spec, current.compiled)
+decode = None if current.spec is None else current.lab.decode_speed(current.spec, current.compiled)
+flagged = None if current.spec is None else current.lab.flagged_decode(current.spec, current.compiled)
 if flagged is not None:
     st.warning(f"The last measurement of this setting is not a result: {flagged['flag']}. Measure again with nothing "
                "else running" + ("; below is the last valid one." if decode else "."))

@@ -96,7 +96,7 @@ if len(library) < 2:
 left, right = st.columns(2)
 first = left.selectbox("First", list(library), index=0, key="compare_a")
 second = right.selectbox("Second", list(library), index=1, key="compare_b")
-measured = {label: common.quality(model, library[label]) for label in (first, second)}
+measured = {label: common.quality(current.lab, library[label]) for label in (first, second)}
 results = {label: quality.as_dict() for label, quality in measured.items()}
 per_layer = pd.DataFrame({label: r["per_layer_sparsity"] for label, r in results.items()}).rename_axis("layer").reset_index()
 st.plotly_chart(px.bar(per_layer.melt(id_vars="layer", var_name="spec", value_name="skipped"), x="layer", y="skipped",

@@ -411,13 +411,13 @@ def run(args) -> int:
             print(f"{r['decoder']:>9} {r['precision']:>5} {r['setting']:>15} {r['tok_s']:>7.1f} tok/s "
                   f"[{r['q1']:.1f}-{r['q3']:.1f}]{extra}  {r.get('flag') or ''}")
         return 0
-    from . import calibrate, fast_decode
-    model = models.load(dtype=args.dtype, layout=args.layout, device=device)
-    plain = models.load(dtype=args.dtype, layout="hf", device=device)
+    from . import fast_decode
+    from .lab import Lab
+    held = Lab.load(dtype=args.dtype, layout=args.layout, device=device)
     for target in args.sparsity:
-        spec = calibrate.calibrate(model, args.method, target)
-        compiled = fast_decode.compile_by_default(model) if args.compile is None else args.compile
-        result = decode_result(model, spec, args.new_tokens, args.repeats, plain=plain, progress=progress_bar(f"decode {target:g}"),
-                               compiled=compiled)
+        spec = held.spec_for(args.method, target)
+        compiled = fast_decode.compile_by_default(held.model) if args.compile is None else args.compile
+        result = held.measure_decode(spec, compiled, args.new_tokens, args.repeats,
+                                     progress=progress_bar(f"decode {target:g}"))
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n", flush=True)
     return 0

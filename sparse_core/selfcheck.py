@@ -69,18 +69,19 @@ def check_kernels(device: str) -> dict:
 def check_decode(device: str, dtype: str = "float32") -> dict:
     """Plain HF, both dense routes and the compiled step produce the same greedy tokens; TEAL 50 % decodes against
     the fastest dense, with HF's forward (eager) and with the compiled step."""
-    from . import bench, calibrate, fast_decode, generate, models
-    model = models.load(dtype=dtype, device=device)
-    plain = models.load(dtype=dtype, layout="hf", device=device)
+    from . import bench, fast_decode, generate
+    from .lab import Lab
+    held = Lab.load(dtype=dtype, device=device)
+    model, plain = held.model, held.plain()
     prompt = generate.encode_prompt(model, bench.PROMPT)
     greedy = lambda m, p, **how: [t.id for t in generate.stream(m, p, None, 24, stop_at_eos=False, **how)]
     tokens = {"hf": greedy(plain, generate.encode_prompt(plain, bench.PROMPT)),
               "linear": greedy(model, prompt, dense_route="linear"), "kernel": greedy(model, prompt, dense_route="kernel")}
     if fast_decode.decoder(model) is not None:
         tokens["compiled"] = greedy(model, prompt, compiled=True)
-    spec = calibrate.calibrate(model, "teal", 0.5)
-    eager = bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain)
-    compiled = (bench.decode_result(model, spec, new_tokens=16, repeats=3, plain=plain, compiled=True)
+    spec = held.spec_for("teal", 0.5)
+    eager = held.measure_decode(spec, False, new_tokens=16, repeats=3)
+    compiled = (held.measure_decode(spec, True, new_tokens=16, repeats=3)
                 if "compiled" in tokens else dict(available=False, why=fast_decode.unsupported(model)))
     return dict(dtype=dtype, greedy_tokens_equal={run: ids == tokens["hf"] for run, ids in tokens.items()},
                 eager=eager, compiled=compiled)

@@ -72,8 +72,8 @@ def test_playground_opens_with_the_headline_card_of_the_setting():
     assert at.sidebar.toggle(key="trust_remote_code").value is False  # remote code is an explicit opt-in
     assert at.session_state["last_loaded"] == (models.DEFAULT_MODEL, "float32", "inputs", "cpu")
     assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu**"
-    from pages.common import load_model
-    smollm2 = load_model(models.DEFAULT_MODEL, "float32", "inputs")
+    from pages.common import load_lab
+    smollm2 = load_lab(models.DEFAULT_MODEL, "float32", "inputs").model
     measured = metrics.measured(smollm2, calibrate.calibrate(smollm2, "teal", 0.25))
     assert _metric(at, "Weight reads skipped (measured)") == f"{measured.weight_reads_skipped:.1%}"
     assert _metric(at, "Speedup bound") == f"×{measured.bound:.2f}"
@@ -161,7 +161,7 @@ def test_sparse_prefill_is_off_by_default_and_when_on_thresholds_the_prompt_too(
     """The prompt's prefill runs dense unless the visitor asks; on, the sparse run is the engine's own sparse-prefill
     generation, and the setting says so."""
     from sparse_core import calibrate, generate, models
-    from pages.common import load_model
+    from pages.common import load_lab
     at = _ok(_app())
     toggle = at.sidebar.toggle(key="sparse_prefill")
     assert toggle.value is False and toggle.label == "Sparse prefill"
@@ -170,7 +170,7 @@ def test_sparse_prefill_is_off_by_default_and_when_on_thresholds_the_prompt_too(
     generation = at.session_state["generation"]
     assert generation.sparse_prefill and _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu · sparse prefill**"
     assert any("“Sparse prefill” thresholds the prompt too" in c.value for c in at.caption)
-    model = load_model(models.DEFAULT_MODEL, "float32", "inputs")
+    model = load_lab(models.DEFAULT_MODEL, "float32", "inputs").model
     spec = calibrate.calibrate(model, "teal", 0.25)
     prompt = generate.encode_prompt(model, generation.prompt_text, max_new_tokens=6)
     expected = generate.generate(model, prompt, spec, max_new_tokens=6, sparse_prefill=True)
@@ -386,7 +386,7 @@ def test_the_cats_layout_is_a_second_model_that_skips_up_rows_under_cats():
 
 def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     from sparse_core import calibrate, metrics
-    from pages.common import load_model
+    from pages.common import load_lab
     at = _ok(_app())
     _ok(at.switch_page("pages/quality.py").run())
     assert at.title[0].value == "Quality" and at.info
@@ -405,7 +405,7 @@ def test_quality_page_runs_a_sweep_and_refuses_an_empty_one():
     assert len(sweep) == 4 and set(sweep.method) == {"teal", "topk"}
     assert (sweep[sweep.target == 0.5].ppl_ratio.values > sweep[sweep.target == 0.25].ppl_ratio.values).all()
     assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 1
-    model = load_model("SmolLM2-135M-Instruct", "float32", "inputs")
+    model = load_lab("SmolLM2-135M-Instruct", "float32", "inputs").model
     teal_25 = sweep[(sweep.method == "teal") & (sweep.target == 0.25)].iloc[0]
     measured = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25))  # what the Playground shows
     assert (teal_25.ppl_sparse, teal_25.kl, teal_25.weight_reads_skipped) == (measured.ppl_sparse, measured.kl,
@@ -551,7 +551,7 @@ def test_a_failed_sweep_says_why_in_one_sentence(monkeypatch):
 
 def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
     from sparse_core import calibrate, metrics
-    from pages.common import load_model
+    from pages.common import load_lab
     at = _ok(_app())
     _ok(at.switch_page("pages/tuner.py").run())
     assert at.title[0].value == "Tuner"
@@ -565,7 +565,7 @@ def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
     summary = at.dataframe[-1].value
     assert list(summary.spec) == ["teal uniform 25%", "teal uniform 40%"]
     assert summary.achieved_sparsity.iloc[1] > summary.achieved_sparsity.iloc[0]
-    model = load_model("SmolLM2-135M-Instruct", "float32", "inputs")
+    model = load_lab("SmolLM2-135M-Instruct", "float32", "inputs").model
     measured = metrics.measured(model, calibrate.calibrate(model, "teal", 0.25))  # the Playground's figure
     assert summary.ppl_sparse.iloc[0] == pytest.approx(measured.ppl_sparse, abs=1e-4)
     assert list(summary.protocol) == ["dense-prefill"] * 2
