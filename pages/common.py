@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
-import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,9 +16,8 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sparse_core import fast_decode, lab, metrics, models, views, warmup
+from sparse_core import lab, views
 from sparse_core.spec import SparsitySpec, SpecError
-from sparse_core.store import DiskStore, digest
 
 METHODS = {"TEAL thresholds": "teal", "CATS gate": "cats", "top-k": "topk"}
 METHODS_BY_KEY = {key: label for label, key in METHODS.items()}
@@ -27,7 +25,7 @@ METHOD_HELP = ("TEAL skips every projection input whose magnitude is below a cal
                "CATS thresholds only the gated MLP's intermediate (and skips those neurons' weights in down, and in "
                "up too with the cats weight layout). "
                "Top-k keeps the largest inputs of each token; it needs no calibration.")
-DEFAULTS = dict(model_name=models.DEFAULT_MODEL, dtype="float32", device="auto", layout="inputs", method_label="TEAL thresholds", target=0.25,
+DEFAULTS = dict(model_name=lab.DEFAULT_MODEL, dtype="float32", device="auto", layout="inputs", method_label="TEAL thresholds", target=0.25,
                 max_new_tokens=48, sample=False, temperature=0.8, seed=0, sparse_prefill=False, trust_remote_code=False)
 # Prompts covering what people use LLMs for; the chat template is applied by generate.encode_prompt.
 PRESETS = {
@@ -69,7 +67,8 @@ class Selection:
     sparse_prefill: bool = False  # the spec applies to the prompt's prefill too (default: dense prefill)
 
     @property
-    def model(self) -> models.SparseModel:
+    def model(self):
+        """The loaded model (models.SparseModel): its shape and tokenizer, for what the pages draw."""
         return self.lab.model
 
     @property
@@ -80,14 +79,8 @@ class Selection:
     def label(self) -> str:
         """Every result carries this: method and target or spec name, dtype, layout, device, a sparse prefill when
         asked for, and the compiled step when it decodes with it."""
-        model = self.model
-        return (f"{self.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
-                + (" · sparse prefill" if self.sparse_prefill else "") + (" · compiled" if self.compiled else ""))
-
-
-def model_label(model: models.SparseModel) -> str:
-    """What a result that covers several specs (a sweep) was measured on."""
-    return f"{model.name} · {str(model.dtype).replace('torch.', '')} · {model.layout} layout · {model.device.type}"
+        return (f"{self.name} · {self.lab.setup}" + (" · sparse prefill" if self.sparse_prefill else "")
+                + (" · compiled" if self.compiled else ""))
 
 
 LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguously: TEAL and top-k skip reads in all "
@@ -96,8 +89,8 @@ LAYOUT_HELP = {"inputs": "Every projection stores each input's weights contiguou
                        "read all of up."}
 
 
-@st.cache_resource(show_spinner=False, max_entries=3, on_release=lambda held: warmup.stop_for(held.model))
-def load_lab(name: str, dtype: str, layout: str = "inputs", device: str = models.resolve_device("auto"),
+@st.cache_resource(show_spinner=False, max_entries=3, on_release=lab.Lab.close)
+def load_lab(name: str, dtype: str, layout: str = "inputs", device: str = lab.resolve_device("auto"),
              trust_remote_code: bool = False) -> lab.Lab:
     """One model (its Lab) per name, dtype, layout and (resolved, never "auto") device, shared by every visitor; its
     background preparation stops when it is evicted."""
@@ -125,46 +118,40 @@ def progress(label: str) -> Iterator[Callable[[int, int], None]]:
         bar.empty()
 
 
-@st.cache_resource(show_spinner=False, max_entries=3, on_release=warmup.Warmup.stop)
-def _warmup(_model: models.SparseModel, key: tuple) -> warmup.Warmup:
-    return warmup.Warmup(_model)
-
-
-@st.cache_resource(scope="session", max_entries=1, show_spinner=False, on_release=warmup.Lease.release)
-def _visitor_lease(_prepared: warmup.Warmup, key: tuple) -> warmup.Lease:
-    """This visitor uses this model: one lease per session, released when they move to another model or leave."""
+@st.cache_resource(scope="session", max_entries=1, show_spinner=False, on_release=lambda lease: lease.release())
+def _visitor_lease(_prepared, key: tuple):
+    """This visitor uses this model: one lease per session on its background preparation, released when they move
+    to another model or leave."""
     return _prepared.lease()
 
 
-def prepare_ahead(model: models.SparseModel) -> warmup.Warmup | None:
-    """Start (once per model) calibrating and measuring every slider step in the background, while this visitor
-    uses the model; off when SPARSE_LAB_WARMUP=0 (the tests, which time things, switch it off)."""
-    if os.environ.get("SPARSE_LAB_WARMUP", "1") == "0":
-        return None
-    key = (*model_key(model), id(model))  # a model loaded again after an eviction gets a new preparation
-    prepared = _warmup(model, key)
-    _visitor_lease(prepared, (*key, id(prepared)))  # a new preparation of the same model takes a new lease
+def prepare_ahead(held: lab.Lab):
+    """The model's background preparation of every slider step (Lab.preparation, None when off), leased by this
+    visitor."""
+    prepared = held.preparation()
+    if prepared is not None:  # a model loaded again after an eviction is a new Lab: a new preparation, a new lease
+        _visitor_lease(prepared, (*held.key, id(prepared)))
     return prepared
 
 
 @contextlib.contextmanager
 def foreground(notice=None, timed: bool = True) -> Iterator[None]:
-    """Work a visitor waits for, or that is timed: every background preparation holds still meanwhile. Before timed
-    work a background compile in flight (it cannot be interrupted) is waited for, with a spinner that says what it
-    is (in `notice`, a placeholder beside the button that asked, when given)."""
-    with warmup.paused():
-        compiling = warmup.compile_in_flight() if timed else None
-        if compiling is not None:
-            with (notice.container() if notice else contextlib.nullcontext()), st.spinner(
-                    f"Waiting for {compiling.describe()} to finish first: a compile cannot be interrupted, and "
-                    "nothing is timed beside one…", show_time=True):
-                warmup.wait_for_compiles()
+    """Work a visitor waits for, or that is timed (lab.foreground): background preparation holds still, and timed
+    work first waits for a compile in flight with a spinner that says what it is (in `notice`, a placeholder beside
+    the button that asked, when given)."""
+    @contextlib.contextmanager
+    def waiting(what: str) -> Iterator[None]:
+        with (notice.container() if notice else contextlib.nullcontext()), st.spinner(
+                f"Waiting for {what} to finish first: a compile cannot be interrupted, and nothing is timed beside "
+                "one…", show_time=True):
+            yield
+    with lab.foreground(timed, waiting):
         yield
 
 
-def quality(held: lab.Lab, spec: SparsitySpec) -> metrics.Evaluation:
+def quality(held: lab.Lab, spec: SparsitySpec):
     """The setting's one quality measurement (Lab.quality): from disk when known, else measured once here."""
-    with foreground(), progress(f"Measuring the quality cost on {metrics.QUALITY_TOKENS:,} held-out tokens, dense "
+    with foreground(), progress(f"Measuring the quality cost on {lab.QUALITY_TOKENS:,} held-out tokens, dense "
                                 "prefill and sparse decode (once per setting)…") as update:
         return held.quality(spec, progress=update)
 
@@ -173,10 +160,6 @@ def measure_decode(current: Selection, progress=None) -> dict:
     """The setting's decode measurement (Lab.measure_decode, stored): against the fastest dense, plain HF included."""
     with foreground():
         return current.lab.measure_decode(current.spec, current.compiled, progress=progress)
-
-
-def model_key(model: models.SparseModel) -> tuple:
-    return model.name, str(model.dtype), model.layout, str(model.device), model.fingerprint
 
 
 def spec_for(held: lab.Lab, method: str, target: float) -> SparsitySpec:
@@ -189,40 +172,25 @@ def spec_for(held: lab.Lab, method: str, target: float) -> SparsitySpec:
         return held.spec_for(method, target, progress=update)
 
 
-_LOAD_SECONDS = DiskStore("load_seconds", 1)
-
-
 def _loading(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool, notice) -> lab.Lab:
     """load_lab, announced in the main area (`notice`) with the time the same load last took on this machine."""
-    key = digest(name, dtype, layout, device)
-    last = _LOAD_SECONDS.load(key)
-    if last:
-        estimate = f"about {last['seconds']:.0f} s last time"
-    elif name == models.DEFAULT_MODEL:
-        estimate = "the first time on this machine the embedded model is converted once"
-    else:
-        estimate = "the first time it is downloaded (safetensors only) and patched"
-    started = time.monotonic()
     with notice.container(), st.spinner(f"Preparing {name} ({dtype}, {layout} layout, {device}): loading the weights "
-                                        f"and storing them for the kernels — {estimate}…", show_time=True):
-        held = load_lab(name, dtype, layout, device, trust_remote_code)
-    seconds = time.monotonic() - started
-    if seconds > 1.0:  # a real load, not a cache hit
-        _LOAD_SECONDS.save(key, {"seconds": round(seconds, 1)})
-    return held
+                                        f"and storing them for the kernels — "
+                                        f"{lab.load_estimate(name, dtype, layout, device)}…", show_time=True):
+        return load_lab(name, dtype, layout, device, trust_remote_code)
 
 
 def _resolve_model(name: str, dtype: str, layout: str, device: str, trust_remote_code: bool,
                    notice) -> lab.Lab:
     """The requested model, or (with a one-sentence error) the last one that loaded, so the page keeps working."""
-    name = name.strip() or models.DEFAULT_MODEL
+    name = name.strip() or lab.DEFAULT_MODEL
     try:
-        device = models.resolve_device(device)
+        device = lab.resolve_device(device)
         held = _loading(name, dtype, layout, device, trust_remote_code, notice)
     except Exception as err:  # noqa: BLE001 - a user-typed id can fail in many ways; each becomes one sentence
-        message = str(err) if isinstance(err, models.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
+        message = str(err) if isinstance(err, lab.ModelLoadError) else f"Could not load model {name!r} ({type(err).__name__}: {err})."
         st.sidebar.error(message)
-        fallback = st.session_state.get("last_loaded", (models.DEFAULT_MODEL, "float32", "inputs", models.resolve_device("auto")))
+        fallback = st.session_state.get("last_loaded", (lab.DEFAULT_MODEL, "float32", "inputs", lab.resolve_device("auto")))
         if fallback == (name, dtype, layout, device):
             st.stop()
         st.sidebar.caption(f"Still using {fallback[0]} ({fallback[1]}, {fallback[3]}).")
@@ -234,17 +202,17 @@ def _resolve_model(name: str, dtype: str, layout: str, device: str, trust_remote
 def _device_label(device: str) -> str:
     """The Device select's options, saying what each means on this machine."""
     if device == "auto":
-        return f"auto ({models.resolve_device('auto')} here)"
+        return f"auto ({lab.resolve_device('auto')} here)"
     if device == "cuda" and not torch.cuda.is_available():
         return "cuda (none on this machine)"
     return device
 
 
-def _compiled_toggle(model: models.SparseModel) -> bool:
+def _compiled_toggle(held: lab.Lab) -> bool:
     """The compiled decode step: on by default where the model supports it (SPARSE_LAB_COMPILE=0 turns the default
     off); greyed out, with the reason, where it does not."""
-    why_not = fast_decode.unsupported(model)
-    st.session_state.setdefault("compiled", fast_decode.compile_by_default(model))
+    why_not = held.why_not_compiled
+    st.session_state.setdefault("compiled", held.compiles_by_default)
     on = st.toggle("Compiled decode step", key="compiled", disabled=why_not is not None,
                    help=why_not and f"Unavailable: {why_not}." or
                    "Decode with the lab's own one-token step (static KV cache, q|k|v and gate|up as one sparse call "
@@ -282,7 +250,7 @@ def sidebar() -> None:
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
         dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
-        device = st.selectbox("Device", models.DEVICES, key="device", format_func=_device_label,
+        device = st.selectbox("Device", lab.DEVICES, key="device", format_func=_device_label,
                               help="Where the model runs. auto takes the GPU when torch sees one (the Triton kernels), "
                                    "else the CPU (the native C++ kernel).")
         layout = st.selectbox("Weight layout", list(LAYOUT_HELP), key="layout",
@@ -314,13 +282,13 @@ def sidebar() -> None:
     held = _resolve_model(name, dtype, layout, device, trust, notice)
     model = held.model
     with about_model:
-        prepared = prepare_ahead(model)
+        prepared = prepare_ahead(held)
         if prepared is not None and prepared.working and not prepared.finished:
             st.caption(f"Preparing every slider step in the background: {prepared.done}/{len(prepared.plan)} settings "
                        "calibrated and measured, so the slider answers in seconds.")
         st.caption(f"{model.num_layers} layers, {'gated' if model.gated else 'plain'} MLP")
     with model_bound:
-        compiled = _compiled_toggle(model)
+        compiled = _compiled_toggle(held)
         applied = st.session_state.get("applied_spec")
         use_applied = applied is not None and applied[1].model_fingerprint == model.fingerprint and st.toggle(
             f"Use the Tuner's spec “{applied[0]}”", value=True, key="use_applied",
@@ -333,10 +301,10 @@ def current() -> Selection:
     """This run's sidebar choices resolved to a model and a spec (calibrated with a progress bar on first use; spec
     None, with the reason shown, when it cannot run on the model)."""
     chosen: Choices = st.session_state.choices
-    model, method = chosen.lab.model, chosen.method
+    method = chosen.method
     try:
         spec = chosen.applied[1] if chosen.applied else spec_for(chosen.lab, method, chosen.target)
-        model.check(spec)
+        chosen.lab.check(spec)
     except SpecError as err:
         st.error(str(err))
         spec = None
@@ -388,14 +356,14 @@ def speedup_delta(ratio: float) -> dict:
 
 
 @st.fragment(run_every=1.0)
-def _await_quality(held: lab.Lab, spec: SparsitySpec, prepared: warmup.Warmup) -> None:
+def _await_quality(held: lab.Lab, spec: SparsitySpec, prepared) -> None:
     """What the headline waits for, said again every second; reruns the page once the background measurement of
     this setting's quality is on disk."""
     if held.stored_quality(spec) is not None or not prepared.working:
         st.rerun()  # measured, or the preparation cannot measure it (stopped, failed): the page measures it itself
     last = prepared.measure_seconds
     takes = f"the measurement itself took {last:.0f} s last time" if last else "the measurement itself takes seconds"
-    st.info(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS:,} held-out tokens in the background, first "
+    st.info(f"Measuring this setting's quality on {lab.QUALITY_TOKENS:,} held-out tokens in the background, first "
             f"in line ({takes}). Now: {prepared.status()}. Generate works meanwhile.")
 
 
@@ -403,7 +371,7 @@ def headline(current: Selection) -> None:
     """The Playground's first card: what the current setting skips, gains and costs, each measured once for it.
     With the background preparation on, a setting not measured yet is measured there, first in line, while the
     page stays usable; the card fills in when it is done."""
-    prepared = prepare_ahead(current.model)
+    prepared = prepare_ahead(current.lab)
     quality_now = current.lab.stored_quality(current.spec)
     if quality_now is None and prepared is not None and prepared.working:
         prepared.request(current.spec)
@@ -432,14 +400,14 @@ def headline(current: Selection) -> None:
         cols[2].metric("Speedup bound", f"×{quality_now.bound:.2f}",
                        help="1/(1−s) for s = weight reads skipped: a memory-bound decoder cannot gain more.")
         spread = quality_now.chunk_ppl_increase
-        cols[3].metric("Perplexity change", metrics.ppl_change(quality_now.ppl_increase), delta_color="off", delta_arrow="off",
+        cols[3].metric("Perplexity change", views.ppl_change(quality_now.ppl_increase), delta_color="off", delta_arrow="off",
                        delta=f"{quality_now.ppl_dense:.1f} → {quality_now.ppl_sparse:.1f}",
                        help=f"On {quality_now.held_out_tokens:,} held-out tokens the thresholds never saw; across its "
-                            f"{len(spread)} chunks the change ranged {metrics.ppl_change(min(spread))} to {metrics.ppl_change(max(spread))}.")
+                            f"{len(spread)} chunks the change ranged {views.ppl_change(min(spread))} to {views.ppl_change(max(spread))}.")
         cols[4].metric("Top-1 agreement", f"{quality_now.top1_agreement:.0%}", delta=f"KL {quality_now.kl:.3f} nats",
                        delta_color="off", delta_arrow="off",
                        help="How often the sparse model's most likely next token is the dense model's, on the same text.")
-        st.markdown(headline_sentence(quality_now, speed))
+        st.markdown(views.headline_sentence(quality_now, speed))
         st.caption(f"Quality measured with {quality_now.protocol_label}."
                    + (" This generation's “Sparse prefill” thresholds the prompt too, which costs more: the Quality "
                       "page's all-sparse protocol measures that." if current.sparse_prefill else ""))
@@ -452,16 +420,6 @@ def headline(current: Selection) -> None:
             with progress("Timing dense and sparse decoding…") as update:
                 measure_decode(current, progress=update)
             st.rerun()
-
-
-def headline_sentence(quality_now: metrics.Evaluation, speed: dict | None) -> str:
-    """The headline in one sentence; `speed` is the setting's valid decode measurement or None."""
-    skips = f"Skips {quality_now.weight_reads_skipped:.0%} of weight reads"
-    cost = f"perplexity {metrics.ppl_change(quality_now.ppl_increase)}"
-    if speed is None:
-        return f"{skips} (bound ×{quality_now.bound:.2f}), {cost}; no valid decode measurement yet, so no speedup is claimed."
-    pace = "faster" if speed["speedup"] >= 1 else "slower"
-    return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality_now.bound:.2f}), {cost}."
 
 
 def stale_note(asked: str, current: Selection, produced_by: str | None = None) -> None:
@@ -488,14 +446,14 @@ def text_block(text: str, highlight_from: int | None = None) -> str:
     return f"<div class='generated' style='white-space: pre-wrap; min-height: 6em'>{body or '&nbsp;'}</div>"
 
 
-def traced(model: models.SparseModel, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int,
+def traced(held: lab.Lab, spec: SparsitySpec | None, ids: tuple[int, ...], layer: int,
            dense_prefix: int = 0) -> views.TokenTrace:
-    """`ids` traced (views.trace_tokens: the first `dense_prefix` dense, the rest sparse). Only this visitor's latest
-    trace is kept, in their session, so it is released with the session; reruns with the same inputs reuse it."""
-    key = (*model_key(model), spec, ids, layer, dense_prefix)
-    held = st.session_state.get("trace")
-    if held is None or held[0] != key:
+    """`ids` traced (Lab.trace: the first `dense_prefix` dense, the rest sparse). Only this visitor's latest trace is
+    kept, in their session, so it is released with the session; reruns with the same inputs reuse it."""
+    key = (*held.key, spec, ids, layer, dense_prefix)
+    kept = st.session_state.get("trace")
+    if kept is None or kept[0] != key:
         with st.spinner("Tracing the tokens…"):
-            held = (key, views.trace_tokens(model, spec, ids, layer, dense_prefix=dense_prefix))
-        st.session_state.trace = held
-    return held[1]
+            kept = (key, held.trace(spec, ids, layer, dense_prefix=dense_prefix))
+        st.session_state.trace = kept
+    return kept[1]

@@ -26,8 +26,8 @@ generation = st.session_state.get("generation")
 source = st.segmented_control("Data", SOURCES, key="heatmap_source",
                               default="Last generation" if generation else "Example text")
 if source == "Last generation" and generation is not None:
-    model, spec = generation.model, generation.spec
-    ids = generation.prompt.ids + tuple(t.id for t in generation.tokens["sparse"])
+    held, spec = generation.lab, generation.spec
+    ids = generation.ids()
     first_generated = len(generation.prompt.ids)
     st.caption(f"The prompt and the sparse run's output ({generation.method.upper()}, the setting it was generated with).")
 else:
@@ -40,16 +40,17 @@ else:
                    f"setting: “{EXAMPLE_TEXT}”")
     if current.spec is None:
         st.stop()
-    model, spec = current.model, current.spec
-    ids = tuple(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    held, spec = current.lab, current.spec
+    ids = held.token_ids(text)
     first_generated = None
 if len(ids) > views.MAX_TRACE_TOKENS:
     st.caption(f"Showing the last {views.MAX_TRACE_TOKENS} of {len(ids)} tokens.")
     if first_generated is not None:
         first_generated -= len(ids) - views.MAX_TRACE_TOKENS
 
+model = held.model
 layer = st.slider("Layer for the neuron and histogram views", 0, model.num_layers - 1, model.num_layers // 2, key="heatmap_layer")
-trace = common.traced(model, spec, ids, layer)
+trace = common.traced(held, spec, ids, layer)
 
 st.subheader("Skipped inputs per layer and token")
 st.caption("Colours span the 2nd to 98th percentile of each chart, so a few extreme tokens do not flatten the rest; "

@@ -2,16 +2,13 @@
 the skipping drawn live as it happens."""
 from __future__ import annotations
 
-import itertools
-
 import plotly.express as px
 import streamlit as st
 
 from pages import common, live
-from sparse_core import cost, fast_decode, figures, generate, ops, views
-from sparse_core.trace import SparsityCounter
+from sparse_core import figures, lab, views
 
-RUNS = live.RUNS
+RUNS = lab.RUNS
 HEATMAP_CAPTION = ("Press Generate: a layer × token heatmap of the skipped share grows here, one column per decode step "
                    "(the prompt's prefill, which makes the first token, is not counted).")
 
@@ -20,75 +17,36 @@ def _use_preset() -> None:
     st.session_state.prompt = common.PRESETS[st.session_state.preset]
 
 
-def _generate(current: common.Selection, prompt_text: str, panes: dict, view: live.LiveView | None,
-              notice) -> live.Result | None:
-    """Interleave the dense and the sparse stream one token at a time: the text panes update every token, the live
-    view between forward passes (never inside the timed ones). Both runs carry a SparsityCounter, so observer
-    overhead is the same on both sides of the speed comparison. The result is saved before the compile and after
-    every token, so a Stop at any point finds it. What it waits for first (a compile) shows in `notice`, under the
-    Generate button."""
-    model = current.model
+def _generate(current: common.Selection, prompt_text: str, panes: dict, view: live.LiveView | None, notice):
+    """Run the dense and the sparse stream side by side (Lab.compare): the text panes update every token, the live
+    view between forward passes (never inside the timed ones). The comparison is kept in the session before the
+    compile and fills token by token, so a Stop at any point finds what it made. What it waits for first (a compile)
+    shows in `notice`, under the Generate button."""
     try:
-        prompt = generate.encode_prompt(model, prompt_text, max_new_tokens=current.max_new_tokens)
-    except generate.GenerationError as err:
+        result = current.lab.compare(prompt_text, current.spec, current.method, current.name, current.label,
+                                     current.max_new_tokens, current.temperature, current.seed, current.compiled,
+                                     current.sparse_prefill)
+    except lab.GenerationError as err:
         st.error(str(err))
         return None
-    counters = {run: SparsityCounter() for run in RUNS}
-    result = live.Result(model, prompt, prompt_text, {run: [] for run in RUNS}, current.spec, current.method,
-                         current.name, current.label, counters["sparse"], current.compiled, current.sparse_prefill)
     st.session_state.generation = result
     with common.foreground(notice):
-        if current.compiled:  # why a run then decodes uncompiled, if one does, comes with its first token
-            _compile_both(current, prompt, notice)
-        streams = {run: generate.stream(model, prompt, spec, current.max_new_tokens, current.temperature, current.seed,
-                                        observers=(counters[run],), compiled=current.compiled,
-                                        sparse_prefill=current.sparse_prefill)
-                   for run, spec in zip(RUNS, (None, current.spec))}
-        result.stage = "streaming"
-        _stream(streams, result, panes, view)
-    result.partial, result.stage = False, "done"
+        estimate = result.compile_wait()
+        if estimate is not None:  # why a run then decodes uncompiled, if one does, comes with its first token
+            with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once "
+                                                "the compile in progress ends…", show_time=True):
+                result.compile()
+        def show(run: str) -> None:
+            panes[run]["text"].markdown(common.text_block(result.text(run)), unsafe_allow_html=True)
+        result.run(on_token=show, on_round=(lambda: view.update(result)) if view is not None else lambda: None)
     return result
 
 
-def _compile_both(current: common.Selection, prompt, notice) -> None:
-    """Compile the dense and the sparse step before either run starts, so neither run's first token waits for it."""
-    positions = len(prompt.ids) + current.max_new_tokens
-    waiting = [spec for spec in (None, current.spec) if not fast_decode.ready(current.model, spec, positions)]
-    if waiting:
-        estimate = fast_decode.compile_estimate([fast_decode.compile_seconds_on_record(
-            fast_decode.decoder(current.model), spec, positions) for spec in waiting])
-        with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once the "
-                                            "compile in progress ends…", show_time=True):
-            for spec in waiting:
-                fast_decode.prepare(current.model, spec, positions)
-
-
-def _stream(streams: dict, result: live.Result, panes: dict, view: live.LiveView | None) -> None:
-    """One token of each run per round, the run that goes first alternating: the pass right after a page update
-    (the browser redrawing, on this machine's cores too) is the slower one, and it must not always be the same run."""
-    for round_ in itertools.count():
-        if not streams:
-            return
-        for run in sorted(streams, key=RUNS.index, reverse=bool(round_ % 2)):
-            token = next(streams[run], None)
-            if token is None:
-                del streams[run]
-                continue
-            result.tokens[run].append(token)
-            if token.note and token.note not in result.notes:
-                result.notes.append(token.note)
-            panes[run]["text"].markdown(common.text_block(result.text(run)), unsafe_allow_html=True)
-        if view is not None and streams:
-            view.update(result)
-
-
-def _fill_panes(result: live.Result, panes: dict) -> None:
+def _fill_panes(result, panes: dict) -> None:
     divergence = result.divergence
     rates = result.rates
     for run in RUNS:
-        highlight = None
-        if run == "sparse" and divergence is not None:
-            highlight = len("".join(t.text for t in result.tokens[run][:divergence]))
+        highlight = result.divergence_chars if run == "sparse" else None
         panes[run]["text"].markdown(common.text_block(result.text(run), highlight), unsafe_allow_html=True)
         if rates is None:
             panes[run]["rate"].caption("Fewer than two tokens: no decode step to time.")
@@ -110,8 +68,7 @@ def _fill_panes(result: live.Result, panes: dict) -> None:
         made = len(result.tokens["sparse"])
         st.success(f"The sparse run produced the same {made} token{'s' if made != 1 else ''} as dense.")
     else:
-        eos = generate.eos_ids(result.model)
-        dense_token, sparse_token = (_wrote(result.tokens[run][divergence], eos) for run in RUNS)
+        dense_token, sparse_token = (result.wrote(run, divergence) for run in RUNS)
         st.warning(f"The outputs diverge at generated token {divergence + 1}: dense wrote {dense_token}, sparse wrote "
                    f"{sparse_token}; the sparse text is highlighted from there on. After a divergence the two "
                    f"continue from different text, so later differences are expected.")
@@ -122,30 +79,21 @@ def _fill_panes(result: live.Result, panes: dict) -> None:
                    f"first {rates.steps} decode steps of each.")
 
 
-def _report(result: live.Result) -> str:
-    """The result's report, or "" with one sentence on the page when it cannot be built."""
+def _report(result) -> str:
+    """The result's report (Lab.report), or "" with one sentence on the page when it cannot be built."""
     try:
-        return live.report_html(result)
+        return result.lab.report(result)
     except Exception as err:  # noqa: BLE001 - a report that fails must not take the generation with it
         st.error(f"The report could not be built ({type(err).__name__}: {err}).")
         return ""
 
 
-def _wrote(token: generate.Token, eos: set[int]) -> str:
-    """A generated token as the divergence note names it: its text, or what a token without text is."""
-    if token.text.strip():
-        return repr(token.text)
-    if token.id in eos:
-        return "the end of the text"
-    return repr(token.text) if token.text else f"token {token.id} (part of a character, no text yet)"
-
-
-def _neuron_view(result: live.Result) -> None:
+def _neuron_view(result) -> None:
     """After the run: one layer's MLP neurons over the prompt and the generated tokens, right under the heatmap."""
     model = result.model
     layer = st.slider("Layer for the neuron view", 0, model.num_layers - 1, model.num_layers // 2, key="playground_layer")
-    ids = result.prompt.ids + tuple(t.id for t in result.tokens["sparse"])
-    trace = common.traced(model, result.spec, ids, layer, 0 if result.sparse_prefill else len(result.prompt.ids))
+    trace = common.traced(result.lab, result.spec, result.ids(), layer,
+                          0 if result.sparse_prefill else len(result.prompt.ids))
     neurons = views.neuron_view(trace, hot_first=True)
     st.plotly_chart(figures.neuron_heatmap(neurons, trace.tokens, height=440), width="stretch", key="playground_neurons")
     prompt = "the prompt ran sparse too (sparse prefill)" if result.sparse_prefill else "the prompt's tokens ran dense (the prefill)"
@@ -153,7 +101,7 @@ def _neuron_view(result: live.Result) -> None:
                "Heatmaps page has the |x| histograms and more views.")
 
 
-def _show_details(result: live.Result) -> None:
+def _show_details(result) -> None:
     token = result.cost
     st.subheader("What this generation skipped")
     chart = px.bar(result.per_layer, x="layer", y="skipped", hover_data=["attn_in", "attn_out", "mlp_in", "mlp_mid"],
@@ -163,7 +111,7 @@ def _show_details(result: live.Result) -> None:
     st.caption(f"Per decoder layer, the share of its weight reads the sparse run's decode steps skipped ({result.name}; "
                f"the prompt's {'sparse' if result.sparse_prefill else 'dense'} prefill is not counted); over the whole "
                f"model, embeddings, norms and output head included, this generation skipped "
-               f"{token.reads_skipped:.1%} of the weight reads. Active kernel backend: " + ops.describe_backends())
+               f"{token.reads_skipped:.1%} of the weight reads. Active kernel backend: " + lab.describe_backends())
 
     st.subheader("Cost of one generated token")
     st.caption("What one decode step of this generation reads and computes, from its counted skips (the prefill that "
@@ -174,7 +122,7 @@ def _show_details(result: live.Result) -> None:
     amount = st.column_config.NumberColumn(format="compact")
     common.table_with_download(token.frame(), "token_cost.csv", {"dense": amount, "sparse": amount,
                                                                   "saved": st.column_config.NumberColumn(format="percent")})
-    st.caption(f"Energy is an estimate, not a measurement: it assumes about {cost.DRAM_PJ_PER_BYTE:.0f} pJ per byte "
+    st.caption(f"Energy is an estimate, not a measurement: it assumes about {token.pj_per_byte:.0f} pJ per byte "
                "moved from DRAM (an order-of-magnitude figure; older DDR memory costs several times more) and leaves "
                "arithmetic and caches out. Multiply-adds count one per weight read; attention over the context is not included.")
 

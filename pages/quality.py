@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages import common
-from sparse_core import figures, metrics, tuning, warmup
+from sparse_core import figures, lab
 
 st.title("Quality")
 st.caption("Sparsity trades quality for speed. A sweep measures, on held-out text the thresholds never saw, how far "
@@ -22,10 +22,10 @@ with st.form("sweep_form"):
                                       help="Greedy replays each block on calibration text, the slowest part of a sweep; the progress "
                                            "bar estimates the time left from its pace.")
     targets = cols[2].multiselect("Targets", [round(0.05 * i, 2) for i in range(1, 19)], default=[0.25, 0.4, 0.5, 0.6])
-    tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=metrics.QUALITY_TOKENS,
-                                   help=f"{metrics.QUALITY_TOKENS:,} under the dense-prefill protocol is the one quality "
+    tokens = cols[3].select_slider("Held-out tokens", [256, 512, 1024, 2048], value=lab.QUALITY_TOKENS,
+                                   help=f"{lab.QUALITY_TOKENS:,} under the dense-prefill protocol is the one quality "
                                         "measurement every page shows for a setting.")
-    protocol = cols[4].selectbox("Protocol", list(metrics.PROTOCOLS), key="sweep_protocol",
+    protocol = cols[4].selectbox("Protocol", list(lab.PROTOCOLS), key="sweep_protocol",
                                  help="dense-prefill (TEAL's, and how the lab generates): each window's first half "
                                       "runs dense as a prompt's prefill does, its second half sparse and scored as "
                                       "decode steps are. all-sparse: every position sparse and scored, as with "
@@ -45,9 +45,8 @@ if run:
             job.stop()  # a new request replaces the running sweep, which stops at its next step
         # The sweep runs in its own thread with the model captured now; reruns of this page (any click) find it
         # in the session and show its progress instead of killing it.
-        job = st.session_state.sweep_job = tuning.start_sweep(model, chosen, sorted(targets), allocations,
-                                                              text=text, max_tokens=tokens, hold=warmup.paused(),
-                                                              protocol=protocol)
+        job = st.session_state.sweep_job = current.lab.start_sweep(chosen, sorted(targets), allocations, text=text,
+                                                                   max_tokens=tokens, protocol=protocol)
 
 
 @st.fragment(run_every=1.0)
@@ -73,10 +72,10 @@ elif job is not None and st.session_state.get("sweep_from") is not job:  # colle
     st.session_state.sweep_from = job
     if job.state == "finished":
         st.session_state.sweep, st.session_state.sweep_note = job.frame, None
-        st.session_state.sweep_on = common.model_label(job.model)
+        st.session_state.sweep_on = job.measured_on
     elif job.state == "stopped" and len(job.frame):
         st.session_state.sweep = job.frame
-        st.session_state.sweep_on = common.model_label(job.model)
+        st.session_state.sweep_on = job.measured_on
         st.session_state.sweep_note = f"Partial sweep: stopped after {len(job.frame)} of {job.planned} points."
 if job is not None and job.state == "failed":
     st.error(job.error)
@@ -93,12 +92,12 @@ if frame is None or frame.empty:
     st.info("Choose methods, allocations and targets, then run a sweep.")
     st.stop()
 
-swept_on = st.session_state.get("sweep_on", common.model_label(model))
-measured_how = metrics.protocol_of(frame.protocol.iloc[0]).describe(int(frame.held_out_tokens.iloc[0]))
-if swept_on == common.model_label(model):
+swept_on = st.session_state.get("sweep_on", current.lab.label)
+measured_how = lab.describe_protocol(frame.protocol.iloc[0], int(frame.held_out_tokens.iloc[0]))
+if swept_on == current.lab.label:
     st.caption(f"Produced by: a sweep on {swept_on}; quality measured with {measured_how}.")
 else:
-    st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {common.model_label(model)}. Run the sweep again.")
+    st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {current.lab.label}. Run the sweep again.")
 frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
 figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats", "Top-1 agreement"))
 for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):

@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common
-from sparse_core import bench, figures, generate, ops, peer, stakeholder_report, views
+from sparse_core import figures, lab
 
 
 def _kernel_chart(kernels: pd.DataFrame) -> None:
@@ -51,25 +51,24 @@ st.caption("Decoding one token at a time is limited by how fast the weights stre
            "s of the weight reads can at best make it 1/(1−s) times faster: that is the **bound** drawn on every "
            "chart. Every speedup is over the fastest dense product measured in the same run (HF's own layout, "
            "F.linear on the stored rows, or the kernel with nothing skipped), with its spread; one above 1.05 × its "
-           f"bound or with a wide spread is flagged, not shown as a result. Active backend: {ops.describe_backends()}.")
+           f"bound or with a wide spread is flagged, not shown as a result. Active backend: {lab.describe_backends()}.")
 current = common.current()
 if current.method == "cats" and current.model.layout == "inputs":
     st.caption("CATS in the **inputs** weight layout skips only the down projection's reads; pick the **cats** "
                "layout in the sidebar to skip the up rows of inactive neurons too.")
 
 st.subheader("Kernel: one linear layer at batch 1")
-shape_names = {f"{o}×{i}": (o, i) for o, i in bench.SHAPES}
+shape_names = {f"{o}×{i}": (o, i) for o, i in lab.KERNEL_SHAPES}
 left, middle, right = st.columns([2, 1, 1])
 shapes = left.multiselect("Weight shapes (out × in)", list(shape_names), default=list(shape_names), key="bench_shapes")
-dtypes = middle.multiselect("Dtypes", list(bench.DTYPES), default=list(bench.DTYPES), key="bench_dtypes")
+dtypes = middle.multiselect("Dtypes", list(lab.KERNEL_DTYPES), default=list(lab.KERNEL_DTYPES), key="bench_dtypes")
 full = right.toggle("Full run", key="bench_full",
-                    help=f"On: {len(bench.SPARSITIES)} sparsities, 30 repeats. Off: the quick run, "
-                         f"{len(bench.QUICK_SPARSITIES)} sparsities and {bench.QUICK_REPEATS} repeats.")
+                    help=f"On: {len(lab.KERNEL_SPARSITIES)} sparsities, {lab.FULL_REPEATS} repeats. Off: the quick run, "
+                         f"{len(lab.QUICK_KERNEL_SPARSITIES)} sparsities and {lab.QUICK_REPEATS} repeats.")
 if st.button("Run kernel benchmark", type="primary", disabled=not (shapes and dtypes)):
     with common.foreground(), common.progress("Timing dense vs sparse kernels…") as update:
-        rows = bench.kernel_rows([shape_names[s] for s in shapes], dtypes, bench.SPARSITIES if full else bench.QUICK_SPARSITIES,
-                                 repeats=30 if full else bench.QUICK_REPEATS, device=current.model.device.type,
-                                 progress=update)
+        rows = lab.kernel_benchmark([shape_names[s] for s in shapes], dtypes, quick=not full,
+                                    device=current.model.device.type, progress=update)
     st.session_state.kernel_rows = pd.DataFrame(rows)
 kernels = st.session_state.get("kernel_rows")
 if kernels is not None:
@@ -82,9 +81,7 @@ st.caption("Wall time of each decoder layer while generating a few tokens, dense
            "(median over the steps; the first step, which reads the whole prompt, is left out).")
 if current.spec is not None and st.button("Time the layers", key="time_layers"):
     with common.foreground(), st.status("Timing decode steps dense and sparse, interleaved…") as status:
-        prompt = generate.encode_prompt(current.model, bench.PROMPT)
-        st.session_state.layer_times = (views.decode_step_breakdown(current.model, prompt, current.spec, new_tokens=8),
-                                        current.label)
+        st.session_state.layer_times = (current.lab.layer_times(current.spec), current.label)
         status.update(label="Decode steps timed", state="complete")
 if st.session_state.get("layer_times") is not None:
     breakdown, produced_by = st.session_state.layer_times
@@ -103,7 +100,7 @@ if st.session_state.get("layer_times") is not None:
     common.table_with_download(breakdown.frame, "decode_step_layers.csv")
 
 st.subheader("End to end: tokens per second")
-st.caption(f"Greedy decoding of one prompt, {bench.DECODE_TOKENS} steps, {bench.DECODE_REPEATS} interleaved runs of each "
+st.caption(f"Greedy decoding of one prompt, {lab.DECODE_TOKENS} steps, {lab.DECODE_REPEATS} interleaved runs of each "
            "dense candidate and of the current setting. This is the setting's one speed measurement: the Playground's "
            "headline shows the same figures.")
 if current.spec is not None and st.button("Measure tokens/s", key="e2e"):
@@ -129,10 +126,7 @@ else:
     cols[3].metric("Model bound", f"×{decode['bound']:.2f}", help="Dense weight bytes per token over sparse ones, with the "
                    f"share skipped in this run ({decode['weight_reads_skipped']:.1%}): the embedding lookup, norms and "
                    "output head are read in full either way.")
-    limits = stakeholder_report.bandwidth_limits(decode)
-    st.plotly_chart(stakeholder_report.speed_figure(decode["dense_tok_s"], decode["sparse_tok_s"], decode["bound"],
-                                                    decode["speedup"], limits),
-                    width="stretch", key="decode_chart")
+    st.plotly_chart(figures.decode_speed_figure(decode), width="stretch", key="decode_chart")
     st.caption(f"The dotted lines are the memory-bandwidth limits: this machine's measured read bandwidth "
                f"({decode['bandwidth_gbs']:.0f} GB/s) over the weight bytes per token ({decode['weight_bytes_per_token'] / 1e6:.0f} MB "
                f"dense, {decode['sparse_weight_bytes_per_token'] / 1e6:.0f} MB sparse, counted over the decode steps: the "
@@ -147,12 +141,13 @@ if decode is not None or flagged is not None:
                                              for row in rows]), "decode_benchmark.csv")
 
 st.subheader("Beside llama.cpp")
-measured_peer = peer.stored(current.model.device.type)
+measured_peer = current.lab.peer()
 if measured_peer is None:
     st.info("llama.cpp has not been measured on this machine: run `make peer` (builds it, about eight minutes), then "
             "`python -m sparse_core bench peer`. A sparse gain over a slow dense path is no gain: this is the decoder "
             "a user could run instead.")
 else:
-    st.caption(peer.caption(measured_peer) + " “× llama.cpp” compares each lab rate with llama.cpp at the same "
-               "precision; “× lab dense” is TEAL over the lab's own fastest dense, beside its bound.")
-    common.table_with_download(peer.table(measured_peer), "peer_benchmark.csv")
+    peer_caption, peer_table = measured_peer
+    st.caption(peer_caption + " “× llama.cpp” compares each lab rate with llama.cpp at the same precision; "
+               "“× lab dense” is TEAL over the lab's own fastest dense, beside its bound.")
+    common.table_with_download(peer_table, "peer_benchmark.csv")

@@ -4,7 +4,6 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common
-from sparse_core import calibrate, tuning
 from sparse_core.spec import GROUPS, SparsitySpec, SpecError
 
 st.title("Tuner")
@@ -12,7 +11,6 @@ st.caption("A spec holds one target per layer and projection group: the share of
            "Calibration turns targets into magnitude thresholds on the calibration text. Edit the table, calibrate "
            "it, compare it with another spec, download it, or apply it to the Playground.")
 current = common.current()
-model = current.model
 
 library: dict[str, SparsitySpec] = st.session_state.setdefault("spec_library", {})
 if "tuner_select" in st.session_state:  # a spec kept on the last run: select it before the selectbox exists
@@ -37,18 +35,18 @@ method = current.method
 cols = st.columns(3)
 if cols[0].button(f"Calibrate uniform {current.target:.0%}", width="stretch"):
     with common.progress("Calibrating…") as update:
-        uniform = calibrate.calibrate(model, method, current.target, text=text, progress=update)
+        uniform = current.lab.calibrate(method, current.target, text=text, progress=update)
     add_to_library(f"{method} uniform {current.target:.0%}", uniform)
 if cols[1].button(f"Calibrate greedy {current.target:.0%}", width="stretch",
                   help="Greedy allocation: each block reaches the target, the projections where skipping hurts least first."):
     with common.progress("Allocating greedily, block by block…") as update:
-        specs = tuning.greedy_specs(model, method, [current.target], text=text, progress=update)
-    add_to_library(f"{method} greedy {current.target:.0%}", specs[current.target])
+        greedy = current.lab.calibrate(method, current.target, text=text, allocation="greedy", progress=update)
+    add_to_library(f"{method} greedy {current.target:.0%}", greedy)
 upload = cols[2].file_uploader("Upload a spec (JSON)", type=["json"], key="spec_upload")
 if upload is not None:
     try:
         spec = common.read_spec(upload)
-        model.check(spec)
+        current.lab.check(spec)
         add_to_library(f"uploaded {upload.name}", spec)
     except SpecError as err:
         st.error(str(err))
@@ -74,7 +72,7 @@ if cols[0].button("Calibrate the edited table", width="stretch"):
     table = edited[list(GROUPS)].astype(float).values.tolist()
     try:
         with common.progress("Calibrating the edited table…") as update:
-            edited_spec = calibrate.calibrate(model, spec.method, table, text=text, progress=update)
+            edited_spec = current.lab.calibrate(spec.method, table, text=text, progress=update)
     except SpecError as err:
         st.error(str(err))
     else:

@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import calibrate as calibration
-from . import generate as generation
-from . import fast_decode, metrics, models, ops, patch, peer, tuning
+from . import lab, metrics, models, patch, peer
 from .bench import progress_bar
+from .generate import Generation
+from .lab import Lab
 from .spec import METHODS, SparsitySpec, SpecError
 
 
@@ -37,41 +37,40 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto (CUDA when there is a device, else the CPU), cpu or cuda")
 
 
-def _spec(args, model: models.SparseModel) -> SparsitySpec:
+def _text(args) -> str | None:
+    return args.text.read_text(encoding="utf-8") if getattr(args, "text", None) else None
+
+
+def _spec(args, held: Lab) -> SparsitySpec:
+    """--spec's file, else --method at --sparsity, calibrated (on --text for `calibrate`, with --allocation)."""
     if args.spec:
         return SparsitySpec.from_json(args.spec.read_text(encoding="utf-8"))
-    text = args.text.read_text(encoding="utf-8") if getattr(args, "text", None) and args.command == "calibrate" else None
-    if getattr(args, "allocation", "uniform") == "greedy":
-        return tuning.greedy_specs(model, args.method, [args.sparsity], text=text, progress=progress_bar("allocating"))[args.sparsity]
-    return calibration.calibrate(model, args.method, args.sparsity, text=text, progress=progress_bar("calibrating"))
+    allocation = getattr(args, "allocation", "uniform")
+    return held.calibrate(args.method, args.sparsity, text=_text(args) if args.command == "calibrate" else None,
+                          allocation=allocation,
+                          progress=progress_bar("allocating" if allocation == "greedy" else "calibrating"))
 
 
-def cmd_info(args, model):
-    info = {"model": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype).replace("torch.", ""),
-            "device": str(model.device), "layers": model.num_layers, "gated_mlp": model.gated, "layout": model.layout,
-            "group_widths": model.group_widths,
-            "sparsifiable_params": sum(sum(p.values()) for p in model.group_params),
-            "total_params": sum(p.numel() for p in model.model.parameters()),
-            "backend": ops.describe_backends()}
+def cmd_info(args, held: Lab):
+    info = held.info()
     print(json.dumps(info, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
 
 
-def cmd_generate(args, model):
-    prompt = generation.encode_prompt(model, args.prompt, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
-    spec = _spec(args, model)
+def cmd_generate(args, held: Lab):
+    prompt = held.prompt(args.prompt, chat=not args.no_chat, max_new_tokens=args.max_new_tokens)
+    spec = _spec(args, held)
     tokens = []
-    compiled = fast_decode.compile_by_default(model) if args.compile is None else args.compile
-    if compiled and fast_decode.unsupported(model):
-        print(f"note: decoding with HF's forward: {fast_decode.unsupported(model)}.", file=sys.stderr)
-    for token in generation.stream(model, prompt, spec, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed, compiled=compiled,
-                                   sparse_prefill=args.sparse_prefill):
+    compiled = held.compiles_by_default if args.compile is None else args.compile
+    if compiled and held.why_not_compiled:
+        print(f"note: decoding with HF's forward: {held.why_not_compiled}.", file=sys.stderr)
+    for token in held.stream(prompt, spec, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             seed=args.seed, compiled=compiled, sparse_prefill=args.sparse_prefill):
         tokens.append(token)
         if token.note:
             print(f"\nnote: {token.note}", file=sys.stderr)
         if not args.json:
             print(token.text, end="", flush=True)
-    result = generation.Generation("".join(t.text for t in tokens), tokens)
+    result = Generation("".join(t.text for t in tokens), tokens)
     if args.json:
         print(json.dumps({"method": spec.method, "sparsity": args.sparsity, "sparse_prefill": args.sparse_prefill,
                           "text": result.text, "new_tokens": len(tokens), "tok_s": round(result.tokens_per_second, 2)}))
@@ -79,21 +78,20 @@ def cmd_generate(args, model):
         print(f"\n[{len(tokens)} tokens, {result.tokens_per_second:.1f} tok/s, {spec.method}]", file=sys.stderr)
 
 
-def cmd_calibrate(args, model):
-    spec = _spec(args, model)
+def cmd_calibrate(args, held: Lab):
+    spec = _spec(args, held)
     if args.out:
         args.out.write_text(spec.to_json(), encoding="utf-8")
     print(spec.to_json() if args.json or not args.out else f"wrote {args.out} ({spec.method}, {spec.num_layers} layers)")
 
 
-def cmd_eval(args, model):
-    spec = _spec(args, model)
-    text = args.text.read_text(encoding="utf-8") if args.text else None
-    result = metrics.measured(model, spec, text=text, max_tokens=args.max_tokens, progress=progress_bar("evaluating"),
-                              protocol=args.protocol)
-    row = {"model": model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
-           "spec": spec.label, "dtype": str(model.dtype).replace("torch.", ""), "layout": model.layout,
-           "device": str(model.device), "ppl_increase": round(result.ppl_increase, 4),
+def cmd_eval(args, held: Lab):
+    spec = _spec(args, held)
+    result = held.quality(spec, text=_text(args), max_tokens=args.max_tokens, protocol=args.protocol,
+                          progress=progress_bar("evaluating"))
+    row = {"model": held.model.name, "method": spec.method, "target": args.sparsity if not args.spec else None,
+           "spec": spec.label, "dtype": held.dtype, "layout": held.model.layout,
+           "device": str(held.model.device), "ppl_increase": round(result.ppl_increase, 4),
            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.as_dict().items()},
            "protocol_label": result.protocol_label}
     row["per_layer_sparsity"] = [round(v, 3) for v in result.per_layer_sparsity]
@@ -101,12 +99,11 @@ def cmd_eval(args, model):
     print(json.dumps(row) if args.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
 
 
-def cmd_sweep(args, model):
-    text = args.text.read_text(encoding="utf-8") if args.text else None
-    frame = tuning.sweep(model, args.methods, args.targets, args.allocations, text=text, max_tokens=args.max_tokens,
-                         progress=progress_bar("sweeping"), protocol=args.protocol)
+def cmd_sweep(args, held: Lab):
+    frame = held.sweep(args.methods, args.targets, args.allocations, text=_text(args), max_tokens=args.max_tokens,
+                       protocol=args.protocol, progress=progress_bar("sweeping"))
     if args.json:
-        print(json.dumps({"model": model.name, "rows": frame.round(4).to_dict(orient="records")}))
+        print(json.dumps({"model": held.model.name, "rows": frame.round(4).to_dict(orient="records")}))
     else:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
@@ -173,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             report = selfcheck.run(models.resolve_device(args.device), tuple(args.parts))
             print(json.dumps(report) if args.json else json.dumps(report, indent=1))
             return 0 if report["ok"] else 1
-        model = models.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                            layout=args.layout, device_map=args.device_map)
+        held = Lab.load(args.model, dtype=args.dtype, layout=args.layout, device=args.device,
+                        trust_remote_code=args.trust_remote_code, device_map=args.device_map)
         commands = {"info": cmd_info, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
-        commands[args.command](args, model)
-    except (models.ModelLoadError, SpecError, generation.GenerationError, peer.PeerMissing, ValueError, OSError) as err:
+        commands[args.command](args, held)
+    except (lab.ModelLoadError, SpecError, lab.GenerationError, peer.PeerMissing, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

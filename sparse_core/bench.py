@@ -34,6 +34,7 @@ from .store import DiskStore, digest, measurement_key
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+FULL_REPEATS = 30
 QUICK_SPARSITIES, QUICK_REPEATS = (0.0, 0.5, 0.9), 24  # --quick: fewer sparsities and repeats, for a first look
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 BOUND_SLACK = 1.05   # a speedup above 1.05 x its bound is a broken measurement, never a result
@@ -148,7 +149,15 @@ def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) 
     return {name: Timing.of(s) for name, s in seconds.items()}
 
 
-def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: int = 30, device: str = "cpu",
+def kernel_benchmark(shapes=None, dtypes=None, quick: bool = False, device: str = "cpu",
+                     progress: Progress | None = None) -> list[dict]:
+    """kernel_rows over the full run's sparsities and repeats, or the quick run's (every caller's two choices);
+    every shape and dtype unless told."""
+    return kernel_rows(shapes or SHAPES, dtypes or DTYPES, QUICK_SPARSITIES if quick else SPARSITIES,
+                       QUICK_REPEATS if quick else FULL_REPEATS, device, progress)
+
+
+def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: int = FULL_REPEATS, device: str = "cpu",
                 progress: Progress | None = None) -> list[dict]:
     """The sparse op against the fastest dense product at batch 1, for each shape, dtype and sparsity.
 
@@ -380,9 +389,7 @@ def run(args) -> int:
     from . import models
     device = models.resolve_device(args.device)
     if args.what == "kernels":
-        sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
-        rows = kernel_rows(SHAPES, DTYPES, sparsities, repeats=QUICK_REPEATS if args.quick else 30, device=device,
-                           progress=progress_bar("kernels"))
+        rows = kernel_benchmark(quick=args.quick, device=device, progress=progress_bar("kernels"))
         device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
         if args.json:
             print(json.dumps({"backend": ops.describe_backends(), "device": device,
@@ -411,12 +418,11 @@ def run(args) -> int:
             print(f"{r['decoder']:>9} {r['precision']:>5} {r['setting']:>15} {r['tok_s']:>7.1f} tok/s "
                   f"[{r['q1']:.1f}-{r['q3']:.1f}]{extra}  {r.get('flag') or ''}")
         return 0
-    from . import fast_decode
     from .lab import Lab
     held = Lab.load(dtype=args.dtype, layout=args.layout, device=device)
     for target in args.sparsity:
         spec = held.spec_for(args.method, target)
-        compiled = fast_decode.compile_by_default(held.model) if args.compile is None else args.compile
+        compiled = held.compiles_by_default if args.compile is None else args.compile
         result = held.measure_decode(spec, compiled, args.new_tokens, args.repeats,
                                      progress=progress_bar(f"decode {target:g}"))
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n", flush=True)

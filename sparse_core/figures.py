@@ -78,3 +78,51 @@ def neuron_heatmap(neurons: NeuronView, tokens: Sequence[str], height: int = 520
     figure.update_layout(height=height, margin=dict(t=30, b=10), xaxis=dict(title="token", **token_axis(tokens)),
                          plot_bgcolor=SKIPPED_GREY, yaxis=dict(title="neuron", type="category", autorange="reversed"))
     return figure
+
+
+def speed_figure(dense_tok_s: float, sparse_tok_s: float, bound: float, speedup: float | None = None,
+                 limits: tuple[float, float] | None = None) -> go.Figure:
+    """Dense and sparse decode rates next to the best sparse rate the bound allows (dense × bound), so a reader sees
+    both the gain and how far it is from what skipping those weight reads could give at most. Pass `speedup` only when
+    it is a valid measurement: it then labels the sparse bar; a missing or flagged one leaves the bar unlabelled.
+    `limits` (dense, sparse tok/s) are the memory-bandwidth limits, each drawn as a line over its bar: the measured
+    read bandwidth over the weight bytes that run reads per token."""
+    figure = go.Figure(go.Bar(x=["dense", "sparse"], y=[dense_tok_s, sparse_tok_s], marker_color=["#8da0b3", "#2f7ed8"],
+                              text=["", "" if speedup is None else f"×{speedup:.2f}"], textposition="outside"))
+    figure.add_hline(y=dense_tok_s * bound, line_dash="dash", line_color="#d62728",
+                     annotation_text=f"bound ×{bound:.2f}", annotation_position="top left")
+    top = max(dense_tok_s * bound, sparse_tok_s)
+    for column, limit in enumerate(limits or ()):
+        figure.add_shape(type="line", x0=column - 0.45, x1=column + 0.45, y0=limit, y1=limit,
+                         line=dict(color="#111827", dash="dot"))
+        figure.add_annotation(x=column, y=limit, text=f"bandwidth limit {limit:.0f} tok/s", showarrow=False, yshift=10)
+        top = max(top, limit)
+    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, top * 1.15], margin=dict(t=30, b=40), showlegend=False)
+    return figure
+
+
+def decode_speed_figure(decode: dict) -> go.Figure:
+    """A decode measurement (bench.decode_result) as every surface draws it: both rates, the bound, the speedup and
+    the memory-bandwidth limits."""
+    return speed_figure(decode["dense_tok_s"], decode["sparse_tok_s"], decode["bound"], decode["speedup"],
+                        bandwidth_limits(decode))
+
+
+def bandwidth_limits(decode: dict) -> tuple[float, float]:
+    """(dense, sparse) tok/s at the measured read bandwidth, from a decode measurement (bench.decode_result)."""
+    return tuple(decode["bandwidth_gbs"] * 1e9 / decode[key]
+                 for key in ("weight_bytes_per_token", "sparse_weight_bytes_per_token"))
+
+
+def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -> go.Figure:
+    """The quality cost next to the speed: perplexity of both models, and how often the sparse model's top token is
+    the dense model's."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Perplexity (lower is better)", "Top-1 agreement with dense"))
+    figure.add_trace(go.Bar(x=["dense", "sparse"], y=[ppl_dense, ppl_sparse], marker_color=["#8da0b3", "#2f7ed8"],
+                            text=[f"{ppl_dense:.2f}", f"{ppl_sparse:.2f}"], textposition="outside"), row=1, col=1)
+    figure.add_trace(go.Bar(x=["sparse"], y=[top1_agreement], marker_color="#2f7ed8",
+                            text=[f"{top1_agreement:.0%}"], textposition="outside"), row=1, col=2)
+    figure.update_yaxes(range=[0, max(ppl_dense, ppl_sparse) * 1.2], row=1, col=1)
+    figure.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
+    figure.update_layout(margin=TITLED_MARGIN, showlegend=False)
+    return figure

@@ -92,13 +92,6 @@ class Evaluation:
         return dataclasses.asdict(self)
 
 
-def ppl_change(increase: float) -> str:
-    """A perplexity change as people read it, on every surface: a percentage up to doubling, a factor beyond
-    (×301, not +29953.3 %)."""
-    ratio = increase + 1
-    return f"{increase:+.1%}" if increase < 1.0 else f"×{ratio:.3g}" if ratio < 1000 else f"×{ratio:,.0f}"
-
-
 def measured(model: SparseModel, spec: SparsitySpec, text: str | None = None, max_tokens: int | None = None,
              progress: Progress | None = None, protocol: str = DEFAULT_PROTOCOL) -> Evaluation:
     """This setting's quality measurement under `protocol` (`max_tokens` None: the protocol's own): from disk when it

@@ -118,17 +118,18 @@ def run(rounds: int = ROUNDS, tokens: int = TOKENS, targets=TEAL_TARGETS, device
     why = missing()
     if why:
         raise PeerMissing(why)
-    from . import bench, calibrate, fast_decode, models
+    from . import bench
+    from .lab import Lab
     threads = torch.get_num_threads()
     labs = {}  # (dtype, setting name) -> (model, spec, dense route)
     for dtype in PRECISIONS:
-        model = models.load(dtype=dtype, layout="inputs", device=device)
-        if not fast_decode.compile_by_default(model):
-            raise PeerMissing(f"The lab's compiled step does not cover this model: {fast_decode.unsupported(model)}.")
+        held = Lab.load(dtype=dtype, layout="inputs", device=device)
+        if not held.compiles_by_default:
+            raise PeerMissing(f"The lab's compiled step does not cover this model: {held.why_not_compiled}.")
         for route in ("linear", "kernel"):
-            labs[(dtype, f"dense ({route})")] = (model, None, route)
+            labs[(dtype, f"dense ({route})")] = (held.model, None, route)
         for target in targets:
-            labs[(dtype, f"TEAL {target:.0%}")] = (model, calibrate.calibrate(model, "teal", target), None)
+            labs[(dtype, f"TEAL {target:.0%}")] = (held.model, held.spec_for("teal", target), None)
     for model, spec, route in labs.values():  # warm-up and compiles, outside the rounds
         lab_rate(model, spec, route, tokens=4)
     kinds = [*PRECISIONS.values(), *QUANTIZED]

@@ -96,8 +96,7 @@ def run(device: str, parts: tuple[str, ...] = PARTS) -> dict:
     if "kernels" in parts:
         report["kernels"] = check_kernels(device)
     if "bench" in parts:
-        report["bench_kernels_quick"] = bench.kernel_rows(bench.SHAPES, bench.DTYPES, bench.QUICK_SPARSITIES,
-                                                          repeats=bench.QUICK_REPEATS, device=device)
+        report["bench_kernels_quick"] = bench.kernel_benchmark(quick=True, device=device)
     if "decode" in parts:
         report["decode"] = check_decode(device)
     report["backend"] = ops.describe_backends()

@@ -62,12 +62,17 @@ class SparsitySpec:
             return named
         if self.method == "dense":
             return "dense"
-        targets = {t for row in (self.targets or ()) for t in row if t > 0}
         allocation = dict(self.provenance).get("allocation", "uniform")
-        if len(targets) == 1 and allocation == "uniform":
-            return f"{self.method.upper()} {targets.pop():.0%}"
+        if self.uniform_target is not None and allocation == "uniform":
+            return f"{self.method.upper()} {self.uniform_target:.0%}"
         target = dict(self.provenance).get("target")
         return f"{self.method.upper()} {allocation}" + (f" {float(target):.0%}" if target else "")
+
+    @property
+    def uniform_target(self) -> float | None:
+        """The one sparsity every sparsified (layer, group) was calibrated for, None where they differ."""
+        targets = {t for row in (self.targets or ()) for t in row if t > 0}
+        return targets.pop() if len(targets) == 1 else None
 
     def value(self, layer: int, group: str) -> float:
         return self.values[layer][GROUPS.index(group)]

@@ -14,11 +14,9 @@ import jinja2
 import plotly.graph_objects as go
 import torch
 from markupsafe import Markup
-from plotly.subplots import make_subplots
 
-from .figures import TITLED_MARGIN
 from .machine import cpu_name
-from .metrics import ppl_change
+from .views import ppl_change
 
 FIGURE_HEIGHT = "420px"  # a bare to_html div is sized 100% of a parent with no height; give each chart a real one
 
@@ -36,47 +34,6 @@ def machine_info() -> dict[str, str]:
         "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "Generated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
-
-
-def speed_figure(dense_tok_s: float, sparse_tok_s: float, bound: float, speedup: float | None = None,
-                 limits: tuple[float, float] | None = None) -> go.Figure:
-    """Dense and sparse decode rates next to the best sparse rate the bound allows (dense × bound), so a reader sees
-    both the gain and how far it is from what skipping those weight reads could give at most. Pass `speedup` only when
-    it is a valid measurement: it then labels the sparse bar; a missing or flagged one leaves the bar unlabelled.
-    `limits` (dense, sparse tok/s) are the memory-bandwidth limits, each drawn as a line over its bar: the measured
-    read bandwidth over the weight bytes that run reads per token."""
-    figure = go.Figure(go.Bar(x=["dense", "sparse"], y=[dense_tok_s, sparse_tok_s], marker_color=["#8da0b3", "#2f7ed8"],
-                              text=["", "" if speedup is None else f"×{speedup:.2f}"], textposition="outside"))
-    figure.add_hline(y=dense_tok_s * bound, line_dash="dash", line_color="#d62728",
-                     annotation_text=f"bound ×{bound:.2f}", annotation_position="top left")
-    top = max(dense_tok_s * bound, sparse_tok_s)
-    for column, limit in enumerate(limits or ()):
-        figure.add_shape(type="line", x0=column - 0.45, x1=column + 0.45, y0=limit, y1=limit,
-                         line=dict(color="#111827", dash="dot"))
-        figure.add_annotation(x=column, y=limit, text=f"bandwidth limit {limit:.0f} tok/s", showarrow=False, yshift=10)
-        top = max(top, limit)
-    figure.update_layout(yaxis_title="tokens/s", yaxis_range=[0, top * 1.15], margin=dict(t=30, b=40), showlegend=False)
-    return figure
-
-
-def bandwidth_limits(decode: dict) -> tuple[float, float]:
-    """(dense, sparse) tok/s at the measured read bandwidth, from a decode measurement (bench.decode_result)."""
-    return tuple(decode["bandwidth_gbs"] * 1e9 / decode[key]
-                 for key in ("weight_bytes_per_token", "sparse_weight_bytes_per_token"))
-
-
-def quality_figure(ppl_dense: float, ppl_sparse: float, top1_agreement: float) -> go.Figure:
-    """The quality cost next to the speed: perplexity of both models, and how often the sparse model's top token is
-    the dense model's."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("Perplexity (lower is better)", "Top-1 agreement with dense"))
-    figure.add_trace(go.Bar(x=["dense", "sparse"], y=[ppl_dense, ppl_sparse], marker_color=["#8da0b3", "#2f7ed8"],
-                            text=[f"{ppl_dense:.2f}", f"{ppl_sparse:.2f}"], textposition="outside"), row=1, col=1)
-    figure.add_trace(go.Bar(x=["sparse"], y=[top1_agreement], marker_color="#2f7ed8",
-                            text=[f"{top1_agreement:.0%}"], textposition="outside"), row=1, col=2)
-    figure.update_yaxes(range=[0, max(ppl_dense, ppl_sparse) * 1.2], row=1, col=1)
-    figure.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
-    figure.update_layout(margin=TITLED_MARGIN, showlegend=False)
-    return figure
 
 
 def build(setting: dict, headline: dict, texts: dict[str, str], divergence_chars: int | None,

@@ -244,6 +244,7 @@ class SweepJob:
     points finished so far, not cached) or failed (error: one sentence)."""
     planned: int  # points the sweep will measure
     model: SparseModel | None = dataclasses.field(default=None, repr=False)  # what it measures on
+    measured_on: str = ""  # the model as results name it (Lab.label)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     done: int = 0
     total: int = 0
@@ -277,11 +278,11 @@ class SweepJob:
 def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
                 allocations: Sequence[str] = ("uniform",), text: str | None = None,
                 max_tokens: int | None = None, hold: contextlib.AbstractContextManager | None = None,
-                protocol: str = DEFAULT_PROTOCOL) -> SweepJob:
+                protocol: str = DEFAULT_PROTOCOL, measured_on: str = "") -> SweepJob:
     """Run sweep(...) in a daemon thread and return its job at once (see SweepJob); the thread runs inside `hold`
     (the app passes its background preparation's pause, so the two do not share the cores)."""
     methods, targets, allocations = list(methods), list(targets), list(allocations)
-    job = SweepJob(planned=len(methods) * len(allocations) * len(targets), model=model)
+    job = SweepJob(planned=len(methods) * len(allocations) * len(targets), model=model, measured_on=measured_on)
 
     def progress(done: int, total: int) -> None:
         job.total, job.done = total, done

@@ -128,6 +128,25 @@ def color_range(values: np.ndarray, low_percentile: float, high_percentile: floa
     return (float(low), float(high)) if high > low else (None, None)
 
 
+# ---- the headline's words ----------------------------------------------------------------------------
+def ppl_change(increase: float) -> str:
+    """A perplexity change as people read it, on every surface: a percentage up to doubling, a factor beyond
+    (×301, not +29953.3 %)."""
+    ratio = increase + 1
+    return f"{increase:+.1%}" if increase < 1.0 else f"×{ratio:.3g}" if ratio < 1000 else f"×{ratio:,.0f}"
+
+
+def headline_sentence(quality, speed: dict | None) -> str:
+    """The headline in one sentence, on the Playground and in the report: `quality` is the setting's
+    metrics.Evaluation, `speed` its valid decode measurement or None."""
+    skips = f"Skips {quality.weight_reads_skipped:.0%} of weight reads"
+    cost = f"perplexity {ppl_change(quality.ppl_increase)}"
+    if speed is None:
+        return f"{skips} (bound ×{quality.bound:.2f}), {cost}; no valid decode measurement yet, so no speedup is claimed."
+    pace = "faster" if speed["speedup"] >= 1 else "slower"
+    return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality.bound:.2f}), {cost}."
+
+
 # ---- time per layer of a decode step ------------------------------------------------------------------
 REST_DRIFT = 0.10  # the never-sparsified rest may differ this much between the runs before the timing is noisy
 

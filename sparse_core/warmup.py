@@ -18,7 +18,6 @@ import itertools
 import queue
 import threading
 import time
-import weakref
 from typing import Iterator, Sequence
 
 from . import calibrate, fast_decode, metrics
@@ -89,16 +88,6 @@ def wait_for_compiles(poll: float = _POLL_S) -> None:
         time.sleep(poll)
 
 
-_EVERY: "weakref.WeakSet[Warmup]" = weakref.WeakSet()
-
-
-def stop_for(model: SparseModel) -> None:
-    """Stop every preparation of `model` (it was evicted: nobody can use what they would prepare)."""
-    for prepared in list(_EVERY):
-        if prepared.model is model:
-            prepared.stop()
-
-
 class Lease:
     """One visitor's use of a preparation's model; `release` once, when the visitor moves on or leaves."""
 
@@ -133,7 +122,6 @@ class Warmup:
             self._queue.put((_LATER, next(self._order), item))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None  # alive while there is work queued, a lease and no stop
-        _EVERY.add(self)
 
     def lease(self) -> Lease:
         """A visitor uses this model: the preparation works (again) until every lease is released."""

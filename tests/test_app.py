@@ -118,7 +118,7 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     else:
         assert sparse_metric.delta == f"×{rates.speedup:.2f}: {'faster' if rates.speedup >= 1 else 'slower'}"
     decoded = generation.tokens["sparse"][1:]  # the prompt's prefill makes the first token and is not counted
-    assert not generation.partial and len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(decoded)
+    assert not generation.partial and len(generation.counters["sparse"].pass_matrix("mlp_in", 30)[0]) == len(decoded)
     live = json.loads(next(c for c in at.get("plotly_chart") if "Skipped in each decode step" in c.proto.spec).proto.spec)
     z = live["data"][0]["z"]  # plotly sends numeric arrays as {"bdata", "shape"}
     rows, columns = map(int, z["shape"].split(",")) if isinstance(z, dict) else (len(z), len(z[0]))
@@ -151,7 +151,7 @@ def test_the_compiled_step_toggle_generates_the_same_text_and_says_so():
     compiled = at.session_state["generation"]
     assert compiled.compiled and not eager.compiled
     assert [t.id for t in compiled.tokens["dense"]] == [t.id for t in eager.tokens["dense"]]  # greedy: same tokens
-    assert len(compiled.counter.pass_matrix("mlp_in", 30)[0]) == len(compiled.tokens["sparse"]) - 1  # the live heatmap's
+    assert len(compiled.counters["sparse"].pass_matrix("mlp_in", 30)[0]) == len(compiled.tokens["sparse"]) - 1  # the live heatmap's
     assert compiled.achieved == pytest.approx(eager.achieved, abs=0.02)  # counts come from the compiled step
     assert "Produced by: TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled." in [c.value for c in at.caption]
     assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu · compiled**"
@@ -175,7 +175,7 @@ def test_sparse_prefill_is_off_by_default_and_when_on_thresholds_the_prompt_too(
     prompt = generate.encode_prompt(model, generation.prompt_text, max_new_tokens=6)
     expected = generate.generate(model, prompt, spec, max_new_tokens=6, sparse_prefill=True)
     assert [t.id for t in generation.tokens["sparse"]] == [t.id for t in expected.tokens]
-    assert len(generation.counter.pass_matrix("mlp_in", 30)[0]) == len(generation.tokens["sparse"]) - 1
+    assert len(generation.counters["sparse"].pass_matrix("mlp_in", 30)[0]) == len(generation.tokens["sparse"]) - 1
 
 
 def test_the_report_download_is_one_offline_html_file_of_the_generation(tmp_path):
@@ -633,16 +633,18 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
     lease makes the preparation work, the headline of a setting not measured yet says what it is doing and fills in
     once it has measured it, and a sweep runs while every preparation holds still."""
     import time
-    from sparse_core import warmup
     monkeypatch.setenv("SPARSE_LAB_WARMUP", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing measured yet (the model stays loaded in memory)
+    at = _app()
     try:
-        at = _ok(_app())
+        _ok(at)
         from sparse_core import metrics
         waiting = [i.value for i in at.info
                    if i.value.startswith(f"Measuring this setting's quality on {metrics.QUALITY_TOKENS:,} held-out")]
         assert waiting and "Now: " in waiting[0] and not [m for m in at.metric if m.label == "Perplexity change"]
-        prepared = next(p for p in list(warmup._EVERY) if p.leased and not p.stopped)
+        held = at.session_state["choices"].lab  # the visitor's model, as the sidebar resolved it
+        prepared = held.preparation()
+        assert prepared.leased and not prepared.stopped  # this visitor's lease
         deadline = time.monotonic() + 300
         while not [m for m in at.metric if m.label == "Perplexity change"]:  # AppTest runs no fragment timers
             assert time.monotonic() < deadline and prepared.error is None, prepared.error
@@ -653,6 +655,6 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
         _until_the_sweep_ends(_sweep_topk(at, 0.35))
         assert at.session_state["sweep_job"].state == "finished" and len(at.get("plotly_chart")) == 2
     finally:
-        for preparation in list(warmup._EVERY):  # nothing keeps working beside the tests that follow
-            preparation.stop()
-            preparation.wait(timeout=600)
+        held = at.session_state["choices"].lab
+        held.close()  # nothing keeps working beside the tests that follow
+        held.preparation().wait(timeout=600)

@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import pytest
 
 from sparse_core import stakeholder_report
+from sparse_core.figures import bandwidth_limits, quality_figure, speed_figure
 
 SETTING = {"model": "SmolLM2-135M-Instruct", "method": "teal", "spec": "TEAL 40% uniform", "target": 0.4,
            "dtype": "float32", "layout": "row-major", "device": "cpu"}
@@ -55,8 +56,8 @@ def _parse(document: str) -> _Document:
 def figures():
     heatmap = go.Figure(go.Heatmap(z=[[0.1, 0.5, 0.9], [0.3, 0.2, 0.7]], x=["a", "b", "c"], y=["layer 0", "layer 1"]))
     return {"Skipped share per layer and generated token (final state)": heatmap,
-            "Speed against the bound": stakeholder_report.speed_figure(20.0, 24.7, 1.528, speedup=1.234),
-            "Quality": stakeholder_report.quality_figure(12.34, 13.01, 0.914)}
+            "Speed against the bound": speed_figure(20.0, 24.7, 1.528, speedup=1.234),
+            "Quality": quality_figure(12.34, 13.01, 0.914)}
 
 
 @pytest.fixture(scope="module")
@@ -138,21 +139,21 @@ def test_machine_info():
 
 
 def test_speed_figure_draws_the_bound_as_the_best_sparse_rate():
-    figure = stakeholder_report.speed_figure(20.0, 24.7, 1.5, speedup=1.234)
+    figure = speed_figure(20.0, 24.7, 1.5, speedup=1.234)
     bars = figure.data[0]
     assert list(bars.x) == ["dense", "sparse"] and list(bars.y) == [20.0, 24.7] and bars.text[1] == "×1.23"
     (line,) = figure.layout.shapes
     assert line.y0 == line.y1 == pytest.approx(30.0) and line.line.dash == "dash"
     assert figure.layout.annotations[0].text == "bound ×1.50"
     assert figure.layout.yaxis.range[1] > 30.0
-    assert stakeholder_report.speed_figure(20.0, 24.7, 1.5).data[0].text[1] == ""  # no valid speedup, no label
+    assert speed_figure(20.0, 24.7, 1.5).data[0].text[1] == ""  # no valid speedup, no label
 
 
 def test_speed_figure_draws_each_runs_bandwidth_limit_over_its_bar():
     decode = dict(bandwidth_gbs=45.0, weight_bytes_per_token=538_000_000, sparse_weight_bytes_per_token=330_000_000)
-    limits = stakeholder_report.bandwidth_limits(decode)
+    limits = bandwidth_limits(decode)
     assert limits == pytest.approx((45e9 / 538e6, 45e9 / 330e6))
-    figure = stakeholder_report.speed_figure(20.0, 24.7, 1.63, speedup=1.2, limits=limits)
+    figure = speed_figure(20.0, 24.7, 1.63, speedup=1.2, limits=limits)
     dotted = [shape for shape in figure.layout.shapes if shape.line.dash == "dot"]
     assert [(s.x0 + s.x1) / 2 for s in dotted] == pytest.approx([0, 1])  # over the dense bar, then the sparse one
     assert [s.y0 for s in dotted] == pytest.approx(list(limits))
@@ -161,7 +162,7 @@ def test_speed_figure_draws_each_runs_bandwidth_limit_over_its_bar():
 
 
 def test_quality_figure_has_two_panels():
-    figure = stakeholder_report.quality_figure(12.34, 13.01, 0.914)
+    figure = quality_figure(12.34, 13.01, 0.914)
     perplexity, agreement = figure.data
     assert list(perplexity.y) == [12.34, 13.01] and list(agreement.y) == [0.914]
     assert perplexity.xaxis == "x" and agreement.xaxis == "x2"

@@ -84,7 +84,7 @@ def test_it_stops_without_a_visitor_and_when_its_model_is_evicted(smollm2, tmp_p
     deadline = time.monotonic() + 600
     while not steps and time.monotonic() < deadline:
         time.sleep(0.05)
-    warmup.stop_for(smollm2)  # evicted
+    prepared.stop()  # evicted (Lab.close)
     prepared.wait(timeout=600)
     assert prepared.stopped and prepared._thread is None and 1 <= len(steps) < 3
     prepared.lease()  # a stopped preparation does not start again
