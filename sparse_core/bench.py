@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -59,31 +60,31 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
 
 
 BANDWIDTH_BYTES, BANDWIDTH_REPEATS = 1 << 30, 10  # the read-bandwidth probe: far beyond any last-level cache
-_BANDWIDTH = DiskStore("read_bandwidth", 3)  # v3: eight prefetched streams a thread (v2 read one, below the kernels)
 
 
 def read_bandwidth_gbs(device: str = "cpu", repeats: int = BANDWIDTH_REPEATS) -> float:
-    """This machine's memory read bandwidth in GB/s, the limit batch-1 decoding runs against (every weight byte is
-    read once per token): the fastest of `repeats` reads of 1 GiB, on the CPU by the kernels' own vector loads on
-    all threads (sparse_lab::stream_read), on a GPU by a sum; and the fastest any probe has shown on this machine,
-    kept on disk. A limit, so the best seen: a rate above it means the probe or the measurement is wrong."""
+    """The memory read bandwidth in GB/s now, the limit batch-1 decoding runs against (every weight byte is read once
+    per token): the fastest of `repeats` reads of 1 GiB, on the CPU by the kernels' own vector loads on all threads
+    (sparse_lab::stream_read), each time with the lines requested ahead and without, on a GPU by a sum. Measured in the sitting it bounds, never carried over from another:
+    a shared machine's bandwidth moves by half between hours, so another sitting's figure is no limit for this one.
+    A benchmark probes before and after its timings and keeps the faster; a rate above that is a broken measurement."""
     data = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32, device=device)
-    read = torch.ops.sparse_lab.stream_read if device == "cpu" else torch.sum
+    reads = [torch.sum]
     if device == "cpu":
         from .kernels import cpu_native
         cpu_native.native()  # the probe's CPU implementation: the native kernel's, or torch's sum without a build
+        reads = [lambda d: torch.ops.sparse_lab.stream_read(d, True), lambda d: torch.ops.sparse_lab.stream_read(d, False)]
     seconds = []
-    for _ in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        read(data)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    for repeat in range(repeats + 1):
+        for read in reads:
+            synchronize(device)
+            start = time.perf_counter()
+            read(data)
+            synchronize(device)
+            if repeat:  # the first of each warms up
+                seconds.append(time.perf_counter() - start)
     del data
-    key = digest(machine(torch.device(device)))
-    best = max(BANDWIDTH_BYTES / min(seconds[1:]) / 1e9, (_BANDWIDTH.load(key) or {}).get("gbs", 0.0))
-    _BANDWIDTH.save(key, {"gbs": round(best, 2)})
-    return round(best, 2)
+    return round(BANDWIDTH_BYTES / min(seconds) / 1e9, 2)
 
 
 def _sparse_input(width: int, sparsity: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, float]:
@@ -123,7 +124,7 @@ def flag(speedup: float, bound: float, *timings: Timing, gbs: float = 0.0, limit
     `gbs` above the measured bandwidth `limit` (the probe or the measurement is wrong), or too wide a spread."""
     if speedup > BOUND_SLACK * bound:
         return f"invalid: x{speedup:.2f} is above the bound x{bound:.2f} (an unfair baseline or noise)"
-    if limit and gbs > limit:  # the probe is the best read seen on this machine: nothing reads faster
+    if limit and gbs > limit:  # the probe is the best read of the same sitting: nothing then read faster
         return (f"invalid: {gbs:.1f} GB/s is above the measured read bandwidth {limit:.1f} GB/s (weights from cache, "
                 "or a wrong probe)")
     widest = max(t.spread for t in timings)
@@ -133,13 +134,14 @@ def flag(speedup: float, bound: float, *timings: Timing, gbs: float = 0.0, limit
 
 
 def _timings(calls: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, Timing]:
-    """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike, in an order that
-    rotates every repeat: a call that follows its own twin (the kernel at s = 0 after the kernel as dense) finds
-    warm branch predictors and would otherwise win by a few percent on small shapes."""
+    """Each call timed `repeats` times, interleaved so load from elsewhere hits them all alike, in an order shuffled
+    every repeat (seeded), so that no call always follows the same one: what a call finds behind its predecessor
+    moves its time (a twin's warm branch predictors; docs/PERFORMANCE.md has the measurement). A rotated order does
+    not help there: it keeps every call's predecessor."""
     seconds = {name: [] for name in calls}
-    names = list(calls)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+    names, order = list(calls), random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             call = calls[name]
             synchronize(device)
             start = time.perf_counter()
@@ -163,9 +165,9 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
 
     Dense candidates, all on the same input: "hf" (F.linear on HF's (out, in) layout), "linear" (F.linear on the
     (in, out) rows a patched model stores) and "kernel" (the sparse op with nothing skipped on those rows)."""
-    rows, total = [], len(shapes) * len(dtypes) * len(sparsities)
+    rows, timings, total = [], [], len(shapes) * len(dtypes) * len(sparsities)
     cache = last_level_cache_bytes(device)
-    bandwidth = read_bandwidth_gbs(device)
+    probed = read_bandwidth_gbs(device)
     for out_features, in_features in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -196,14 +198,16 @@ def kernel_rows(shapes=SHAPES, dtypes=DTYPES, sparsities=SPARSITIES, repeats: in
                                      dense_path=dense_path, dense_ms=round(dense.median, 4),
                                      dense_iqr_ms=round(dense.q3 - dense.q1, 4), sparse_ms=round(sparse.median, 4),
                                      sparse_iqr_ms=round(sparse.q3 - sparse.q1, 4), speedup=round(speedup, 3),
-                                     bound=round(bound, 3), dense_gbs=round(dense_gbs, 2), sparse_gbs=round(sparse_gbs, 2),
-                                     bandwidth_gbs=bandwidth, dense_fraction_of_limit=round(dense_gbs / bandwidth, 3),
-                                     sparse_fraction_of_limit=round(sparse_gbs / bandwidth, 3),
-                                     flag=flag(speedup, bound, dense, sparse, gbs=max(dense_gbs, sparse_gbs),
-                                               limit=bandwidth)))
+                                     bound=round(bound, 3), dense_gbs=round(dense_gbs, 2), sparse_gbs=round(sparse_gbs, 2)))
+                    timings.append((dense, sparse, speedup, bound, max(dense_gbs, sparse_gbs)))
                     if progress:
                         progress(len(rows), total)
             del plain, stored, template
+    bandwidth = max(probed, read_bandwidth_gbs(device))  # the sitting's limit: probed before and after the timings
+    for row, (dense, sparse, speedup, bound, gbs) in zip(rows, timings):
+        row.update(bandwidth_gbs=bandwidth, dense_fraction_of_limit=round(row["dense_gbs"] / bandwidth, 3),
+                   sparse_fraction_of_limit=round(row["sparse_gbs"] / bandwidth, 3),
+                   flag=flag(speedup, bound, dense, sparse, gbs=gbs, limit=bandwidth))
     return rows
 
 
@@ -300,6 +304,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     fallbacks = []  # why a compiled run decoded uncompiled
     for run in runs.values():
         run(4)  # warm-up, and the compiles
+    probed = read_bandwidth_gbs(model.device.type)
     steps = {name: [] for name in runs}
     per_repeat = {name: [] for name in runs}
     for done in range(repeats):
@@ -320,7 +325,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     ratios = [d / s for d, s in zip(per_repeat[dense_path], per_repeat["sparse"])]  # paired: each run with its twin
     cost = token_cost(model, counter.weighted(model.skippable_params(spec.method if spec else "dense")))
     speedup = statistics.median(ratios)
-    bandwidth = read_bandwidth_gbs(model.device.type)
+    bandwidth = max(probed, read_bandwidth_gbs(model.device.type))  # the sitting's limit: before and after the timings
     fraction = lambda t, weight_bytes: round(1e3 / t.median * weight_bytes / 1e9 / bandwidth, 3)
     why_not_compiled = fallbacks[0] if fallbacks else None
     result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,

@@ -96,8 +96,9 @@ def test_dot_linear_matches_reference(tokens, width, out, dtype, vector_path):
 
 def test_stream_read_sums_what_it_reads(vector_path):
     data = torch.rand(1_000_003)  # not a multiple of any vector width or thread share
-    total = torch.ops.sparse_lab.stream_read(data).item()
-    assert total == pytest.approx(data.double().sum().item(), rel=1e-4)
+    for prefetch in (True, False):
+        total = torch.ops.sparse_lab.stream_read(data, prefetch).item()
+        assert total == pytest.approx(data.double().sum().item(), rel=1e-4)
 
 
 def test_every_path_this_cpu_has_is_offered_and_none_wider():

@@ -34,7 +34,7 @@ def test_a_disk_store_reads_back_only_its_own_version(monkeypatch, tmp_path):
 
 
 def test_every_disk_store_follows_the_one_rule():
-    stores = [metrics._MEASURED, fast_decode._COMPILE_SECONDS, bench._BANDWIDTH, bench._DECODES, peer._RESULTS,
+    stores = [metrics._MEASURED, fast_decode._COMPILE_SECONDS, bench._DECODES, peer._RESULTS,
               models._ROUTES, calibrate._CALIBRATIONS]
     for store in stores:
         assert store.folder.name == f"{store.kind}-v{store.version}" and "-v" not in store.kind

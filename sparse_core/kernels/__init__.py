@@ -16,7 +16,7 @@ LIBRARY.define("sparse_linear(Tensor x, Tensor weight, Tensor weight_t, Tensor? 
                "float scalar_threshold) -> Tensor")
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
 LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
-LIBRARY.define("stream_read(Tensor data) -> Tensor")  # the sum of float32 data: the read-bandwidth probe
+LIBRARY.define("stream_read(Tensor data, bool prefetch=True) -> Tensor")  # the sum of float32 data: the bandwidth probe
 # One token through every decoder layer and the head (CPU, dense or TEAL): the logits (the dtype's values, held in
 # float32) and the skipped inputs per (layer, group).
 LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Tensor[] qkv_t, Tensor[] o_t, "
@@ -89,7 +89,7 @@ def _dot_linear_fake(x, weight):
 
 
 @torch.library.register_fake("sparse_lab::stream_read")
-def _stream_read_fake(data):
+def _stream_read_fake(data, prefetch=True):
     return data.new_empty(())
 
 

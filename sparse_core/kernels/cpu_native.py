@@ -78,7 +78,7 @@ def _load() -> str | None:
     warnings.warn(f"sparse_core: the native CPU kernel is unavailable ({reason}); using the embedding_bag fallback.")
     LIBRARY.impl("sparse_linear", _embedding_bag_sparse_linear, "CPU")
     LIBRARY.impl("dot_linear", lambda x, weight: F.linear(x, weight), "CPU")
-    LIBRARY.impl("stream_read", lambda data: data.sum(), "CPU")
+    LIBRARY.impl("stream_read", lambda data, prefetch=True: data.sum(), "CPU")
     return reason
 
 

@@ -252,7 +252,7 @@ at::Tensor dot_linear(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // The sum of a float32 tensor, read by every thread with the active path's vector loads: the bandwidth probe.
-at::Tensor stream_read(const at::Tensor& data) {
+at::Tensor stream_read(const at::Tensor& data, bool prefetch) {
   TORCH_CHECK_VALUE(data.scalar_type() == at::kFloat && data.is_contiguous(), "stream_read takes contiguous float32.");
   const int64_t n = data.numel(), threads = at::get_num_threads();
   const int64_t chunk = (n + threads - 1) / threads;
@@ -262,7 +262,7 @@ at::Tensor stream_read(const at::Tensor& data) {
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t begin = std::min(n, t * chunk), end = std::min(n, (t + 1) * chunk);
-      partial[t] = k.read_sum(p + begin, end - begin);
+      partial[t] = k.read_sum(p + begin, end - begin, prefetch);
     }
   });
   float total = 0.0f;

@@ -51,8 +51,9 @@ struct VectorKernels {
                   int64_t r1, const bool* keep, int64_t out, float* y);
   void (*dot_bf16)(const bf16_bits* w, int64_t in, const float* x, const bf16_bits* xb, int64_t tokens,
                    const int64_t* rows, int64_t r0, int64_t r1, const bool* keep, int64_t out, float* y);
-  // The sum of n floats, read with this ISA's widest loads: the bandwidth probe's inner loop.
-  float (*read_sum)(const float* data, int64_t n);
+  // The sum of n floats, read with this ISA's widest loads, the next lines requested ahead or not: the bandwidth
+  // probe's inner loop.
+  float (*read_sum)(const float* data, int64_t n, bool prefetch);
   // One token through every layer and the head (DecodeStep), for float32 and bfloat16 models.
   void (*decode_f32)(const DecodeStep& step);
   void (*decode_bf16)(const DecodeStep& step);
