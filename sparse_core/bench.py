@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from . import ops
 from .calibrate import Progress
 from .cost import token_cost
-from .machine import machine, synchronize
-from .store import DiskStore, digest, measurement_key
+from .machine import synchronize
+from .store import DiskStore, measurement_key
 
 SHAPES = ((4096, 11008), (11008, 4096), (576, 1536), (1536, 576))  # (out_features, in_features)
 DTYPES = ("float32", "bfloat16")
