@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 
 import pandas as pd
 
-from . import (bench, calibrate, comparison, cost, fast_decode, figures, generate, metrics, models, ops, peer,
+from . import (bench, calibrate, comparison, fast_decode, figures, generate, metrics, models, ops, peer,
                stakeholder_report, tuning, views, warmup)
 from .calibrate import Progress
 from .spec import SparsitySpec
@@ -32,7 +32,6 @@ KERNEL_SHAPES, KERNEL_DTYPES = bench.SHAPES, bench.DTYPES
 KERNEL_SPARSITIES, QUICK_KERNEL_SPARSITIES = bench.SPARSITIES, bench.QUICK_SPARSITIES
 FULL_REPEATS, QUICK_REPEATS = bench.FULL_REPEATS, bench.QUICK_REPEATS
 DECODE_TOKENS, DECODE_REPEATS = bench.DECODE_TOKENS, bench.DECODE_REPEATS
-DRAM_PJ_PER_BYTE = cost.DRAM_PJ_PER_BYTE
 kernel_benchmark = bench.kernel_benchmark
 describe_backends = ops.describe_backends
 
