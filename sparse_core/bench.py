@@ -2,6 +2,7 @@
 
     python -m sparse_core bench kernels [--json] [--quick]
     python -m sparse_core bench decode [--json] [--sparsity 0.5]
+    python -m sparse_core bench profile [--json] [--sparsity 0.5]   (token_profile: where one token goes)
 
 Batch-1 decoding is memory-bound, so a linear whose input has a fraction s of zeros can at best run 1/(1-s) times
 faster than dense. Every speedup here is over the fastest dense product measured in the same run (HF's own layout,
@@ -266,7 +267,7 @@ def flagged_decode(model, spec, compiled: bool = False) -> dict | None:
     return _DECODES.load(_decode_key(model, spec, compiled) + "-flagged")
 
 
-def _steps(model, prompt, spec, new_tokens: int, dense_route: str | None = None, compiled: bool = False) -> list:
+def decode_steps(model, prompt, spec, new_tokens: int, dense_route: str | None = None, compiled: bool = False) -> list:
     """The prefill's token, then `new_tokens` decode steps' tokens, each with its wall time."""
     from . import generate
     return list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, stop_at_eos=False,
@@ -295,12 +296,12 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     counter = SparsityCounter()  # measured in its own untimed run: observers cost time
     with torch.inference_mode():
         list(generate.stream(model, prompt, spec, max_new_tokens=new_tokens + 1, observers=[counter], stop_at_eos=False))
-    runs = {"linear": lambda n: _steps(model, prompt, None, n, "linear", compiled)}
+    runs = {"linear": lambda n: decode_steps(model, prompt, None, n, "linear", compiled)}
     if model.layout != "hf":
-        runs["kernel"] = lambda n: _steps(model, prompt, None, n, "kernel", compiled)
+        runs["kernel"] = lambda n: decode_steps(model, prompt, None, n, "kernel", compiled)
     if plain is not None:
-        runs["hf"] = lambda n: _steps(plain, generate.encode_prompt(plain, PROMPT), None, n)
-    runs["sparse"] = lambda n: _steps(model, prompt, spec, n, compiled=compiled)
+        runs["hf"] = lambda n: decode_steps(plain, generate.encode_prompt(plain, PROMPT), None, n)
+    runs["sparse"] = lambda n: decode_steps(model, prompt, spec, n, compiled=compiled)
     fallbacks = []  # why a compiled run decoded uncompiled
     for run in runs.values():
         run(4)  # warm-up, and the compiles
@@ -359,12 +360,13 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_arguments(parser):
-    parser.add_argument("what", choices=["kernels", "decode", "peer"])
+    parser.add_argument("what", choices=["kernels", "decode", "peer", "profile"])
     parser.add_argument("--json", action="store_true", help="machine-readable output (decode: one JSON object per line)")
     parser.add_argument("--quick", action="store_true", help="kernels: fewer sparsities and repeats (under a minute)")
     parser.add_argument("--method", default="teal", choices=["teal", "cats", "topk"], help="decode: sparsity method")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5], help="decode: target sparsities")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decode: model dtype")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
+                        help="decode, profile: target sparsities (profile: beside dense)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decode, profile: model dtype")
     parser.add_argument("--layout", default="inputs", choices=["inputs", "cats"], help="decode: weight layout")
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS, help="decode: tokens generated per run")
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")
@@ -425,6 +427,12 @@ def run(args) -> int:
         return 0
     from .lab import Lab
     held = Lab.load(dtype=args.dtype, layout=args.layout, device=device)
+    if args.what == "profile":
+        from . import token_profile
+        specs = [None, *(held.spec_for("teal", target) for target in args.sparsity if target > 0)]
+        results = [held.token_profile(spec, args.new_tokens, args.repeats) for spec in specs]
+        print(json.dumps(results) if args.json else token_profile.table(results))
+        return 0
     for target in args.sparsity:
         spec = held.spec_for(args.method, target)
         compiled = held.compiles_by_default if args.compile is None else args.compile

@@ -119,6 +119,7 @@ class Decoder:
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
         self._native = self._native_weights() if native_head else None
         self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the native step's cos and sin rows
+        self.profile = None  # a bench.TokenProfile while `bench profile` times the native step's phases
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
         self.failed: dict[str, str] = {}  # compile key -> why its compile failed: that shape then decodes eagerly
@@ -266,9 +267,17 @@ class Decoder:
         without its per-token wrapper, guards and small kernels."""
         position = int(start)
         cos, sin = self._rotary_at(position)
-        return torch.ops.sparse_lab.decode_token(
+        profile = self.profile
+        logits, skipped = torch.ops.sparse_lab.decode_token(
             self.embed[ids[0]], cos, sin, position, *self._native, caches, inputs.thresholds, self.norm, self.head,
-            self.heads, self.kv_heads, self.eps)
+            self.heads, self.kv_heads, self.eps, None if profile is None else profile.phases)
+        if profile is not None:
+            profile.count(skipped)
+        return logits, skipped
+
+    def native_row_bytes(self) -> list[list[tuple[int, int]]]:
+        """Per group (q|k|v, o, gate|up, down), each layer's (inputs, bytes of one input's row) in the native step."""
+        return [[(w.shape[0], w.shape[1] * w.element_size()) for w in group] for group in self._native[:4]]
 
     def _rotary_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at one position, rows of a table the model's rotary embedding fills once per doubling of the

@@ -210,6 +210,11 @@ class Lab:
                                    bench.DECODE_REPEATS if repeats is None else repeats, plain=self.plain(),
                                    progress=progress, compiled=compiled)
 
+    def token_profile(self, spec: SparsitySpec | None, new_tokens: int, repeats: int) -> dict:
+        """Where one token of the native step goes, phase by phase, the weights' reads beside the probe."""
+        from . import token_profile
+        return token_profile.profile(self.model, spec, new_tokens, repeats)
+
     def layer_times(self, spec: SparsitySpec | None, new_tokens: int = 8) -> views.StepBreakdown:
         """Each decoder layer's time in a decode step, dense against `spec`, interleaved."""
         return views.decode_step_breakdown(self.model, generate.encode_prompt(self.model, bench.PROMPT), spec,

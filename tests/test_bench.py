@@ -140,3 +140,30 @@ def test_cli_kernels_json_shape(monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"backend", "device", "bandwidth_gbs", "rows"} and len(report["rows"]) == 3
     assert all(set(r) == ROW_KEYS for r in report["rows"])
+
+
+def test_token_profile_accounts_for_every_weight_byte_of_the_native_step(smollm2, capsys):
+    """Dense, the gathers read every projection's rows (but an input exactly zero's) and the head its whole matrix;
+    TEAL 50 % reads about half the projections' rows; thread 0's phases fit inside the token's wall time."""
+    assert main(["bench", "profile", "--json", "--new-tokens", "3", "--repeats", "1", "--sparsity", "0.5"]) == 0
+    dense, teal = json.loads(capsys.readouterr().out)
+    assert (dense["spec"], teal["spec"]) == ("dense", "TEAL 50%")
+    total, sparsifiable = cost.model_bytes(smollm2)
+    gathers = lambda result: sum(r["bytes"] for r in result["rows"] if r["phase"].endswith("gather"))
+    head = lambda result: next(r["bytes"] for r in result["rows"] if r["phase"] == "lm_head")
+    config = smollm2.model.config
+    assert 0.999 * sparsifiable < gathers(dense) <= sparsifiable
+    assert head(dense) == head(teal) == config.vocab_size * config.hidden_size * 4  # float32, tied: no second copy
+    assert 0.3 < gathers(teal) / sparsifiable < 0.7
+    for result in (dense, teal):
+        assert result["tokens"] == 3 and all(r["ms"] > 0 for r in result["rows"])  # the last row: the wall's remainder
+        assert sum(r["ms"] for r in result["rows"]) == pytest.approx(result["ms"], rel=1e-3)
+        for r in result["rows"]:
+            if "gbs" in r:
+                assert r["gbs"] == pytest.approx(r["bytes"] / r["ms"] / 1e6, rel=1e-2)
+
+
+def test_token_profile_says_in_one_sentence_what_it_cannot_time(smollm2):
+    from sparse_core import token_profile
+    with pytest.raises(ValueError, match=r"^bench profile times the native decode step[^.]*\.$"):
+        token_profile.profile(smollm2, smollm2.topk_spec(0.5), new_tokens=1, repeats=1)

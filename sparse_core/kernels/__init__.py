@@ -18,10 +18,12 @@ LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) 
 LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
 LIBRARY.define("stream_read(Tensor data, bool prefetch=True) -> Tensor")  # the sum of float32 data: the bandwidth probe
 # One token through every decoder layer and the head (CPU, dense or TEAL): the logits (the dtype's values, held in
-# float32) and the skipped inputs per (layer, group).
+# float32) and the skipped inputs per (layer, group); with `phases`, thread 0's seconds per phase of the token are
+# added to it (csrc/vector_kernels.h's Phase, bench profile).
 LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Tensor[] qkv_t, Tensor[] o_t, "
                "Tensor[] gate_up_t, Tensor[] down_t, Tensor[] norms, Tensor(a!)[] caches, Tensor thresholds, "
-               "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps) -> (Tensor, Tensor)")
+               "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps, Tensor(b!)? phases=None) "
+               "-> (Tensor, Tensor)")
 
 
 # The token counts where the kernels change strategy, per device type, measured (docs/PERFORMANCE.md): up to

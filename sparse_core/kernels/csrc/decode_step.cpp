@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace {
@@ -46,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                                                 at::TensorList gate_up_t, at::TensorList down_t, at::TensorList norms,
                                                 at::TensorList caches, const at::Tensor& thresholds,
                                                 const at::Tensor& final_norm, const at::Tensor& head, int64_t heads,
-                                                int64_t kv_heads, double eps) {
+                                                int64_t kv_heads, double eps,
+                                                const std::optional<at::Tensor>& phases) {
   const int64_t layers = static_cast<int64_t>(qkv_t.size());
   TORCH_CHECK_VALUE(layers > 0 && o_t.size() == qkv_t.size() && gate_up_t.size() == qkv_t.size() &&
                         down_t.size() == qkv_t.size() && norms.size() == 2 * qkv_t.size() &&
@@ -82,6 +84,9 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
       TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
                         "decode_token needs every weight, norm and cache contiguous on the CPU in the hidden state's "
                         "dtype.");
+  TORCH_CHECK_VALUE(!phases || (phases->scalar_type() == at::kDouble && phases->is_contiguous() &&
+                                 phases->numel() == sparse_lab::kPhases),
+                    "decode_token's phases are ", static_cast<int>(sparse_lab::kPhases), " contiguous float64 seconds.");
   const std::vector<float> limits = as_floats(thresholds), cosv = as_floats(cos), sinv = as_floats(sin);
   std::vector<float> state = as_floats(x);
   const std::vector<const void*> qkv = pointers(qkv_t), o = pointers(o_t), gate_up = pointers(gate_up_t),
@@ -95,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                                     head.size(0), static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(),
                                     down.data(), norm.data(), cache.data(), final_norm.data_ptr(), head.data_ptr(),
                                     limits.data(), cosv.data(), sinv.data(), at::get_num_threads(), state.data(),
-                                    logits.data_ptr<float>(), skipped.data_ptr<int64_t>()};
+                                    logits.data_ptr<float>(), skipped.data_ptr<int64_t>(),
+                                    phases ? phases->data_ptr<double>() : nullptr};
   const sparse_lab::VectorKernels& kernels = sparse_lab::active_kernels();
   (dtype == at::kBFloat16 ? kernels.decode_bf16 : kernels.decode_f32)(step);
   return {logits, skipped};

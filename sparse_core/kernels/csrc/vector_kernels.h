@@ -33,6 +33,22 @@ struct DecodeStep {
   float* state;      // in: the token's embedding row (float32 values of the dtype)
   float* logits;     // out: vocab values, rounded to the model's dtype as HF's lm_head rounds them
   int64_t* skipped;  // out: [layers, 4] inputs at or below their group's threshold
+  double* phases;    // null, or out: thread 0's seconds in each Phase added to it (bench profile)
+};
+
+// Where thread 0 spends a token, each phase running until the next begins (so a wait belongs to the phase it
+// ends): the profile of the weights' share of a token against everything else.
+enum Phase : int {
+  kGlue,       // residual adds, norms, picking the inputs, summing partial rows, rotary, the cache row
+  kQkvGather,  // this thread's share of each projection's active rows
+  kOGather,
+  kGateUpGather,
+  kDownGather,
+  kGatherWait,  // the barrier after each gather: waiting for the other threads' shares
+  kAttention,   // attention over the cache, its parts merged, and its barriers
+  kGate,        // the SiLU gate and its barrier
+  kHead,        // the lm_head's rows
+  kPhases
 };
 
 struct VectorKernels {
