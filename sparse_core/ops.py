@@ -76,6 +76,21 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return reference_rows_linear(x, weight, bias, keep)
 
 
+def reference_sparse_linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                                 threshold: Threshold) -> torch.Tensor:
+    """The int8 op's definition: the reference over the weight the int8 rows stand for (quantize.dequantize)."""
+    return reference_sparse_linear(x, quantize.dequantize(q, scales, x.dtype), bias, threshold)
+
+
+def sparse_linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                       threshold: Threshold) -> torch.Tensor:
+    """sparse_linear over int8 rows and their block scales (quantize.py): the op where a kernel reads int8
+    (kernels.takes_int8), the reference otherwise."""
+    if kernels.takes_int8(x):
+        return kernels.sparse_linear_int8(x, q, scales, bias, threshold)
+    return reference_sparse_linear_int8(x, q, scales, bias, threshold)
+
+
 def backend_for(x: torch.Tensor, weight: torch.Tensor) -> str:
     """What runs ops.sparse_linear(x, weight, ...): "CPU" or "CUDA" (the op's kernel for that dispatch key), or
     "reference"."""
@@ -87,7 +102,7 @@ def describe_backends() -> str:
     return kernels.describe()
 
 
-from . import kernels  # noqa: E402 - the kernels register behind the API above
+from . import kernels, quantize  # noqa: E402 - the kernels register behind the API above
 
 
 def _reference_op(x, weight, weight_t, bias, threshold, scalar_threshold):
@@ -97,7 +112,15 @@ def _reference_op(x, weight, weight_t, bias, threshold, scalar_threshold):
     return reference_sparse_linear(x, weight, bias, limit)
 
 
+def _reference_int8_op(x, q, scales, bias, threshold, scalar_threshold):
+    """sparse_lab::sparse_linear_int8 by the reference, under the kernels' contract (kernels.check_int8_call)."""
+    per_token = kernels.check_int8_call(x, q, scales, threshold)
+    limit = scalar_threshold if per_token is None else per_token.reshape(*x.shape[:-1], 1)
+    return reference_sparse_linear_int8(x, q, scales, bias, limit)
+
+
 # The reference is the ops' implementation for every device without a kernel of its own (the dispatcher prefers a
 # backend key's kernel, CPU or CUDA, over this one).
 kernels.LIBRARY.impl("sparse_linear", _reference_op, "CompositeExplicitAutograd")
 kernels.LIBRARY.impl("rows_linear", reference_rows_linear, "CompositeExplicitAutograd")
+kernels.LIBRARY.impl("sparse_linear_int8", _reference_int8_op, "CompositeExplicitAutograd")

@@ -14,6 +14,9 @@ import torch
 LIBRARY = torch.library.Library("sparse_lab", "DEF")
 LIBRARY.define("sparse_linear(Tensor x, Tensor weight, Tensor weight_t, Tensor? bias, Tensor? threshold, "
                "float scalar_threshold) -> Tensor")
+# The same over int8 weights (quantize.py): q the (in, out) int8 rows, scales one float32 row per quantize.BLOCK inputs.
+LIBRARY.define("sparse_linear_int8(Tensor x, Tensor q, Tensor scales, Tensor? bias, Tensor? threshold, "
+               "float scalar_threshold) -> Tensor")
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
 LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
 LIBRARY.define("stream_read(Tensor data, bool prefetch=True) -> Tensor")  # the sum of float32 data: the bandwidth probe
@@ -74,6 +77,26 @@ def check_call(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor 
     return threshold.reshape(tokens).float()
 
 
+def check_int8_call(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, threshold: torch.Tensor | None):
+    """sparse_linear_int8's contract (the C++ kernel mirrors it): q contiguous int8 (in, out) rows, scales one
+    float32 row per quantize.BLOCK inputs and a column per output; thresholds as check_call takes them."""
+    from ..quantize import blocks
+    inputs = x.shape[-1]
+    if q.dim() != 2 or q.dtype != torch.int8 or not q.is_contiguous() or q.shape[0] != inputs:
+        raise OpContractError(f"sparse_linear_int8 needs q as contiguous int8 (in, out) rows with in = {inputs}, got "
+                              f"{q.dtype} of shape {tuple(q.shape)}.")
+    if scales.dtype != torch.float32 or not scales.is_contiguous() or tuple(scales.shape) != (blocks(inputs), q.shape[1]):
+        raise OpContractError(f"sparse_linear_int8 needs float32 scales of shape {(blocks(inputs), q.shape[1])}, got "
+                              f"{scales.dtype} of shape {tuple(scales.shape)}.")
+    return check_call(x, q, threshold)
+
+
+@torch.library.register_fake("sparse_lab::sparse_linear_int8")
+def _sparse_linear_int8_fake(x, q, scales, bias, threshold, scalar_threshold):
+    check_int8_call(x, q, scales, threshold)
+    return x.new_empty(*x.shape[:-1], q.shape[1])
+
+
 @torch.library.register_fake("sparse_lab::sparse_linear")
 def _sparse_linear_fake(x, weight, weight_t, bias, threshold, scalar_threshold):
     check_call(x, weight_t, threshold)
@@ -104,6 +127,9 @@ def input_rows(weight: torch.Tensor) -> bool:
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
 
+INT8_DEVICES = ("cpu",)  # where a kernel reads int8 rows; elsewhere the int8 op runs its reference
+
+
 def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The ops have no autograd formula: calls that need gradients stay on the reference path."""
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -118,6 +144,11 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def takes_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The output-sparse (CATS row) op's contract: what the kernels of x's device compute, on (out, in) rows."""
     return _computes(x, weight) and weight.is_contiguous()
+
+
+def takes_int8(x: torch.Tensor) -> bool:
+    """The int8 op's contract on the activations: float32, on a device whose kernels read int8 rows."""
+    return x.dtype == torch.float32 and x.device.type in INT8_DEVICES and inference_only(x, x)
 
 
 def _computes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -145,6 +176,18 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if isinstance(threshold, torch.Tensor):
         return _SPARSE_LINEAR(x, weight, weight.t(), bias, threshold, 0.0)
     return _SPARSE_LINEAR(x, weight, weight.t(), bias, None, float(threshold))
+
+
+_SPARSE_LINEAR_INT8 = torch.ops.sparse_lab.sparse_linear_int8.default
+
+
+def sparse_linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                       threshold) -> torch.Tensor:
+    """`ops.sparse_linear_int8`'s signature onto the op, as sparse_linear's."""
+    _implementations()
+    if isinstance(threshold, torch.Tensor):
+        return _SPARSE_LINEAR_INT8(x, q, scales, bias, threshold, 0.0)
+    return _SPARSE_LINEAR_INT8(x, q, scales, bias, None, float(threshold))
 
 
 def implementation(x: torch.Tensor, weight: torch.Tensor) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import quantize
 from . import KERNEL_DTYPES, LIBRARY, UNION_TOKENS, check_call
 
 CSRC = Path(__file__).parent / "csrc"
@@ -69,7 +70,9 @@ def _load() -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             cpp_extension.load(name="sparse_lab_cpu", sources=[str(s) for s in SOURCES], build_directory=str(folder),
-                               extra_cflags=["-O3", "-fopenmp", f"-DSPARSE_LAB_UNION_TOKENS={UNION_TOKENS['cpu']}"], extra_include_paths=[str(CSRC)],
+                               extra_cflags=["-O3", "-fopenmp", f"-DSPARSE_LAB_UNION_TOKENS={UNION_TOKENS['cpu']}",
+                                             f"-DSPARSE_LAB_INT8_BLOCK={quantize.BLOCK}"],
+                               extra_include_paths=[str(CSRC)],
                                extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
             return None

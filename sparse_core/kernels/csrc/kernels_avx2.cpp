@@ -18,6 +18,9 @@ struct V {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  static F load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static float sum(F v) {
@@ -42,7 +45,7 @@ struct V {
 
 }  // namespace avx2
 
-const VectorKernels kAvx2Kernels{"avx2", avx2::gather_f32, avx2::gather_bf16, avx2::dot_f32, avx2::dot_bf16,
+const VectorKernels kAvx2Kernels{"avx2", avx2::gather_f32, avx2::gather_bf16, avx2::gather_int8, avx2::dot_f32, avx2::dot_bf16,
                                  avx2::read_sum, avx2::decode_f32, avx2::decode_bf16};
 
 }  // namespace sparse_lab

@@ -27,6 +27,9 @@ struct V {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static F load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
@@ -75,10 +78,10 @@ void dot4_bf16(const bf16_bits* const* r, const bf16_bits* const* ahead, const b
 
 #ifdef SPARSE_LAB_BF16_DOT
 const VectorKernels kAvx512Bf16Kernels{"avx512_bf16", avx512_bf16::gather_f32, avx512_bf16::gather_bf16,
-                                       avx512_bf16::dot_f32, avx512_bf16::dot_bf16, avx512_bf16::read_sum,
+                                       avx512_bf16::gather_int8, avx512_bf16::dot_f32, avx512_bf16::dot_bf16, avx512_bf16::read_sum,
                                        avx512_bf16::decode_f32, avx512_bf16::decode_bf16};
 #else
-const VectorKernels kAvx512Kernels{"avx512", avx512::gather_f32, avx512::gather_bf16, avx512::dot_f32,
+const VectorKernels kAvx512Kernels{"avx512", avx512::gather_f32, avx512::gather_bf16, avx512::gather_int8, avx512::dot_f32,
                                    avx512::dot_bf16, avx512::read_sum, avx512::decode_f32, avx512::decode_bf16};
 #endif
 

@@ -16,6 +16,7 @@ struct V {
     bits.u = static_cast<uint32_t>(*p) << 16;
     return bits.f;
   }
+  static F load(const int8_t* p) { return static_cast<float>(*p); }
   static F fma(F a, F b, F c) { return a * b + c; }
   static void store(float* p, F v) { *p = v; }
   static float sum(F v) { return v; }
@@ -36,7 +37,8 @@ struct V {
 
 }  // namespace scalar
 
-const VectorKernels kScalarKernels{"scalar", scalar::gather_f32, scalar::gather_bf16, scalar::dot_f32,
+const VectorKernels kScalarKernels{"scalar", scalar::gather_f32, scalar::gather_bf16, scalar::gather_int8,
+                                   scalar::dot_f32,
                                    scalar::dot_bf16, scalar::read_sum, scalar::decode_f32, scalar::decode_bf16};
 
 }  // namespace sparse_lab

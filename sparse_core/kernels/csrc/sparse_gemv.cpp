@@ -88,13 +88,14 @@ inline float widen(c10::BFloat16 v) {
   return f;
 }
 
-// The union of the tokens' masks as row indices, and each token's masked values compacted onto them, then the
-// gather of those rows.
-template <typename W>
-at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
-                       const float* thr, bool per_token) {
-  const int64_t tokens = x2.size(0), in = x2.size(1), out = wt.size(1);
-  const W* x = x2.data_ptr<W>();
+// The union of the tokens' masks as row indices, and each token's masked values compacted onto them, then
+// `gather(idx, xs, n, share, shares, partial sums)` over those rows (each `row_bytes` long) by a team of threads;
+// y in X, x's dtype.
+template <typename X, typename Gather>
+at::Tensor gather_rows(const at::Tensor& x2, int64_t out, int64_t row_bytes, const std::optional<at::Tensor>& bias,
+                       const float* thr, bool per_token, Gather gather) {
+  const int64_t tokens = x2.size(0), in = x2.size(1);
+  const X* x = x2.data_ptr<X>();
   std::vector<int64_t> idx;
   idx.reserve(in);
   for (int64_t i = 0; i < in; ++i) {
@@ -111,23 +112,13 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::op
       xs[t * n + k] = std::fabs(v) > limit ? v : 0.0f;
     }
   }
-  const int64_t row_bytes = out * static_cast<int64_t>(sizeof(W));
   const int threads = n * row_bytes >= kParallelBytes ? at::get_num_threads() : 1;
   std::vector<float> acc(static_cast<size_t>(threads) * tokens * out, 0.0f);
-  const W* w = wt.data_ptr<W>();
-  const VectorKernels& k = vec();
   at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      float* part = acc.data() + p * tokens * out;
-      if constexpr (std::is_same_v<W, float>)
-        k.gather_f32(w, out, idx.data(), xs.data(), n, tokens, p, threads, part);
-      else
-        k.gather_bf16(reinterpret_cast<const sparse_lab::bf16_bits*>(w), out, idx.data(), xs.data(), n, tokens, p,
-                      threads, part);
-    }
+    for (int64_t p = p0; p < p1; ++p) gather(idx.data(), xs.data(), n, p, threads, acc.data() + p * tokens * out);
   });
   at::Tensor y = at::empty({tokens, out}, x2.options());
-  W* yp = y.data_ptr<W>();
+  X* yp = y.data_ptr<X>();
   const float* b = nullptr;
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
@@ -138,9 +129,40 @@ at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& wt, const std::op
     for (int64_t j = 0; j < out; ++j) {
       float s = b ? b[j] : 0.0f;
       for (int p = 0; p < threads; ++p) s += acc[(p * tokens + t) * out + j];
-      yp[t * out + j] = static_cast<W>(s);
+      yp[t * out + j] = static_cast<X>(s);
     }
   return y;
+}
+
+// The thresholds of a call as float32, one for all tokens or one per token (per_token): `threshold` when given (a
+// 0-dim one compares in x's dtype, as torch compares x with it), else scalar_threshold, compared in x's dtype like
+// the reference `x.abs() > threshold` (kernels.comparable's rule).
+std::vector<float> thresholds_of(const at::Tensor& x, int64_t tokens, const std::optional<at::Tensor>& threshold,
+                                 double scalar_threshold, const char* op, bool* per_token) {
+  const bool given = threshold.has_value() && threshold->defined();
+  TORCH_CHECK_VALUE(!given || threshold->numel() == 1 || threshold->numel() == tokens, op,
+                    " needs one threshold for all tokens or one per token; got ", given ? threshold->numel() : 0,
+                    " values for ", tokens, " tokens.");
+  *per_token = given && threshold->numel() == tokens && tokens > 1;
+  std::vector<float> thr(*per_token ? tokens : 1);
+  if (given) {
+    const at::Tensor rounded = threshold->dim() == 0 ? threshold->to(x.scalar_type()) : *threshold;
+    const at::Tensor t = rounded.reshape({-1}).to(at::kFloat).contiguous();
+    std::memcpy(thr.data(), t.data_ptr<float>(), thr.size() * sizeof(float));
+  } else {
+    thr[0] = x.scalar_type() == at::kBFloat16 ? static_cast<float>(c10::BFloat16(static_cast<float>(scalar_threshold)))
+                                              : static_cast<float>(scalar_threshold);
+  }
+  return thr;
+}
+
+// x masked by its thresholds, for the masked dense matmul beyond kMaxUnionTokens.
+at::Tensor masked(const at::Tensor& x2, const std::optional<at::Tensor>& threshold, double scalar_threshold,
+                  bool per_token) {
+  const bool given = threshold.has_value() && threshold->defined();
+  const at::Tensor limit = given ? (per_token ? threshold->reshape({x2.size(0), 1}) : *threshold)
+                                 : at::scalar_tensor(scalar_threshold, x2.options());
+  return x2 * (x2.abs() > limit);
 }
 
 // y = F.linear(x * (|x| > threshold), weight, bias); threshold, when given, holds one value or one per token, else
@@ -157,32 +179,66 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "sparse_linear on the CPU takes float32 or bfloat16, not ", x.scalar_type(), ".");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
-  const int64_t tokens = x2.size(0);
-  const bool given = threshold.has_value() && threshold->defined();
-  TORCH_CHECK_VALUE(!given || threshold->numel() == 1 || threshold->numel() == tokens,
-                    "sparse_linear needs one threshold for all tokens or one per token; got ",
-                    given ? threshold->numel() : 0, " values for ", tokens, " tokens.");
-  const bool per_token = given && threshold->numel() == tokens && tokens > 1;
-  std::vector<float> thr(per_token ? tokens : 1);
-  if (given) {  // a 0-dim threshold compares in x's dtype, as torch compares x with it
-    const at::Tensor rounded = threshold->dim() == 0 ? threshold->to(x.scalar_type()) : *threshold;
-    const at::Tensor t = rounded.reshape({-1}).to(at::kFloat).contiguous();
-    std::memcpy(thr.data(), t.data_ptr<float>(), thr.size() * sizeof(float));
-  } else {  // compared in x's dtype, like the reference `x.abs() > threshold` (kernels.comparable's rule)
-    thr[0] = x.scalar_type() == at::kBFloat16 ? static_cast<float>(c10::BFloat16(static_cast<float>(scalar_threshold)))
-                                              : static_cast<float>(scalar_threshold);
-  }
+  const int64_t tokens = x2.size(0), out = wt.size(1);
+  bool per_token = false;
+  const std::vector<float> thr = thresholds_of(x, tokens, threshold, scalar_threshold, "sparse_linear", &per_token);
   at::Tensor y;
-  if (tokens <= kMaxUnionTokens) {
-    y = x.scalar_type() == at::kBFloat16 ? gather_rows<c10::BFloat16>(x2, wt, bias, thr.data(), per_token)
-                                         : gather_rows<float>(x2, wt, bias, thr.data(), per_token);
+  const VectorKernels& k = vec();
+  if (tokens > kMaxUnionTokens) {
+    y = at::linear(masked(x2, threshold, scalar_threshold, per_token), weight, bias);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    const auto* w = reinterpret_cast<const sparse_lab::bf16_bits*>(wt.data_ptr<c10::BFloat16>());
+    y = gather_rows<c10::BFloat16>(x2, out, out * 2, bias, thr.data(), per_token,
+                                   [&](const int64_t* idx, const float* xs, int64_t n, int64_t p, int64_t shares,
+                                       float* part) { k.gather_bf16(w, out, idx, xs, n, tokens, p, shares, part); });
   } else {
-    const at::Tensor limit = given ? (per_token ? threshold->reshape({tokens, 1}) : *threshold)
-                                   : at::scalar_tensor(scalar_threshold, x.options());
-    y = at::linear(x2 * (x2.abs() > limit), weight, bias);
+    const float* w = wt.data_ptr<float>();
+    y = gather_rows<float>(x2, out, out * 4, bias, thr.data(), per_token,
+                           [&](const int64_t* idx, const float* xs, int64_t n, int64_t p, int64_t shares, float* part) {
+                             k.gather_f32(w, out, idx, xs, n, tokens, p, shares, part);
+                           });
   }
   auto shape = x.sizes().vec();
-  shape.back() = wt.size(1);
+  shape.back() = out;
+  return y.view(shape);
+}
+
+// y = F.linear(x * (|x| > threshold), W, bias) for the int8 weight W[o, i] = q[i, o] * scales[i / kScaleBlock, o]
+// (quantize.py), x in float32: the gather reads the int8 rows of the active inputs and their blocks' scale rows.
+at::Tensor sparse_linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& threshold,
+                              double scalar_threshold) {
+  const int64_t in = x.size(-1);
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar && q.size(0) == in,
+                    "sparse_linear_int8 needs q as contiguous int8 (in, out) rows with in = ", in, ".");
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                        scales.size(0) == (in + sparse_lab::kScaleBlock - 1) / sparse_lab::kScaleBlock &&
+                        scales.size(1) == q.size(1),
+                    "sparse_linear_int8 needs float32 scales, one row per ", sparse_lab::kScaleBlock,
+                    " inputs and one column per output.");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "sparse_linear_int8 takes float32 activations, not ",
+                    x.scalar_type(), ".");
+  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  const int64_t tokens = x2.size(0), out = q.size(1);
+  bool per_token = false;
+  const std::vector<float> thr =
+      thresholds_of(x, tokens, threshold, scalar_threshold, "sparse_linear_int8", &per_token);
+  at::Tensor y;
+  if (tokens > kMaxUnionTokens) {
+    const at::Tensor weight =
+        (q.to(at::kFloat) * scales.repeat_interleave(sparse_lab::kScaleBlock, 0).slice(0, 0, in)).t();
+    y = at::linear(masked(x2, threshold, scalar_threshold, per_token), weight, bias);
+  } else {
+    const int8_t* w = q.data_ptr<int8_t>();
+    const float* s = scales.data_ptr<float>();
+    const VectorKernels& k = vec();
+    y = gather_rows<float>(x2, out, out, bias, thr.data(), per_token,
+                           [&](const int64_t* idx, const float* xs, int64_t n, int64_t p, int64_t shares, float* part) {
+                             k.gather_int8(w, s, out, idx, xs, n, tokens, p, shares, part);
+                           });
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out;
   return y.view(shape);
 }
 
@@ -276,6 +332,7 @@ const sparse_lab::VectorKernels& sparse_lab::active_kernels() { return vec(); }
 
 TORCH_LIBRARY_IMPL(sparse_lab, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
+  m.impl("sparse_linear_int8", &sparse_linear_int8);
   m.impl("rows_linear", &rows_linear);
   m.impl("dot_linear", &dot_linear);
   m.impl("stream_read", &stream_read);

@@ -60,6 +60,10 @@ struct VectorKernels {
                      int64_t share, int64_t shares, float* acc);
   void (*gather_bf16)(const bf16_bits* wt, int64_t out, const int64_t* idx, const float* xs, int64_t n,
                       int64_t tokens, int64_t share, int64_t shares, float* acc);
+  // The same gather over int8 rows with float32 scales, one per output and per kScaleBlock inputs (quantize.py):
+  // the weight is q[i * out + j] * scales[(i / kScaleBlock) * out + j].
+  void (*gather_int8)(const int8_t* q, const float* scales, int64_t out, const int64_t* idx, const float* xs,
+                      int64_t n, int64_t tokens, int64_t share, int64_t shares, float* acc);
   // y[t * out + rows[r]] = dot(w[rows[r] * in ...], x[t * in ...]) for r in [r0, r1) (rows null: every row), where keep is null or
   // keep[t * out + rows[r]]: the (out, in) rows' dot products (CATS' up projection, the tied lm_head). x is given
   // as float32 and, for bfloat16 weights, also as its bfloat16 bits.
@@ -82,6 +86,12 @@ const VectorKernels& active_kernels();
 
 // The gather takes rows a block at a time (vector_kernels.inc), and a team's threads take blocks in turn.
 constexpr int64_t kBlock = 8;
+
+// int8 weights' inputs per scale: quantize.BLOCK, which cpu_native passes to the build.
+#ifndef SPARSE_LAB_INT8_BLOCK
+#error "build through sparse_core.kernels.cpu_native, which defines SPARSE_LAB_INT8_BLOCK"
+#endif
+constexpr int64_t kScaleBlock = SPARSE_LAB_INT8_BLOCK;
 
 // Below ~256 KiB of weight rows a second thread costs more than it saves: the projection runs on one.
 constexpr int64_t kParallelBytes = 1 << 18;
