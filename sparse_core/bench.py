@@ -329,7 +329,7 @@ def decode_result(model, spec, new_tokens: int = DECODE_TOKENS, repeats: int = D
     bandwidth = max(probed, read_bandwidth_gbs(model.device.type))  # the sitting's limit: before and after the timings
     fraction = lambda t, weight_bytes: round(1e3 / t.median * weight_bytes / 1e9 / bandwidth, 3)
     why_not_compiled = fallbacks[0] if fallbacks else None
-    result = dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), layout=model.layout,
+    result = dict(model=model.name, dtype=model.weights, layout=model.layout,
                   device=str(model.device), backend=ops.describe_backends(), method=spec.method if spec else "dense",
                   spec=spec.label if spec else "dense", new_tokens=new_tokens, repeats=repeats,
                   dense_path=dense_path, dense_tok_s=rate(dense), sparse_tok_s=rate(sparse),

@@ -62,21 +62,22 @@ def token_cost(model: SparseModel, skipped: float, pj_per_byte: float = DRAM_PJ_
     """Cost per token when a fraction `skipped` of the sparsifiable weight reads is skipped (a model-wide sparsity,
     as `SparsityCounter.weighted(model.skippable_params(method))` measures it)."""
     total, sparsifiable = model_bytes(model)
-    element = model.model.get_input_embeddings().weight.element_size()
+    element = model.element_bytes
     saved = int(round(skipped * sparsifiable / element)) * element
     return TokenCost(total, total - saved, element, pj_per_byte)
 
 
 def model_bytes(model: SparseModel) -> tuple[int, int]:
     """(weight bytes read per decoded token, of which sparsifiable). The input embedding reads one row, so it
-    counts only when it is the (tied) output head, which reads it all."""
-    embed = model.model.get_input_embeddings().weight
-    head = model.model.get_output_embeddings().weight
-    seen, total = set(), 0
+    counts only when it is the (tied) output head, which reads it all. int8 weights count their rows at a byte and
+    their scales beside them; a skipped input skips its row, not its block's scale row, which the block's other
+    inputs read (so the scales count as read every token)."""
+    head = {p.data_ptr() for p in model.model.get_output_embeddings().parameters()}
+    embed_only = {p.data_ptr() for p in model.model.get_input_embeddings().parameters()} - head
+    seen, total = set(embed_only), 0
     for p in model.model.parameters():
-        if p.data_ptr() in seen or (p is embed and embed.data_ptr() != head.data_ptr()):
+        if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
-    size = embed.element_size()
-    return total, sum(sum(g.values()) for g in model.group_params) * size
+    return total, sum(sum(g.values()) for g in model.group_params) * model.element_bytes

@@ -61,6 +61,8 @@ def unsupported(model: SparseModel) -> str | None:
         return f"the fast decoder covers {', '.join(FAMILIES)}, not {config.model_type}"
     if model.layout != "inputs":
         return f"the fast decoder runs the inputs layout, not {model.layout}"
+    if model.int8:
+        return "the fast decoder reads float32 and bfloat16 weights, not int8 rows yet"
     kernel_dtypes = kernels.KERNEL_DTYPES.get(model.device.type, ())
     if model.dtype not in kernel_dtypes:
         return f"the kernels on {model.device.type} take {', '.join(str(d)[6:] for d in kernel_dtypes)}, not {str(model.dtype)[6:]}"

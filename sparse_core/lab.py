@@ -104,7 +104,7 @@ class Lab:
 
     @property
     def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+        return self.model.weights
 
     @property
     def key(self) -> tuple:

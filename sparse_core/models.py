@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import quantize
 from .machine import available_memory, back_with_huge_pages, machine, synchronize
 from .patch import DENSE_ROUTES, ModelLoadError, SparseLinear, check_layout, patch_model, sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
@@ -23,7 +24,9 @@ from .store import DiskStore, cache_dir, digest
 _ROUTES = DiskStore("dense_routes", 2)  # v2: chosen with q|k|v and gate|up as one call each
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight formats: the dtype a model is loaded and computes in; "int8" computes in float32 and stores its projections
+# and head as int8 rows (quantize.py).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA where there is a usable device, else the CPU
 
 
@@ -42,11 +45,27 @@ class SparseModel:
     group_widths: dict[str, int]             # input width of each group
     layout: str = "inputs"                   # one of patch.LAYOUTS
     dense_route: str = "linear"              # patch.DENSE_ROUTES: the faster dense product here, measured at load
+    int8: bool = False                       # projections and head stored as int8 rows (quantize.py)
+
+    @property
+    def weights(self) -> str:
+        """The weight format, as DTYPES names it: "int8", or the dtype the model computes in."""
+        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
+
+    @property
+    def weight_key(self) -> str:
+        """The weight format in measurement keys: the dtype as torch names it, "int8" for int8 rows."""
+        return "int8" if self.int8 else str(self.dtype)
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one projection weight element."""
+        return 1 if self.int8 else self.dtype.itemsize
 
     @property
     def device(self) -> torch.device:
         """Where inputs go: the input embedding's device (the CPU when accelerate offloaded it)."""
-        weight = self.model.get_input_embeddings().weight
+        weight = next(self.model.get_input_embeddings().parameters())
         return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
     @property
@@ -99,12 +118,15 @@ def fingerprint_of(model: nn.Module, name: str) -> str:
     return f"{short}-{digest.hexdigest()[:12]}"
 
 
-def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs") -> SparseModel:
+def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs", int8: bool = False) -> SparseModel:
     model.eval()
     fingerprint = fingerprint_of(model, name)
     num_layers, gated, params, widths = patch_model(model, layout)
     dtype = next(model.parameters()).dtype
-    patched = SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout)
+    if int8:
+        quantize.quantize_model(model)
+    patched = SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout,
+                          int8=int8)
     patched.dense_route = choose_dense_route(patched)
     for linear in model.modules():
         if isinstance(linear, SparseLinear):
@@ -133,8 +155,8 @@ def choose_dense_route(model: SparseModel, repeats: int = 5) -> str:
     """The faster way to compute the dense product on this model's stored weights: HF's forward (F.linear) or the
     kernel with nothing skipped, timed interleaved on one-token forward passes. The choice is kept on disk per
     model, dtype, layout and machine, so every process on this machine computes dense the same way."""
-    if model.layout == "hf" or model.device.type == "meta":
-        return "linear"
+    if model.layout == "hf" or model.device.type == "meta" or model.int8:  # int8 rows have one route
+        return "kernel" if model.int8 else "linear"
     key = digest(model.fingerprint, str(model.dtype), model.layout, machine(model.device))
     known = _ROUTES.load(key)
     if known and known.get("route") in DENSE_ROUTES:
@@ -181,6 +203,9 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     check_layout(layout)
     device = resolve_device(device)
+    if dtype == "int8" and (layout != "inputs" or device != "cpu" or device_map is not None):
+        raise ModelLoadError("int8 weights run on the CPU's int8 kernel in the inputs layout, on one device; choose "
+                             "those, or float32 or bfloat16 weights.")
     if name in (DEFAULT_MODEL, "default"):
         from .gguf import default_model_dir  # it imports this module's error
         source = str(default_model_dir())
@@ -199,7 +224,7 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"
         raise ModelLoadError(f"Could not load model {name!r} from {source!r}: {_first_line(err)}") from None
     if device_map is None:
         model.to(device)
-    patched = wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout)
+    patched = wrap(model, tokenizer, DEFAULT_MODEL if name == "default" else name, layout, int8=dtype == "int8")
     _release_file_mapping(model)
     back_with_huge_pages(model)
     return patched

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import kernels, ops
+from .quantize import Int8Columns, Int8Linear
 from .spec import GROUPS, SparsitySpec
 
 
@@ -95,10 +96,18 @@ class SparseLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.inner.bias
 
+    @property
+    def int8(self) -> bool:
+        """True when the weights are int8 rows (quantize.quantize_model): every product reads them through the int8
+        op, the dense ones with a threshold of 0, since no float weight is kept."""
+        return isinstance(self.inner, (Int8Linear, Int8Columns))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = _CALL.get()
         if call is None:
-            return self.dense(x)
+            if not self.int8:
+                return self.dense(x)
+            call = CallContext(None)
         if self.shared is not None:
             return self.shared(call, x)[..., self.columns]
         return self.compute(call, x)
@@ -115,13 +124,18 @@ class SparseLinear(nn.Module):
     def dense(self, x: torch.Tensor, route: str | None = None) -> torch.Tensor:
         """The dense product by `route` (default: this linear's measured one). "linear" is HF's own forward,
         bit-identical to HF on this storage; "kernel" reads every row through the kernel, where one runs, for
-        decode steps (up to kernels.DENSE_GATHER_TOKENS tokens; a prefill runs F.linear either way)."""
+        decode steps (up to kernels.DENSE_GATHER_TOKENS tokens; a prefill runs F.linear either way). int8 rows have
+        one route, the int8 op."""
+        if self.int8:
+            return self.inner(x)
         if ((route or self.dense_route) == "kernel" and self.kernels and x.numel() <= kernels.DENSE_GATHER_TOKENS * x.shape[-1]
                 and ops.backend_for(x, self.weight) != "reference"):
             return self.run(ops.sparse_linear, x, 0.0)
         return self.inner(x)
 
     def skip_inputs(self, x: torch.Tensor, threshold: ops.Threshold) -> torch.Tensor:
+        if self.int8:
+            return self.inner(x, threshold)
         return self.run(ops.sparse_linear if self.kernels else ops.reference_sparse_linear, x, threshold)
 
     def keep_rows(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def digest(*parts: Any) -> str:
 def measurement_key(model, spec) -> str:
     """What a speed or quality measurement belongs to: the model (weights, dtype, layout, device, dense route) and
     the spec's method and values (not its name or date: two specs with equal values measure the same)."""
-    return digest(model.fingerprint, str(model.dtype), model.layout, str(model.device), model.dense_route,
+    return digest(model.fingerprint, model.weight_key, model.layout, str(model.device), model.dense_route,
                   None if spec is None else (spec.method, spec.values))
 
 

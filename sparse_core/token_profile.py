@@ -74,7 +74,7 @@ def profile(model, spec, new_tokens: int = bench.DECODE_TOKENS, repeats: int = b
     outside = wall - sum(seconds)
     rows.append(dict(phase=OUTSIDE, ms=round(outside * 1e3, 4), share=round(outside / wall, 4)))
     weights = sum(r["ms"] for r in rows if "bytes" in r)
-    return dict(model=model.name, dtype=str(model.dtype).replace("torch.", ""), spec=spec.label if spec else "dense",
+    return dict(model=model.name, dtype=model.weights, spec=spec.label if spec else "dense",
                 tokens=tokens, tok_s=round(1 / wall, 2), ms=round(wall * 1e3, 4), bandwidth_gbs=bandwidth,
                 weights_share=round(weights / (wall * 1e3), 4), threads=torch.get_num_threads(), rows=rows)
 
