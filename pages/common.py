@@ -249,7 +249,9 @@ def sidebar() -> None:
         st.header("Model")
         name = st.text_input("Model", key="model_name", label_visibility="collapsed",
                              help="The embedded default, a Hugging Face id (safetensors weights) or a local folder.")
-        dtype = st.selectbox("Weights", ["float32", "bfloat16"], key="dtype")
+        dtype = st.selectbox("Weights", ["float32", "bfloat16", "int8"], key="dtype",
+                             help="int8: the projections and the head as int8 rows with a scale per 64 inputs, "
+                                  "activations in float32 (CPU, inputs layout; docs/QUANTIZATION.md).")
         device = st.selectbox("Device", lab.DEVICES, key="device", format_func=_device_label,
                               help="Where the model runs. auto takes the GPU when torch sees one (the Triton kernels), "
                                    "else the CPU (the native C++ kernel).")

@@ -366,7 +366,8 @@ def add_arguments(parser):
     parser.add_argument("--method", default="teal", choices=["teal", "cats", "topk"], help="decode: sparsity method")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
                         help="decode, profile: target sparsities (profile: beside dense)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decode, profile: model dtype")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                        help="decode, profile: model dtype (int8: int8 weights)")
     parser.add_argument("--layout", default="inputs", choices=["inputs", "cats"], help="decode: weight layout")
     parser.add_argument("--new-tokens", type=int, default=DECODE_TOKENS, help="decode: tokens generated per run")
     parser.add_argument("--repeats", type=int, default=DECODE_REPEATS, help="decode: interleaved runs of each")

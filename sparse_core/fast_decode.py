@@ -61,8 +61,6 @@ def unsupported(model: SparseModel) -> str | None:
         return f"the fast decoder covers {', '.join(FAMILIES)}, not {config.model_type}"
     if model.layout != "inputs":
         return f"the fast decoder runs the inputs layout, not {model.layout}"
-    if model.int8:
-        return "the fast decoder reads float32 and bfloat16 weights, not int8 rows yet"
     kernel_dtypes = kernels.KERNEL_DTYPES.get(model.device.type, ())
     if model.dtype not in kernel_dtypes:
         return f"the kernels on {model.device.type} take {', '.join(str(d)[6:] for d in kernel_dtypes)}, not {str(model.dtype)[6:]}"
@@ -112,13 +110,19 @@ class Decoder:
         self.eps = config.rms_norm_eps
         self.blocks = list(decoder_layers(model.model))
         inner = model.model.model
-        self.embed, self.norm, self.rotary = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb
-        self.head = model.model.lm_head.weight
+        self.embedding, self.norm, self.rotary = inner.embed_tokens, inner.norm.weight, inner.rotary_emb
+        self.int8 = model.int8  # int8 rows (quantize.py): every product through the int8 op, the head too
+        head = model.model.lm_head
+        self.head = head.q if self.int8 else head.weight
         # The lm_head is the largest matrix (tied: the embedding's rows); on the CPU a dot-product GEMV over its (out, in)
         # rows reads it at the kernels' rate, where MKL's GEMV does not (docs/PERFORMANCE.md).
         native_head = model.device.type == "cpu" and cpu_native.native()
-        self._head = torch.ops.sparse_lab.dot_linear.default if native_head else F.linear
+        if self.int8:  # the op itself: the compiled step traces no Python around it
+            self._head = lambda h, q: torch.ops.sparse_lab.sparse_linear_int8.default(h, q, head.scales, None, None, 0.0)
+        else:
+            self._head = torch.ops.sparse_lab.dot_linear.default if native_head else F.linear
         self.widths = torch.tensor([model.group_widths[g] for g in GROUPS])
+        self._scales: list[torch.Tensor] = []  # the native step's int8 scales (none for float weights)
         self._native = self._native_weights() if native_head else None
         self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the native step's cos and sin rows
         self.profile = None  # a bench.TokenProfile while `bench profile` times the native step's phases
@@ -160,7 +164,7 @@ class Decoder:
     def shape_key(self, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> str:
         """What a compiled step's shape is known by: the model, its dtype, this machine, the variant, the cache length."""
         variant = _variant("dense" if spec is None else spec.method, self._linear(spec, dense_route))
-        return digest(self.model.fingerprint, str(self.model.dtype), machine(self.model.device), variant,
+        return digest(self.model.fingerprint, self.model.weight_key, machine(self.model.device), variant,
                       cache_length(max_positions), torch.__version__)
 
     # ---- one layer, any number of tokens ----------------------------------------------------------
@@ -178,10 +182,13 @@ class Decoder:
     def _project(self, x, linear, inputs: StepInputs, layer: int, group: int, skipped: list, count: bool = True):
         """A projection (or a joint one) through the sparse op, or dense through F.linear; appends to `skipped`
         how many of its inputs the threshold drops, as a SparsityCounter would have counted them."""
-        weight, bias = linear.weight, linear.bias
         threshold = self._threshold(x, inputs, layer, group)
         if count:
             skipped.append((x.abs() <= threshold.reshape(-1, 1)).sum())
+        if linear.int8:  # one route: the int8 rows through the op
+            inner = linear.inner
+            return torch.ops.sparse_lab.sparse_linear_int8(x, inner.q, inner.scales, inner.bias, threshold, 0.0)
+        weight, bias = linear.weight, linear.bias
         if inputs.linear:
             return F.linear(x, weight, bias)
         return torch.ops.sparse_lab.sparse_linear(x, weight, weight.t(), bias, threshold, 0.0)
@@ -233,9 +240,9 @@ class Decoder:
         change with the position."""
         tokens, length = ids.shape[0], caches[0].shape[1]
         positions = start + torch.arange(tokens, device=ids.device)
-        cos, sin = self._rotary(positions, self.embed.dtype)
+        cos, sin = self._rotary(positions, self.model.dtype)
         mask = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]
-        x, skipped = F.embedding(ids, self.embed), []
+        x, skipped = self.embedding(ids), []
         for index in range(len(self.blocks)):
             x = self._layer(x, index, cos, sin, positions, mask, caches, inputs, skipped)
         logits = self._head(self._rms(x[-1:], self.norm), self.head)[0]
@@ -255,7 +262,11 @@ class Decoder:
                    for b in blocks]
         if any(linear.bias is not None for group in linears for linear in group):
             return None
-        rows = [[group[i].weight.t() for group in linears] for i in range(4)]
+        if self.int8:
+            rows = [[group[i].inner.q for group in linears] for i in range(4)]
+            self._scales = [linear.inner.scales for group in linears for linear in group] + [self.model.model.lm_head.scales]
+        else:
+            rows = [[group[i].weight.t() for group in linears] for i in range(4)]
         norms = [w for b in blocks for w in (b.input_layernorm.weight, b.post_attention_layernorm.weight)]
         return (*rows, norms)
 
@@ -271,8 +282,8 @@ class Decoder:
         cos, sin = self._rotary_at(position)
         profile = self.profile
         logits, skipped = torch.ops.sparse_lab.decode_token(
-            self.embed[ids[0]], cos, sin, position, *self._native, caches, inputs.thresholds, self.norm, self.head,
-            self.heads, self.kv_heads, self.eps, None if profile is None else profile.phases)
+            self.embedding(ids[:1])[0], cos, sin, position, *self._native, caches, inputs.thresholds, self.norm,
+            self.head, self.heads, self.kv_heads, self.eps, self._scales, None if profile is None else profile.phases)
         if profile is not None:
             profile.count(skipped)
         return logits, skipped
@@ -289,7 +300,7 @@ class Decoder:
         if table is None or position >= table[0].shape[0]:
             trained = getattr(self.model.model.config, "max_position_embeddings", 0)
             rows = max(position + 1, min(max(256, 2 * position), trained))
-            cos, sin = self._rotary(torch.arange(rows), self.embed.dtype)
+            cos, sin = self._rotary(torch.arange(rows), self.model.dtype)
             table = self._rotary_table = (cos[0], sin[0])
         return table[0][position], table[1][position]
 

@@ -99,8 +99,9 @@ class Lab:
 
     @property
     def setup(self) -> str:
-        """How the model runs, as every result's label says it: dtype, weight layout, device."""
-        return f"{self.dtype} · {self.model.layout} layout · {self.model.device.type}"
+        """How the model runs, as every result's label says it: dtype (or int8 weights), weight layout, device."""
+        weights = "int8 weights" if self.model.int8 else self.dtype
+        return f"{weights} · {self.model.layout} layout · {self.model.device.type}"
 
     @property
     def dtype(self) -> str:
@@ -131,8 +132,9 @@ class Lab:
 
     def plain(self) -> models.SparseModel | None:
         """The same weights in HF's own layout with no kernels, the baseline every decode speed is also measured
-        against; loaded on first use, once. None where this model is that already (the hf layout)."""
-        if self.model.layout == "hf":
+        against; loaded on first use, once. None where this model is that already (the hf layout) or where HF's
+        own forward has no such weights (int8 rows)."""
+        if self.model.layout == "hf" or self.model.int8:
             return None
         with self._lock:
             if self._plain is None:

@@ -658,3 +658,32 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
         held = at.session_state["choices"].lab
         held.close()  # nothing keeps working beside the tests that follow
         held.preparation().wait(timeout=600)
+
+
+def test_int8_weights_from_the_sidebar_generate_measure_and_open_every_page(monkeypatch):
+    """int8 is a third model: every label says "int8 weights", it generates (HF's forward: the fast decoder does
+    not read int8 yet, and says so), its decode speed is measured against its own dense, every page opens, and
+    going back to float32 keeps that model."""
+    from sparse_core import bench
+    monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
+    monkeypatch.setattr(bench, "DECODE_REPEATS", 2)
+    monkeypatch.setattr(bench, "flag", lambda *args, **kwargs: None)
+    shutil.rmtree(bench._DECODES.folder, ignore_errors=True)
+    at = _ok(_app())
+    at.selectbox(key="dtype").set_value("int8")
+    _ok(at.run())
+    assert _setting(at) == "**TEAL thresholds at 25% · int8 weights · inputs layout · cpu**"
+    at = _generate(at, 4)
+    assert any(c.value.startswith("Produced by: TEAL thresholds at 25% · int8 weights · inputs layout · cpu")
+               for c in at.caption)
+    assert len(_generated(at)) == 2
+    next(b for b in at.button if b.label == "Measure decode speed").click()
+    _ok(at.run())
+    assert _metric(at, "Decode speedup").startswith("×")
+    _ok(at.switch_page("pages/speedup.py").run())
+    assert any(c.value.startswith("Measured for TEAL thresholds at 25% · int8 weights") for c in at.caption)
+    for page in ("heatmaps", "quality", "tuner"):
+        _ok(at.switch_page(f"pages/{page}.py").run())
+    at.selectbox(key="dtype").set_value("float32")
+    _ok(at.switch_page("pages/playground.py").run())
+    assert _setting(at) == "**TEAL thresholds at 25% · float32 · inputs layout · cpu**"

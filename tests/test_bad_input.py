@@ -51,7 +51,7 @@ CASES = [
     ("top-k larger than the width", lambda m, g: m.topk_k_spec(5000), "top-k needs 1 <= k <= 576 (the narrowest projection input of this model), got k=5000."),
     ("misspelt method", lambda m, g: calibrate.calibrate(m, "cat", 0.5), "Unknown sparsity method 'cat'; choose one of teal, cats, topk, dense."),
     ("empty calibration text", lambda m, g: calibrate.calibrate(m, "teal", 0.3, text="   "), "The text is empty; give some text to calibrate or evaluate on."),
-    ("unknown dtype", lambda m, g: models.load(dtype="float8"), "Unknown dtype 'float8'; choose one of float32, bfloat16, float16."),
+    ("unknown dtype", lambda m, g: models.load(dtype="float8"), "Unknown dtype 'float8'; choose one of float32, bfloat16, float16, int8."),
     ("unknown weight layout", lambda m, g: models.load(layout="rows"), "Unknown weight layout 'rows'; choose one of inputs, cats, hf."),
     ("unknown device", lambda m, g: models.load(device="tpu"), "Unknown device 'tpu'; choose one of auto, cpu, cuda."),
 ]

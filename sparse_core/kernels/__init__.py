@@ -22,11 +22,12 @@ LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linea
 LIBRARY.define("stream_read(Tensor data, bool prefetch=True) -> Tensor")  # the sum of float32 data: the bandwidth probe
 # One token through every decoder layer and the head (CPU, dense or TEAL): the logits (the dtype's values, held in
 # float32) and the skipped inputs per (layer, group); with `phases`, thread 0's seconds per phase of the token are
-# added to it (csrc/vector_kernels.h's Phase, bench profile).
+# added to it (csrc/vector_kernels.h's Phase, bench profile). `scales` is empty for float weights; int8 weights
+# (quantize.py) pass each layer's four projections' scales, then the head's, whose rows are then (hidden, vocab).
 LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Tensor[] qkv_t, Tensor[] o_t, "
                "Tensor[] gate_up_t, Tensor[] down_t, Tensor[] norms, Tensor(a!)[] caches, Tensor thresholds, "
-               "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps, Tensor(b!)? phases=None) "
-               "-> (Tensor, Tensor)")
+               "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps, Tensor[] scales, "
+               "Tensor(b!)? phases=None) -> (Tensor, Tensor)")
 
 
 # The token counts where the kernels change strategy, per device type, measured (docs/PERFORMANCE.md): up to

@@ -46,7 +46,8 @@ struct V {
 }  // namespace avx2
 
 const VectorKernels kAvx2Kernels{"avx2", avx2::gather_f32, avx2::gather_bf16, avx2::gather_int8, avx2::dot_f32, avx2::dot_bf16,
-                                 avx2::read_sum, avx2::decode_f32, avx2::decode_bf16};
+                                 avx2::read_sum, avx2::decode_f32, avx2::decode_bf16,
+                                 avx2::decode_int8};
 
 }  // namespace sparse_lab
 

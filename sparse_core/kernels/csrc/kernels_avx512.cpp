@@ -79,10 +79,10 @@ void dot4_bf16(const bf16_bits* const* r, const bf16_bits* const* ahead, const b
 #ifdef SPARSE_LAB_BF16_DOT
 const VectorKernels kAvx512Bf16Kernels{"avx512_bf16", avx512_bf16::gather_f32, avx512_bf16::gather_bf16,
                                        avx512_bf16::gather_int8, avx512_bf16::dot_f32, avx512_bf16::dot_bf16, avx512_bf16::read_sum,
-                                       avx512_bf16::decode_f32, avx512_bf16::decode_bf16};
+                                       avx512_bf16::decode_f32, avx512_bf16::decode_bf16, avx512_bf16::decode_int8};
 #else
 const VectorKernels kAvx512Kernels{"avx512", avx512::gather_f32, avx512::gather_bf16, avx512::gather_int8, avx512::dot_f32,
-                                   avx512::dot_bf16, avx512::read_sum, avx512::decode_f32, avx512::decode_bf16};
+                                   avx512::dot_bf16, avx512::read_sum, avx512::decode_f32, avx512::decode_bf16, avx512::decode_int8};
 #endif
 
 }  // namespace sparse_lab

@@ -39,6 +39,7 @@ struct V {
 
 const VectorKernels kScalarKernels{"scalar", scalar::gather_f32, scalar::gather_bf16, scalar::gather_int8,
                                    scalar::dot_f32,
-                                   scalar::dot_bf16, scalar::read_sum, scalar::decode_f32, scalar::decode_bf16};
+                                   scalar::dot_bf16, scalar::read_sum, scalar::decode_f32, scalar::decode_bf16,
+                                 scalar::decode_int8};
 
 }  // namespace sparse_lab

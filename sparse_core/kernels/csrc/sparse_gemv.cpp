@@ -234,7 +234,7 @@ at::Tensor sparse_linear_int8(const at::Tensor& x, const at::Tensor& q, const at
     const VectorKernels& k = vec();
     y = gather_rows<float>(x2, out, out, bias, thr.data(), per_token,
                            [&](const int64_t* idx, const float* xs, int64_t n, int64_t p, int64_t shares, float* part) {
-                             k.gather_int8(w, s, out, idx, xs, n, tokens, p, shares, part);
+                             k.gather_int8(w, s, out, out, idx, xs, n, tokens, p, shares, part);
                            });
   }
   auto shape = x.sizes().vec();

@@ -14,7 +14,9 @@ using bf16_bits = uint16_t;  // bfloat16 as its raw bits
 // final norm and the lm_head. Per layer l the four projections are (in, out) row-major weights in the model's
 // dtype, the norms that dtype's vectors, the caches [kv_heads, cache_rows, head_dim]; thresholds[4 l + g] is group
 // g's (attn_in, attn_out, mlp_in, mlp_mid) in float32, already rounded to the dtype. The head is HF's (vocab,
-// hidden) rows, the embedding's when tied.
+// hidden) rows, the embedding's when tied. int8 weights (quantize.py): the projections are int8 (in, out) rows with
+// their scales (*_s, one float32 row per kScaleBlock inputs), the head int8 (hidden, vocab) rows with head_s, and
+// everything else float32; the float models' *_s are null.
 struct DecodeStep {
   int64_t layers, hidden, heads, kv_heads, head_dim, inner, position, cache_rows, vocab;
   float eps;
@@ -26,6 +28,11 @@ struct DecodeStep {
   void* const* caches;       // K and V of each layer, in turn
   const void* final_norm;
   const void* head;
+  const float* const* qkv_s;
+  const float* const* o_s;
+  const float* const* gate_up_s;
+  const float* const* down_s;
+  const float* head_s;
   const float* thresholds;
   const float* cos;  // head_dim values at this position
   const float* sin;
@@ -62,8 +69,9 @@ struct VectorKernels {
                       int64_t tokens, int64_t share, int64_t shares, float* acc);
   // The same gather over int8 rows with float32 scales, one per output and per kScaleBlock inputs (quantize.py):
   // the weight is q[i * out + j] * scales[(i / kScaleBlock) * out + j].
-  void (*gather_int8)(const int8_t* q, const float* scales, int64_t out, const int64_t* idx, const float* xs,
-                      int64_t n, int64_t tokens, int64_t share, int64_t shares, float* acc);
+  // Rows `stride` long in memory, of which the first `out` are computed (a thread's columns of the int8 head).
+  void (*gather_int8)(const int8_t* q, const float* scales, int64_t stride, int64_t out, const int64_t* idx,
+                      const float* xs, int64_t n, int64_t tokens, int64_t share, int64_t shares, float* acc);
   // y[t * out + rows[r]] = dot(w[rows[r] * in ...], x[t * in ...]) for r in [r0, r1) (rows null: every row), where keep is null or
   // keep[t * out + rows[r]]: the (out, in) rows' dot products (CATS' up projection, the tied lm_head). x is given
   // as float32 and, for bfloat16 weights, also as its bfloat16 bits.
@@ -74,9 +82,10 @@ struct VectorKernels {
   // The sum of n floats, read with this ISA's widest loads, the next lines requested ahead or not: the bandwidth
   // probe's inner loop.
   float (*read_sum)(const float* data, int64_t n, bool prefetch);
-  // One token through every layer and the head (DecodeStep), for float32 and bfloat16 models.
+  // One token through every layer and the head (DecodeStep), for float32, bfloat16 and int8-weight models.
   void (*decode_f32)(const DecodeStep& step);
   void (*decode_bf16)(const DecodeStep& step);
+  void (*decode_int8)(const DecodeStep& step);
 };
 
 extern const VectorKernels kScalarKernels, kAvx2Kernels, kAvx512Kernels, kAvx512Bf16Kernels;
