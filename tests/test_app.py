@@ -661,9 +661,8 @@ def test_with_the_background_preparation_on_the_headline_waits_for_it_and_a_swee
 
 
 def test_int8_weights_from_the_sidebar_generate_measure_and_open_every_page(monkeypatch):
-    """int8 is a third model: every label says "int8 weights", it generates (HF's forward: the fast decoder does
-    not read int8 yet, and says so), its decode speed is measured against its own dense, every page opens, and
-    going back to float32 keeps that model."""
+    """int8 is a third model: every label says "int8 weights", it generates, its decode speed is measured against
+    its own dense, every page opens, and going back to float32 keeps that model."""
     from sparse_core import bench
     monkeypatch.setattr(bench, "DECODE_TOKENS", 4)
     monkeypatch.setattr(bench, "DECODE_REPEATS", 2)

@@ -17,11 +17,12 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, n
 FAMILIES = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}
 
 
-def _tiny(family: str, layout: str = "inputs") -> models.SparseModel:
+def _tiny(family: str, layout: str = "inputs", int8: bool = False) -> models.SparseModel:
     torch.manual_seed(3)
     config = FAMILIES[family](**_LLAMA_LIKE)
     config._attn_implementation = "sdpa"
-    return models.wrap(T.AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, name=f"tiny-{family}", layout=layout)
+    return models.wrap(T.AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, name=f"tiny-{family}",
+                       layout=layout, int8=int8)
 
 
 def _specs(model: models.SparseModel) -> dict:
@@ -39,8 +40,9 @@ def _hf_logits(model, ids: list[int], spec, counter) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method", ["dense", "teal", "topk", "cats"])
-def test_every_step_matches_the_patched_model_and_counts_alike(family, method):
-    model = _tiny(family)
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_every_step_matches_the_patched_model_and_counts_alike(family, method, int8):
+    model = _tiny(family, int8=int8)
     assert fast_decode.unsupported(model) is None
     spec = _specs(model)[method]
     ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -114,16 +116,18 @@ def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
     assert seconds is not None and seconds > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
 @pytest.mark.parametrize("method", ["dense", "teal"])
 def test_the_native_step_is_the_eager_one(method, dtype, vector_path):
     """Dense and TEAL on the CPU decode through sparse_lab::decode_token, one native call a token, nothing to
-    compile, on every vector path this CPU has: its logits are the eager step's (float32 within 1e-5; bfloat16,
-    where both round each op to the dtype, within a few bfloat16 steps of the logits), and so are its skip counts."""
+    compile, on every vector path this CPU has: its logits are the eager step's (float32 and int8 weights within
+    1e-5; bfloat16, where both round each op to the dtype, within a few bfloat16 steps of the logits), and so are
+    its skip counts."""
     torch.manual_seed(3)
     config = T.LlamaConfig(**_LLAMA_LIKE)
+    int8, dtype = dtype == "int8", torch.float32 if dtype == "int8" else dtype
     model = models.wrap(T.AutoModelForCausalLM.from_config(config).to(dtype).eval(), tokenizer=None,
-                        name=f"tiny-llama-{dtype}")
+                        name=f"tiny-llama-{dtype}", int8=int8)
     fast = fast_decode.decoder(model)
     spec = _specs(model)[method]
     assert fast.runs_native(fast.step_inputs(spec, "kernel").variant)

@@ -1,6 +1,6 @@
 """SmolLM2 with int8 weights (--dtype int8): the patched model against HF's own forward on the weights the int8
-rows stand for, its dense quality against float32's on the one quality measurement, what a token reads, and what
-the load refuses."""
+rows stand for, the native step against the patched model, its dense quality against float32's on the one quality
+measurement, what a token reads, and what the load refuses."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,11 +61,12 @@ def test_a_token_reads_a_byte_a_weight_and_the_scales(smollm2, int8):
     assert 1.4 < cost.token_cost(int8, 0.5).bound < cost.token_cost(smollm2, 0.5).bound  # the scales are read anyway
 
 
-def test_the_fast_decoder_says_it_does_not_read_int8_and_generation_falls_back(int8):
-    assert "int8" in fast_decode.unsupported(int8)
-    prompt = generate.encode_prompt(int8, "Hello")
-    tokens = list(generate.stream(int8, prompt, None, max_new_tokens=3, compiled=True))
-    assert len(tokens) == 3
+def test_the_native_int8_step_makes_hf_s_greedy_tokens(int8):
+    prompt = generate.encode_prompt(int8, "Write a short story about a lighthouse keeper.")
+    eager = [t.text for t in generate.stream(int8, prompt, None, max_new_tokens=16, stop_at_eos=False)]
+    native = list(generate.stream(int8, prompt, None, max_new_tokens=16, stop_at_eos=False, compiled=True))
+    assert fast_decode.step_name(int8, None) == "native step" and all(t.compiled for t in native[1:])
+    assert [t.text for t in native] == eager
 
 
 @pytest.mark.parametrize("ask", [dict(layout="cats"), dict(layout="hf")])
