@@ -7,8 +7,8 @@
 (peer_dir()), then `python -m sparse_core.peer convert` writes the lab's cached model as GGUF F32, BF16 (llama.cpp's
 own convert_hf_to_gguf.py) and Q8_0 (llama-quantize). The benchmark then runs, round after round, llama.cpp's
 `llama-bench` (decode only, the lab's thread count) at each precision and the lab's compiled decode (dense and TEAL)
-at float32 and bfloat16, and reports every rate with its spread over the rounds and its ratio to llama.cpp at the
-same precision.
+at float32, bfloat16 and int8 weights, and reports every rate with its spread over the rounds and its ratio to
+llama.cpp at the same precision (int8 beside Q8_0: both read 1.0625 bytes a weight).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from .machine import machine
 from .store import DiskStore, cache_dir, digest
 
 SDIST = "llama_cpp_python-0.3.36"
-PRECISIONS = {"float32": "F32", "bfloat16": "BF16"}  # lab dtype -> the GGUF type it is compared with
-QUANTIZED = ("Q8_0",)  # measured beside, for the reader: what llama.cpp gets from quantized weights
+PRECISIONS = {"float32": "F32", "bfloat16": "BF16", "int8": "Q8_0"}  # lab weights -> the GGUF type it is compared with
+CONVERTED = ("F32", "BF16")  # written by llama.cpp's converter; the others quantized from F32 by llama-quantize
 TEAL_TARGETS = (0.25, 0.4, 0.5)
 TOKENS, ROUNDS = 64, 3
 _RESULTS = DiskStore("peer", 1)
@@ -57,7 +57,7 @@ def missing() -> str | None:
     """Why the peer cannot run (one sentence), or None."""
     if not tool("llama-bench").is_file():
         return "llama.cpp is not built here: run `make peer` (about eight minutes on two cores) first."
-    absent = [kind for kind in (*PRECISIONS.values(), *QUANTIZED) if not gguf_path(kind).is_file()]
+    absent = [kind for kind in PRECISIONS.values() if not gguf_path(kind).is_file()]
     if absent:
         return f"The model is not converted to GGUF {', '.join(absent)}: run `make peer` first."
     return None
@@ -69,14 +69,14 @@ def convert() -> None:
     from .gguf import default_model_dir
     folder = default_model_dir()
     env = dict(os.environ, PYTHONPATH=str(source_dir() / "gguf-py"))
-    for kind in PRECISIONS.values():
+    for kind in CONVERTED:
         target = gguf_path(kind)
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             _quietly([sys.executable, str(source_dir() / "convert_hf_to_gguf.py"), str(folder), "--outtype",
                       kind.lower(), "--outfile", str(target)], env=env)
-    for kind in QUANTIZED:
-        if not gguf_path(kind).is_file():
+    for kind in PRECISIONS.values():
+        if kind not in CONVERTED and not gguf_path(kind).is_file():
             _quietly([str(tool("llama-quantize")), str(gguf_path("F32")), str(gguf_path(kind)), kind])
     print(f"sparse_core: llama.cpp ready in {peer_dir()}, GGUF models in {gguf_path('F32').parent}")
 
@@ -132,7 +132,7 @@ def run(rounds: int = ROUNDS, tokens: int = TOKENS, targets=TEAL_TARGETS, device
             labs[(dtype, f"TEAL {target:.0%}")] = (held.model, held.spec_for("teal", target), None)
     for model, spec, route in labs.values():  # warm-up and compiles, outside the rounds
         lab_rate(model, spec, route, tokens=4)
-    kinds = [*PRECISIONS.values(), *QUANTIZED]
+    kinds = list(PRECISIONS.values())
     llama = {kind: [] for kind in kinds}
     lab = {name: [] for name in labs}
     build = "?"

@@ -2,8 +2,8 @@
 and how fast they and the model decode, in a few minutes; the first thing to run on a new GPU.
 
     kernels  every kernel backend of the device against the float64 masked reference: float16, bfloat16 and
-             float32, batch 1-8, s in {0, 0.5, 0.9} (on the CPU: the native kernel, and the Triton kernel in
-             Triton's interpreter, which is what CI runs)
+             float32, and int8 rows (on their dequantized weight), batch 1-8, s in {0, 0.5, 0.9} (on the CPU: the
+             native kernels, and the Triton kernels in Triton's interpreter, which is what CI runs)
     bench    `bench kernels --quick`
     decode   SmolLM2 greedy decode: plain HF, the dense routes and the compiled step agree token for token, and
              TEAL 50 % against the fastest dense, eager and compiled
@@ -23,24 +23,30 @@ PARTS = ("kernels", "bench", "decode")
 
 
 def _backends(device: str) -> dict:
-    """name -> (the op's implementation, the dtypes it takes) for every kernel that serves `device`; on the CPU the
-    Triton kernel runs in Triton's interpreter, chosen before its kernels are defined (there is no GPU to compile for)."""
+    """name -> (the op's implementation, the dtypes it takes, whether it reads int8 rows) for every kernel that
+    serves `device`; on the CPU the Triton kernels run in Triton's interpreter, chosen before their kernels are
+    defined (there is no GPU to compile for). An int8 kernel is called as (x, q, scales, bias, threshold)."""
     from .kernels import KERNEL_DTYPES, cpu_native
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .kernels import triton_sparse_gemv
+    from .kernels import triton_sparse_gemv, triton_sparse_gemv_int8
     found = {}
     if device == "cuda" or triton_sparse_gemv.INTERPRET:
-        found["triton" if device == "cuda" else "triton-interpret"] = (triton_sparse_gemv.sparse_linear, KERNEL_DTYPES["cuda"])
+        name = "triton" if device == "cuda" else "triton-interpret"
+        found[name] = (triton_sparse_gemv.sparse_linear, KERNEL_DTYPES["cuda"], False)
+        found[f"{name}-int8"] = (triton_sparse_gemv_int8.sparse_linear_int8, (torch.float32,), True)
     if device == "cpu" and cpu_native.native():
-        found["cpu-native"] = (torch.ops.sparse_lab.sparse_linear, KERNEL_DTYPES["cpu"])
+        found["cpu-native"] = (torch.ops.sparse_lab.sparse_linear, KERNEL_DTYPES["cpu"], False)
+        found["cpu-native-int8"] = (torch.ops.sparse_lab.sparse_linear_int8, (torch.float32,), True)
     return found
 
 
 def check_kernels(device: str) -> dict:
-    """Each backend on every (shape, dtype, batch, sparsity): the worst error relative to the output's scale."""
+    """Each backend on every (shape, dtype, batch, sparsity): the worst error relative to the output's scale, against
+    float64 on the weight the kernel reads (an int8 kernel's: the dequantized rows)."""
+    from . import quantize
     results = {}
-    for name, (kernel, dtypes) in _backends(device).items():
+    for name, (kernel, dtypes, int8) in _backends(device).items():
         worst, failures, cases = 0.0, [], 0
         for out_features, in_features in SHAPES[device]:
             for dtype in dtypes:
@@ -48,11 +54,17 @@ def check_kernels(device: str) -> dict:
                 weight_rows = (torch.randn(in_features, out_features, generator=generator) / in_features ** 0.5)
                 weight_rows = weight_rows.to(device=device, dtype=dtype)  # (in, out): the kernels' layout
                 bias = torch.randn(out_features, generator=generator).to(device=device, dtype=dtype)
+                if int8:
+                    q, scales = quantize.quantize(weight_rows.t())
+                    weight_rows = quantize.dequantize(q, scales).t()
+                    call = lambda x, threshold: kernel(x, q, scales, bias, None, threshold)
+                else:
+                    call = lambda x, threshold: kernel(x, weight_rows.t(), weight_rows, bias, None, threshold)
                 for batch in BATCHES:
                     x = torch.randn(batch, in_features, generator=generator).to(device=device, dtype=dtype)
                     for sparsity in SPARSITIES:
                         threshold = float(x.abs().float().quantile(sparsity)) if sparsity else 0.0
-                        y = kernel(x, weight_rows.t(), weight_rows, bias, None, threshold)
+                        y = call(x, threshold)
                         keep = x.abs() > threshold
                         expected = torch.nn.functional.linear((x * keep).double(), weight_rows.t().double(), bias.double())
                         error = ((y.double() - expected).abs().max() / (expected.abs().max() + 1.0)).item()

@@ -74,13 +74,16 @@ def test_bfloat16_loads_and_generates(capsys):
 
 
 def test_selfcheck_kernel_part_passes_in_the_interpreter_and_can_fail(capsys, monkeypatch):
-    """CI runs selfcheck's kernel part on the CPU: the native kernel and the Triton kernel in the interpreter, every
-    dtype, batch 1-8 and s in {0, 0.5, 0.9}, against float64. A kernel that is off in one output is caught."""
+    """CI runs selfcheck's kernel part on the CPU: the native kernels and the Triton kernels in the interpreter, every
+    dtype and int8 rows, batch 1-8 and s in {0, 0.5, 0.9}, against float64. A kernel that is off in one output is
+    caught."""
     from sparse_core import selfcheck
     assert main(["selfcheck", "--json", "--parts", "kernels", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and set(report["kernels"]) == {"triton-interpret", "cpu-native"}
+    assert report["ok"] and set(report["kernels"]) == {"triton-interpret", "cpu-native", "triton-interpret-int8",
+                                                        "cpu-native-int8"}
     assert report["kernels"]["triton-interpret"]["cases"] == len(selfcheck.SHAPES["cpu"]) * 3 * 8 * 3
+    assert report["kernels"]["cpu-native-int8"]["cases"] == len(selfcheck.SHAPES["cpu"]) * 1 * 8 * 3
     assert all(r["failed"] == 0 and r["worst_error_over_tolerance"] <= 1 for r in report["kernels"].values())
 
     from sparse_core.kernels import triton_sparse_gemv

@@ -1,12 +1,13 @@
 """int8 weights (quantize.py) and the op that reads their rows (sparse_lab::sparse_linear_int8): the quantization
-against its definition, the native kernel on every vector path against a float64 masked product over the
-dequantized weight, the op's contract and its fake implementation."""
+against its definition, the native kernel on every vector path and the Triton kernel (in its interpreter, set by
+conftest) against a float64 masked product over the dequantized weight, the op's contract and its fake
+implementation."""
 import pytest
 import torch
 
 from kernel_reference import reference
 from sparse_core import kernels, ops, quantize
-from sparse_core.kernels import cpu_native
+from sparse_core.kernels import cpu_native, triton_sparse_gemv_int8
 
 SHAPES = [(1, 37, 53), (3, 150, 70), (1, 576, 1536), (1, 1536, 576), (8, 130, 577), (12, 96, 33)]  # (tokens, in, out)
 
@@ -58,6 +59,30 @@ def test_the_native_int8_gather_matches_the_float64_dequantized_reference(tokens
     assert (y.double() - expected).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 7])  # 7 > the GPU's union tokens: the dequantized masked product
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("width, out", [(150, 90), (64, 33)])  # ragged, and one scale block
+def test_the_triton_int8_gather_matches_the_float64_dequantized_reference(tokens, sparsity, width, out):
+    generator = torch.Generator().manual_seed(tokens + width)
+    _, q, scales = int8_weight(out, width, generator)
+    x, bias = torch.randn(tokens, width, generator=generator), torch.randn(out, generator=generator)
+    threshold = {0.0: 0.0, 1.0: float("inf")}.get(sparsity) or float(x.abs().quantile(sparsity))
+    y = triton_sparse_gemv_int8.sparse_linear_int8(x, q, scales, bias, None, threshold)
+    expected = reference(x, quantize.dequantize(q, scales, torch.float64), bias, threshold)
+    assert y.dtype == torch.float32 and y.shape == (tokens, out) and not y.isnan().any()
+    assert (y.double() - expected).abs().max().item() <= 1e-5 * (expected.abs().max().item() + 1.0)
+
+
+def test_the_triton_int8_gather_takes_per_token_thresholds():
+    generator = torch.Generator().manual_seed(4)
+    _, q, scales = int8_weight(40, 100, generator)
+    x = torch.randn(3, 100, generator=generator)
+    threshold = ops.topk_threshold(x, ops.keep_count(0.6, 100))
+    y = triton_sparse_gemv_int8.sparse_linear_int8(x, q, scales, None, threshold, 0.0)
+    expected = reference(x, quantize.dequantize(q, scales, torch.float64), None, threshold)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_int8_op_reads_per_token_thresholds_like_the_reference():
     generator = torch.Generator().manual_seed(3)
     _, q, scales = int8_weight(90, 200, generator)
@@ -74,7 +99,7 @@ def test_the_int8_op_reads_per_token_thresholds_like_the_reference():
     (lambda q, s: (q, s[:-1]), "float32 scales"),
     (lambda q, s: (q, s.half()), "float32 scales"),
 ])
-@pytest.mark.parametrize("op", ["cpu-native", "reference", "fake"])
+@pytest.mark.parametrize("op", ["cpu-native", "triton-interpret", "reference", "fake"])
 def test_the_int8_op_refuses_what_its_kernels_cannot_read(bad, match, op):
     _, q, scales = int8_weight(40, 130)
     q, scales = bad(q, scales)
@@ -82,6 +107,7 @@ def test_the_int8_op_refuses_what_its_kernels_cannot_read(bad, match, op):
     if op == "fake":
         x, q, scales = (t.to("meta") for t in (x, q, scales))
     run = {"cpu-native": torch.ops.sparse_lab.sparse_linear_int8.default, "reference": ops._reference_int8_op,
+           "triton-interpret": triton_sparse_gemv_int8.sparse_linear_int8,
            "fake": torch.ops.sparse_lab.sparse_linear_int8.default}[op]
     with pytest.raises((ValueError, RuntimeError), match=match):
         run(x, q, scales, None, None, 0.0)

@@ -128,7 +128,7 @@ def input_rows(weight: torch.Tensor) -> bool:
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
 
-INT8_DEVICES = ("cpu",)  # where a kernel reads int8 rows; elsewhere the int8 op runs its reference
+INT8_DEVICES = ("cpu", "cuda")  # where a kernel reads int8 rows (C++, Triton); elsewhere the int8 op runs its reference
 
 
 def inference_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -214,7 +214,7 @@ def describe() -> str:
 def triton_loaded() -> bool:
     """Import the Triton kernels, which registers them as the ops' CUDA implementation."""
     try:
-        from . import triton_sparse_gemv  # noqa: F401
+        from . import triton_sparse_gemv, triton_sparse_gemv_int8  # noqa: F401
     except ImportError:
         return False
     return True

@@ -104,5 +104,8 @@ constexpr int64_t kScaleBlock = SPARSE_LAB_INT8_BLOCK;
 
 // Below ~256 KiB of weight rows a second thread costs more than it saves: the projection runs on one.
 constexpr int64_t kParallelBytes = 1 << 18;
+// Inside the decode engine the team is already running, so a second thread costs only a barrier and a partial
+// sum: a projection is shared from 64 KiB of rows (a sparse int8 o projection reads ~170 KB; docs/PERFORMANCE.md).
+constexpr int64_t kTeamBytes = 1 << 16;
 
 }  // namespace sparse_lab
