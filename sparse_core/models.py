@@ -204,8 +204,8 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"
     check_layout(layout)
     device = resolve_device(device)
     if dtype == "int8" and (layout != "inputs" or device != "cpu" or device_map is not None):
-        raise ModelLoadError("int8 weights run on the CPU's int8 kernel in the inputs layout, on one device; choose "
-                             "those, or float32 or bfloat16 weights.")
+        raise ModelLoadError("int8 weights run on the CPU, in the inputs layout, on one device; choose those, or "
+                             "float32 or bfloat16 weights.")
     if name in (DEFAULT_MODEL, "default"):
         from .gguf import default_model_dir  # it imports this module's error
         source = str(default_model_dir())

@@ -262,6 +262,14 @@ def test_user_errors_are_one_sentence_and_the_app_keeps_running():
         assert at.error[0].value.startswith("CUDA was asked for, but torch sees no usable CUDA device")
         assert "Still using SmolLM2-135M-Instruct (float32, cpu)." in [c.value for c in at.sidebar.caption]
         assert _metric(at, "Perplexity change")
+        at.selectbox(key="device").set_value("cpu")
+    at.selectbox(key="layout").set_value("cats")
+    at.selectbox(key="dtype").set_value("int8")  # int8 rows are read in the inputs layout only
+    _ok(at.run())
+    assert [e.value for e in at.error] == ["int8 weights run on the CPU, in the inputs layout, on one device; choose "
+                                           "those, or float32 or bfloat16 weights."]
+    assert "Still using SmolLM2-135M-Instruct (float32, cpu)." in [c.value for c in at.sidebar.caption]
+    assert _metric(at, "Perplexity change")
 
 
 def _figures(at: AppTest) -> list[dict]:

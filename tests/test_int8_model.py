@@ -71,5 +71,5 @@ def test_the_native_int8_step_makes_hf_s_greedy_tokens(int8):
 
 @pytest.mark.parametrize("ask", [dict(layout="cats"), dict(layout="hf")])
 def test_int8_where_its_kernel_cannot_run_is_refused_in_one_sentence(ask):
-    with pytest.raises(models.ModelLoadError, match=r"^int8 weights run on the CPU's int8 kernel[^.]*\.$"):
+    with pytest.raises(models.ModelLoadError, match=r"^int8 weights run on the CPU, [^.]*\.$"):
         models.load(dtype="int8", **ask)
