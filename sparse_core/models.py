@@ -155,8 +155,10 @@ def choose_dense_route(model: SparseModel, repeats: int = 5) -> str:
     """The faster way to compute the dense product on this model's stored weights: HF's forward (F.linear) or the
     kernel with nothing skipped, timed interleaved on one-token forward passes. The choice is kept on disk per
     model, dtype, layout and machine, so every process on this machine computes dense the same way."""
-    if model.layout == "hf" or model.device.type == "meta" or model.int8:  # int8 rows have one route
-        return "kernel" if model.int8 else "linear"
+    if model.int8:
+        return "kernel"  # int8 rows have one route, the int8 op
+    if model.layout == "hf" or model.device.type == "meta":
+        return "linear"
     key = digest(model.fingerprint, str(model.dtype), model.layout, machine(model.device))
     known = _ROUTES.load(key)
     if known and known.get("route") in DENSE_ROUTES:

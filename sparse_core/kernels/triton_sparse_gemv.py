@@ -33,9 +33,10 @@ _ROWS_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64})] if INTERPRET els
 
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BATCH"])
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, scalar_thr, bias_ptr, y_ptr, T, N, K,
+def _sparse_gemv_kernel(x_ptr, w_ptr, s_ptr, thr_ptr, scalar_thr, bias_ptr, y_ptr, T, N, K,
                         PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, BATCH: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SCALE_BLOCK > 0: w holds int8 rows whose weight is w * s[k // SCALE_BLOCK, n] (quantize.py)."""
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.arange(0, BATCH)
@@ -50,7 +51,10 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, scalar_thr, bias_ptr, y_ptr, T, N
         keep = tl.abs(x) > thr[:, None]
         x = tl.where(keep, x, 0.0)
         active = tl.max(keep.to(tl.int32), axis=0) > 0  # the union over tokens: rows some token needs
-        w = tl.load(w_ptr + k[:, None] * N + n[None, :], mask=active[:, None] & (n[None, :] < N), other=0.0).to(tl.float32)
+        read = active[:, None] & (n[None, :] < N)
+        w = tl.load(w_ptr + k[:, None] * N + n[None, :], mask=read, other=0.0).to(tl.float32)
+        if SCALE_BLOCK > 0:  # each row's scale row (a block's rows share one, read from cache)
+            w = w * tl.load(s_ptr + (k[:, None] // SCALE_BLOCK) * N + n[None, :], mask=read, other=0.0)
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
@@ -80,17 +84,24 @@ def _rows_kernel(x_ptr, w_ptr, keep_ptr, bias_ptr, y_ptr, N, K,
 def sparse_linear(x, weight, weight_t, bias, threshold, scalar_threshold):
     """sparse_lab::sparse_linear for CUDA (and the interpreter): union gather for few tokens, else masked dense."""
     per_token = check_call(x, weight_t, threshold)
+    return gather(x, weight_t, None, 0, lambda: weight, bias, per_token, scalar_threshold)
+
+
+def gather(x, rows, scales, scale_block, weight, bias, per_token, scalar_threshold):
+    """The union gather of (in, out) `rows` (int8 ones with their `scales`, one row per `scale_block` inputs) for
+    few tokens; beyond, the masked product with `weight()`, the (out, in) weight they stand for."""
     x2 = x.reshape(-1, x.shape[-1])
-    tokens, (K, N) = x2.shape[0], weight_t.shape
+    tokens, (K, N) = x2.shape[0], rows.shape
     if tokens > UNION_TOKENS["cuda"]:  # the union of the masks rarely skips rows: masked dense
         limit = per_token.reshape(-1, 1) if per_token is not None else comparable(scalar_threshold, x.dtype)
-        return F.linear(x2 * (x2.abs() > limit), weight, bias).reshape(*x.shape[:-1], N)
+        return F.linear(x2 * (x2.abs() > limit), weight(), bias).reshape(*x.shape[:-1], N)
     y = torch.empty(tokens, N, dtype=x.dtype, device=x.device)
     thr = per_token.contiguous() if per_token is not None else y  # y: an unread placeholder pointer
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _sparse_gemv_kernel[grid](x2.contiguous(), weight_t, thr, comparable(scalar_threshold, x.dtype),
-                              bias if bias is not None else y, y, tokens, N, K, PER_TOKEN=per_token is not None,
-                              HAS_BIAS=bias is not None, BATCH=triton.next_power_of_2(tokens))
+    _sparse_gemv_kernel[grid](x2.contiguous(), rows, scales if scales is not None else y, thr,
+                              comparable(scalar_threshold, x.dtype), bias if bias is not None else y, y, tokens, N, K,
+                              PER_TOKEN=per_token is not None, HAS_BIAS=bias is not None,
+                              BATCH=triton.next_power_of_2(tokens), SCALE_BLOCK=scale_block)
     return y.reshape(*x.shape[:-1], N)
 
 
