@@ -100,8 +100,12 @@ class Lab:
     @property
     def setup(self) -> str:
         """How the model runs, as every result's label says it: dtype (or int8 weights), weight layout, device."""
-        weights = "int8 weights" if self.model.int8 else self.dtype
-        return f"{weights} · {self.model.layout} layout · {self.model.device.type}"
+        return f"{self.weights_label} · {self.model.layout} layout · {self.model.device.type}"
+
+    @property
+    def weights_label(self) -> str:
+        """The weights as every label and the report name them: the dtype, or "int8 weights"."""
+        return "int8 weights" if self.model.int8 else self.dtype
 
     @property
     def dtype(self) -> str:
@@ -254,7 +258,7 @@ class Lab:
         speed = self.decode_speed(spec, run.compiled)
         flagged = self.flagged_decode(spec, run.compiled)
         setting = dict(model=self.model.name, method=run.method, spec=run.name, target=spec.uniform_target,
-                       dtype=self.dtype, layout=self.model.layout, device=self.model.device.type, decoder=run.decoder,
+                       dtype=self.weights_label, layout=self.model.layout, device=self.model.device.type, decoder=run.decoder,
                        generation=(f"Partial result: stopped after {len(run.tokens['sparse'])} sparse and "
                                    f"{len(run.tokens['dense'])} dense tokens" if run.partial else "complete"))
         headline = dict(weight_reads_skipped=quality.weight_reads_skipped, bound=quality.bound,

@@ -684,6 +684,7 @@ def test_int8_weights_from_the_sidebar_generate_measure_and_open_every_page(monk
     assert any(c.value.startswith("Produced by: TEAL thresholds at 25% · int8 weights · inputs layout · cpu")
                for c in at.caption)
     assert len(_generated(at)) == 2
+    assert "<td>int8 weights</td>" in at.session_state["generation"].report  # the report names them too
     next(b for b in at.button if b.label == "Measure decode speed").click()
     _ok(at.run())
     assert _metric(at, "Decode speedup").startswith("×")
