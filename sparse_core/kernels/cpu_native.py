@@ -119,5 +119,5 @@ def supported_paths() -> tuple[str, ...]:
 
 def describe() -> str:
     if native():
-        return f"native C++/OpenMP row gather (float32, bfloat16; {vector_path()} vector path)"
+        return f"native C++/OpenMP row gather (float32, bfloat16, int8 rows; {vector_path()} vector path)"
     return f"fallback ({native_failure()}): pure-torch embedding_bag row gather"
