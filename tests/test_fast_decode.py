@@ -95,9 +95,11 @@ def test_what_it_does_not_cover_decodes_with_hf_and_says_why():
 
 
 @pytest.mark.parametrize("method", ["topk", "cats"])
-def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method):
-    """The compiled variants (top-k's ranking, CATS' gate mask), on 2 layers; SmolLM2's test below runs the native step."""
-    model = _tiny("llama")
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method, int8):
+    """The compiled variants (top-k's ranking, CATS' gate mask), on 2 layers, with float and int8 weights (the int8
+    op traced into the graph); SmolLM2's test below runs the native step."""
+    model = _tiny("llama", int8=int8)
     spec = _specs(model)[method]
     ids = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(9)).tolist()
     runs = {}
