@@ -125,7 +125,7 @@ class Decoder:
         self._scales: list[torch.Tensor] = []  # the native step's int8 scales (none for float weights)
         self._native = self._native_weights() if native_head else None
         self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the native step's cos and sin rows
-        self.profile = None  # a bench.TokenProfile while `bench profile` times the native step's phases
+        self.profile = None  # a token_profile.TokenProfile while `bench profile` times the native step's phases
         self._compiled: dict[tuple, object] = {}
         self.shapes_run: set[str] = set()  # compile keys this process has run compiled: those steps start at once
         self.failed: dict[str, str] = {}  # compile key -> why its compile failed: that shape then decodes eagerly
