@@ -16,7 +16,7 @@ current = common.current()
 model = current.model
 
 with st.form("sweep_form"):
-    cols = st.columns(5)
+    cols = st.columns([1.3, 1, 2.2, 1, 1])  # the targets' chips need the room: four of them are the default
     methods = cols[0].multiselect("Methods", list(common.METHODS), default=["TEAL thresholds"])
     allocations = cols[1].multiselect("Allocation", ["uniform", "greedy"], default=["uniform"],
                                       help="Greedy replays each block on calibration text, the slowest part of a sweep; the progress "
@@ -49,10 +49,35 @@ if run:
                                                                    max_tokens=tokens, protocol=protocol)
 
 
+def _charts(frame, key: str) -> None:
+    """Quality against the weight reads skipped, and the bound against the quality loss, for a sweep's points."""
+    frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
+    figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats",
+                                                           "Top-1 agreement"))
+    for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):
+        for trace in px.line(frame, x="weight_reads_skipped", y=metric, color="setting", markers=True).data:
+            trace.showlegend = column == 1
+            figure.add_trace(trace, row=1, col=column)
+    figure.update_xaxes(title_text="weight reads skipped (measured)", tickformat=".0%")
+    figure.update_layout(height=400, margin=figures.TITLED_MARGIN, legend_title_text="")
+    st.plotly_chart(figure, width="stretch", key=f"{key}_quality")
+
+    st.subheader("Speed against quality loss")
+    st.caption("Up and to the left is better. The speedup here is the bound 1/(1−s) for the measured share s of "
+               "weight reads skipped — what a perfectly memory-bound decoder could gain; the Speedup page measures "
+               "what the kernels really reach on this machine.")
+    pareto = px.scatter(frame, x="ppl_increase", y="bound", color="setting", text="target",
+                        hover_data=["kl", "top1_agreement"],
+                        labels={"ppl_increase": "perplexity increase", "bound": "speedup bound (×)"})
+    pareto.update_traces(textposition="top center")
+    pareto.update_layout(height=380, margin=dict(t=20, b=10), xaxis_tickformat=".0%", legend_title_text="")
+    st.plotly_chart(pareto, width="stretch", key=f"{key}_pareto")
+
+
 @st.fragment(run_every=1.0)
 def watch_sweep() -> None:
-    """The running sweep's progress, time left and Stop button, redrawn every second without rerunning the page;
-    when the sweep ends, the whole page reruns to draw its results."""
+    """The running sweep's progress, time left, Stop button and the points finished so far, redrawn every second
+    without rerunning the page; when the sweep ends, the whole page reruns to draw its results."""
     running = st.session_state.get("sweep_job")
     if running is None or not running.running:
         st.rerun()
@@ -60,9 +85,17 @@ def watch_sweep() -> None:
     done, total, left = running.done, running.total, None if stopping else running.seconds_left()
     label = "Stopping after the current step…" if stopping else "Sweeping…"
     st.progress(min(done / total, 1.0) if total else 0.0, text=common.progress_text(label, done, total, left))
-    st.caption(f"{len(running.points)} of {running.planned} points finished. The sweep keeps running while you use "
+    if running.waiting and not stopping:
+        st.info(f"Holding still between chunks, {running.waiting}: a visitor's own request goes first, and the "
+                "sweep goes on by itself after it.")
+    points = list(running.points)
+    st.caption(f"{len(points)} of {running.planned} points finished. The sweep keeps running while you use "
                f"the page; stopping it keeps the points finished so far.")
     st.button("Stop sweep", key="stop_sweep", on_click=running.stop)  # before this run: its bar says so at once
+    if points:
+        _charts(lab.points_frame(points), "running")
+    else:
+        st.info("Each point appears here as soon as it is measured.")
 
 
 running = job is not None and job.running
@@ -83,13 +116,15 @@ if job is not None and job.state == "stopped" and not len(job.frame):
     st.info("The sweep was stopped before its first point was finished"
             + ("; the charts below are the previous sweep." if st.session_state.get("sweep") is not None else "."))
 if running and st.session_state.get("sweep") is not None:
+    st.subheader("The previous sweep")
     st.caption("Below: the previous sweep, until this one finishes.")
 if st.session_state.get("sweep_note"):
     st.warning(st.session_state.sweep_note)
 
 frame = st.session_state.get("sweep")
 if frame is None or frame.empty:
-    st.info("Choose methods, allocations and targets, then run a sweep.")
+    if not running:
+        st.info("Choose methods, allocations and targets, then run a sweep.")
     st.stop()
 
 swept_on = st.session_state.get("sweep_on", current.lab.label)
@@ -98,27 +133,9 @@ if swept_on == current.lab.label:
     st.caption(f"Produced by: a sweep on {swept_on}; quality measured with {measured_how}.")
 else:
     st.warning(f"Stale: swept on {swept_on}; the sidebar now loads {current.lab.label}. Run the sweep again.")
-frame = frame.assign(setting=frame.method.str.upper() + " " + frame.allocation, ppl_increase=frame.ppl_ratio - 1.0)
-figure = make_subplots(rows=1, cols=3, subplot_titles=("Perplexity vs dense (×)", "KL(dense ‖ sparse), nats", "Top-1 agreement"))
-for column, metric in enumerate(["ppl_ratio", "kl", "top1_agreement"], start=1):
-    for trace in px.line(frame, x="weight_reads_skipped", y=metric, color="setting", markers=True).data:
-        trace.showlegend = column == 1
-        figure.add_trace(trace, row=1, col=column)
-figure.update_xaxes(title_text="weight reads skipped (measured)", tickformat=".0%")
-figure.update_layout(height=400, margin=figures.TITLED_MARGIN, legend_title_text="")
-st.plotly_chart(figure, width="stretch")
+_charts(frame, "finished")
 
-st.subheader("Speed against quality loss")
-st.caption("Up and to the left is better. The speedup here is the bound 1/(1−s) for the measured share s of weight "
-           "reads skipped — what a perfectly memory-bound decoder could gain; the Speedup page measures what the "
-           "kernels really reach on this machine.")
-pareto = px.scatter(frame, x="ppl_increase", y="bound", color="setting", text="target", hover_data=["kl", "top1_agreement"],
-                    labels={"ppl_increase": "perplexity increase", "bound": "speedup bound (×)"})
-pareto.update_traces(textposition="top center")
-pareto.update_layout(height=380, margin=dict(t=20, b=10), xaxis_tickformat=".0%", legend_title_text="")
-st.plotly_chart(pareto, width="stretch")
-
-table = frame.drop(columns=["setting"]).round(4)
+table = frame.round(4)
 if st.session_state.get("sweep_note"):
     st.caption("Partial sweep: only the points finished before it was stopped (marked in the partial column).")
     table = table.assign(partial=True)

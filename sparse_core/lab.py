@@ -17,9 +17,10 @@ from typing import Callable, ContextManager, Iterator, Sequence
 
 import pandas as pd
 
-from . import (bench, calibrate, comparison, fast_decode, figures, generate, metrics, models, ops, peer,
-               stakeholder_report, tuning, views, warmup)
+from . import (bench, calibrate, comparison, fast_decode, figures, generate, metrics, models, ops, peer, prefill,
+               scheduler, stakeholder_report, tuning, views, warmup)
 from .calibrate import Progress
+from .scheduler import SCHEDULER, describe
 from .spec import SparsitySpec
 from .store import BoundedCache, DiskStore, digest
 
@@ -28,11 +29,14 @@ DEFAULT_MODEL, DEVICES, resolve_device = models.DEFAULT_MODEL, models.DEVICES, m
 ModelLoadError, GenerationError = models.ModelLoadError, generate.GenerationError
 QUALITY_TOKENS, PROTOCOLS = metrics.QUALITY_TOKENS, metrics.PROTOCOLS
 RUNS = comparison.RUNS
+PREFILL_CHUNK = prefill.PREFILL_CHUNK
 KERNEL_SHAPES, KERNEL_DTYPES = bench.SHAPES, bench.DTYPES
 KERNEL_SPARSITIES, QUICK_KERNEL_SPARSITIES = bench.SPARSITIES, bench.QUICK_SPARSITIES
 FULL_REPEATS, QUICK_REPEATS = bench.FULL_REPEATS, bench.QUICK_REPEATS
 DECODE_TOKENS, DECODE_REPEATS = bench.DECODE_TOKENS, bench.DECODE_REPEATS
 kernel_benchmark = bench.kernel_benchmark
+points_frame = tuning.points_frame
+VISITOR, JOB = scheduler.VISITOR, scheduler.JOB  # the ranks of heavy work (foreground)
 describe_backends = ops.describe_backends
 
 MAX_SPECS = 256  # calibrated specs kept in memory (each is a few KB; on disk they come back in milliseconds)
@@ -56,16 +60,28 @@ def describe_protocol(name: str, held_out_tokens: int) -> str:
 
 
 @contextlib.contextmanager
-def foreground(timed: bool = True, waiting: Callable[[str], ContextManager] | None = None) -> Iterator[None]:
-    """Work a visitor waits for, or that is timed: every background preparation (of any model) holds still meanwhile.
-    Before timed work a background compile in flight, which cannot be interrupted, is waited for, inside
-    `waiting(what)` when given (a caller's notice of what it waits for)."""
-    with warmup.paused():
+def foreground(what: str, rank: int = VISITOR, timed: bool = True,
+               waiting: Callable[[str], ContextManager] | None = None) -> Iterator[None]:
+    """Heavy work in the scheduler's queue: `what` (a noun phrase, as whoever waits behind it reads it) at `rank`,
+    VISITOR for what a visitor's page waits for, JOB for a long job a visitor started (a benchmark), which first lets
+    visitors' requests in flight finish. Lower ranks (background preparation, of any model) hold still meanwhile.
+    Before timed work a background compile in flight, which cannot be interrupted, is waited for; each wait inside
+    `waiting(why)` when given (a caller's notice of what it waits for)."""
+    if rank > VISITOR and SCHEDULER.ahead_of(rank):
+        with waiting(f"{describe(SCHEDULER.ahead_of(rank))} to finish first") if waiting else contextlib.nullcontext():
+            SCHEDULER.wait_turn(rank)
+    with SCHEDULER.running(what, rank):
         compiling = warmup.compile_in_flight() if timed else None
         if compiling is not None:
-            with waiting(compiling.describe()) if waiting else contextlib.nullcontext():
+            with (waiting(f"{compiling.describe()} to finish first: a compile cannot be interrupted, and nothing "
+                          "is timed beside one") if waiting else contextlib.nullcontext()):
                 warmup.wait_for_compiles()
         yield
+
+
+def wait_turn(rank: int) -> None:
+    """Hold still while heavy work of a higher rank runs (between the chunks of a job of `rank`)."""
+    SCHEDULER.wait_turn(rank)
 
 
 class Lab:
@@ -119,8 +135,8 @@ class Lab:
 
     @property
     def why_not_compiled(self) -> str | None:
-        """Why the compiled decode step does not cover this model, or None where it does."""
-        return fast_decode.unsupported(self.model)
+        """Why the fast decode step (native on the CPU, compiled on a GPU) does not cover this model, or None."""
+        return fast_decode.why_not_covered(self.model)
 
     @property
     def compiles_by_default(self) -> bool:
@@ -195,10 +211,10 @@ class Lab:
     def start_sweep(self, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
                     text: str | None = None, max_tokens: int | None = None,
                     protocol: str = metrics.DEFAULT_PROTOCOL) -> tuning.SweepJob:
-        """The sweep in a background thread (tuning.SweepJob), with every background preparation paused beside it,
-        so the two do not share the cores."""
+        """The sweep in a background thread (tuning.SweepJob), a job in the scheduler's queue: behind a visitor's
+        request, ahead of background preparation."""
         return tuning.start_sweep(self.model, methods, targets, allocations, text=text, max_tokens=max_tokens,
-                                  hold=warmup.paused(), protocol=protocol, measured_on=self.label)
+                                  protocol=protocol, measured_on=self.label)
 
     # ---- speed -------------------------------------------------------------------------------------------
     def decode_speed(self, spec: SparsitySpec | None, compiled: bool) -> dict | None:
@@ -300,7 +316,7 @@ class Lab:
             return None
         with self._lock:
             if self._preparation is None:
-                self._preparation = warmup.Warmup(self.model)
+                self._preparation = warmup.Warmup(self.model, measure_speed=self.measure_decode)
             return self._preparation
 
     def close(self) -> None:
