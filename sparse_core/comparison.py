@@ -5,6 +5,7 @@ two texts part. Streamlit-free: the Lab makes one (Lab.compare), a caller drives
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import TYPE_CHECKING, Callable
 
@@ -77,14 +78,16 @@ class Comparison:
             fast_decode.prepare(self.model, spec, self._positions())
 
     def run(self, on_token: Callable[[str], None] = lambda run: None,
-            on_round: Callable[[], None] = lambda: None) -> None:
+            on_round: Callable[[], None] = lambda: None,
+            on_prefill: Callable[[str, int, int], None] = lambda run, done, total: None) -> None:
         """Both runs, one token of each per round, the run that goes first alternating: the pass right after a page
         update (a browser redrawing on the same cores) is the slower one, and it must not always be the same run.
-        `on_token(run)` follows every token, `on_round()` every round that more tokens follow."""
+        `on_token(run)` follows every token, `on_round()` every round that more tokens follow, and
+        `on_prefill(run, done, total)` each pass of a run's prompt prefill."""
         self.stage = "streaming"
         streams = {run: generate.stream(self.model, self.prompt, spec, self.max_new_tokens, self.temperature,
                                         self.seed, observers=(self.counters[run],), compiled=self.compiled,
-                                        sparse_prefill=self.sparse_prefill)
+                                        sparse_prefill=self.sparse_prefill, on_prefill=functools.partial(on_prefill, run))
                    for run, spec in zip(RUNS, (None, self.spec))}
         for round_ in itertools.count():
             if not streams:
@@ -123,7 +126,7 @@ class Comparison:
         """What decoded its steps, as the report names it."""
         if self.ran_compiled:
             return fast_decode.step_name(self.model, self.spec)
-        return "uncompiled step" if self.compiled else "HF forward"
+        return "uncompiled step" if self.compiled and fast_decode.covering(self.model, self.spec) else "HF forward"
 
     @property
     def rates(self) -> bench.PairedRates | None:

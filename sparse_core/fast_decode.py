@@ -8,11 +8,12 @@ and CATS' gate thresholds. So one compiled step serves every spec, each call car
 share one. Every projection goes through the same registered op as the patched model (sparse_lab::sparse_linear,
 which has a fake implementation for the compiler), q|k|v and gate|up as one call each (patch.SharedInput).
 
-On the CPU, the dense and TEAL variant (the one most generations run) is not compiled: one native call a token,
-sparse_lab::decode_token, runs every layer and the head with the same weights, thresholds and caches (for models
-without projection biases): the compiled step's per-token wrapper, dynamo's guards and inductor's many small
-parallel kernels a layer cost more than the glue itself (docs/PERFORMANCE.md has the measurements). Top-k and
-CATS, and every variant on a GPU, stay compiled.
+On the CPU nothing is compiled: one native call a token, sparse_lab::decode_token, runs every layer and the head
+with the same weights, thresholds and caches, for every method (dense, TEAL, top-k's per-token ranking, CATS' gate)
+of a model without projection biases: the compiled step's per-token wrapper, dynamo's guards and inductor's many
+small parallel kernels a layer cost more than the glue itself (docs/PERFORMANCE.md has the measurements), and a
+first compile takes minutes on a laptop's cores, on the path of whoever clicks first. A model the native step does
+not take decodes through HF's forward on the CPU. torch.compile runs on GPUs (COMPILED_DEVICES).
 
 Supported: the Llama family as transformers builds it (llama, mistral, qwen2: RMSNorm, rotary embeddings, grouped
 KV heads, gated SiLU MLP) in the inputs layout; anything else decodes through HF's forward, and `unsupported` says
@@ -31,7 +32,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import kernels, ops
+from . import bf16_math, kernels, ops
+from .prefill import chunked
 from .kernels import cpu_native
 from .machine import machine
 from .models import SparseModel
@@ -51,6 +53,7 @@ FAMILIES = ("llama", "mistral", "qwen2")
 CACHE_BUCKET = 256
 MAX_COMPILED_POSITIONS = 8192
 _COMPILE_SECONDS = DiskStore("compile_seconds", 1)
+COMPILED_DEVICES = ("cuda",)  # where the step is compiled; elsewhere only the native step runs
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_MID = (GROUPS.index(g) for g in ("attn_in", "attn_out", "mlp_in", "mlp_mid"))
 
 
@@ -152,6 +155,10 @@ class Decoder:
         as_dtype = lambda t: kernels.comparable(t.float(), dtype).to(device)
         return StepInputs(method, self._linear(spec, dense_route), as_dtype(thresholds), keep.to(device), as_dtype(gate))
 
+    def variant(self, spec: SparsitySpec | None, dense_route: str | None = None) -> tuple[str, bool]:
+        """The step variant a stream of this spec runs (StepInputs.variant, without building the inputs)."""
+        return _variant("dense" if spec is None else spec.method, self._linear(spec, dense_route))
+
     def _linear(self, spec: SparsitySpec | None, dense_route: str | None) -> bool:
         """True when the step computes dense products with F.linear: a dense spec on the "linear" route, asked for
         (the benchmarks time both) or else the model's, which is measured on HF's forward. Where the native step
@@ -163,7 +170,7 @@ class Decoder:
 
     def shape_key(self, spec: SparsitySpec | None, max_positions: int, dense_route: str | None = None) -> str:
         """What a compiled step's shape is known by: the model, its dtype, this machine, the variant, the cache length."""
-        variant = _variant("dense" if spec is None else spec.method, self._linear(spec, dense_route))
+        variant = self.variant(spec, dense_route)
         return digest(self.model.fingerprint, self.model.weight_key, machine(self.model.device), variant,
                       cache_length(max_positions), torch.__version__)
 
@@ -253,7 +260,7 @@ class Decoder:
         cos, sin = self.rotary(torch.empty(0, dtype=dtype, device=positions.device), positions[None])
         return cos, sin  # [1, T, head_dim]: broadcast over the heads of [heads, T, head_dim]
 
-    # ---- the native one-token step (CPU, dense and TEAL) -------------------------------------------
+    # ---- the native one-token step (CPU, every method) --------------------------------------------
     def _native_weights(self) -> tuple | None:
         """The (in, out) rows and norms sparse_lab::decode_token reads (views, no copies), or None where the model
         has biases in its projections (Qwen2's q|k|v), which that step does not add."""
@@ -271,9 +278,13 @@ class Decoder:
         return (*rows, norms)
 
     def runs_native(self, variant: tuple[str, bool]) -> bool:
-        """True when this variant's step is the native one (nothing to compile): dense and TEAL through the kernel on
-        the CPU, for a model without projection biases."""
-        return self._native is not None and variant == ("dense", False)
+        """True when this variant's step is the native one (nothing to compile): every method through the kernel on
+        the CPU (not the F.linear dense route), for a model without projection biases."""
+        return self._native is not None and not variant[1]
+
+    def covers(self, variant: tuple[str, bool]) -> bool:
+        """True when a stream of this variant decodes here: natively, or compiled where the device compiles."""
+        return self.runs_native(variant) or self.model.device.type in COMPILED_DEVICES
 
     def native_forward(self, ids: torch.Tensor, start: torch.Tensor, caches, inputs: StepInputs):
         """`forward` for one token in one native call (sparse_lab::decode_token): what the compiled step computes,
@@ -282,8 +293,10 @@ class Decoder:
         cos, sin = self._rotary_at(position)
         profile = self.profile
         logits, skipped = torch.ops.sparse_lab.decode_token(
-            self.embedding(ids[:1])[0], cos, sin, position, *self._native, caches, inputs.thresholds, self.norm,
-            self.head, self.heads, self.kv_heads, self.eps, self._scales, None if profile is None else profile.phases)
+            self.embedding(ids[:1])[0], cos, sin, position, *self._native, caches, inputs.thresholds,
+            inputs.keep_counts if inputs.method == "topk" else None, inputs.gate if inputs.method == "cats" else None,
+            self.norm, self.head, self.heads, self.kv_heads, self.eps, self._scales,
+            None if profile is None else profile.phases)
         if profile is not None:
             profile.count(skipped)
         return logits, skipped
@@ -325,8 +338,13 @@ class Decoder:
         with self._lock:
             return self._compiling.setdefault(key, threading.Lock())
 
-    def why_eager(self, key: str, length: int) -> str | None:
+    def why_eager(self, key: str, length: int, variant: tuple[str, bool]) -> str | None:
         """Why a compiled session of this shape decodes uncompiled from the start (one sentence), or None."""
+        if self.runs_native(variant):
+            return None
+        if not self.covers(variant):
+            return (f"The step is compiled on {' and '.join(COMPILED_DEVICES)} only, and the native step does not run "
+                    "this variant, so it decodes uncompiled.")
         if length > MAX_COMPILED_POSITIONS:
             return (f"This generation needs a {length:,}-position cache, more than the {MAX_COMPILED_POSITIONS:,} the "
                     "compiled step is built for, so it decodes uncompiled.")
@@ -361,17 +379,43 @@ def decoder(model: SparseModel) -> Decoder | None:
     return found
 
 
-def step_name(model: SparseModel, spec: SparsitySpec | None) -> str:
-    """What runs this spec's decode steps when a stream asks for the compiled step: the "native step" (dense and
-    TEAL on the CPU) or the "compiled step"."""
+def covering(model: SparseModel, spec: SparsitySpec | None, dense_route: str | None = None) -> Decoder | None:
+    """The fast decoder that decodes this spec's streams, or None where they go through HF's forward: a model it
+    does not take, or on the CPU a variant the native step does not run (the F.linear dense route, projection
+    biases, no C++ compiler)."""
     fast = decoder(model)
-    return "native step" if fast is not None and fast.runs_native(fast.step_inputs(spec).variant) else "compiled step"
+    return fast if fast is not None and fast.covers(fast.variant(spec, dense_route)) else None
+
+
+def why_not_covered(model: SparseModel) -> str | None:
+    """Why the fast decoder does not decode this model's streams (one clause), or None where it does."""
+    why = unsupported(model)
+    if why is None and covering(model, None) is None:
+        missing = ("does not add projection biases" if cpu_native.native() else
+                   f"needs the C++ kernel, which is not built here ({cpu_native.native_failure()})")
+        why = f"on the CPU only the native step decodes (nothing compiles there), and it {missing}"
+    return why
+
+
+def step_name(model: SparseModel, spec: SparsitySpec | None) -> str:
+    """What runs this spec's decode steps when a stream asks for the fast decoder: the "native step" (the CPU's),
+    the "compiled step" (a GPU's), or "HF forward" where neither covers it."""
+    fast = covering(model, spec)
+    if fast is None:
+        return "HF forward"
+    return "native step" if fast.runs_native(fast.variant(spec)) else "compiled step"
 
 
 def compile_by_default(model: SparseModel) -> bool:
-    """The compiled step is on where the model supports it (it won on every setting measured: docs/PERFORMANCE.md),
-    unless SPARSE_LAB_COMPILE=0."""
-    return os.environ.get("SPARSE_LAB_COMPILE", "1") != "0" and unsupported(model) is None
+    """The fast decoder is on where it covers the model's dense decode (it won on every setting measured:
+    docs/PERFORMANCE.md), unless SPARSE_LAB_COMPILE=0."""
+    return os.environ.get("SPARSE_LAB_COMPILE", "1") != "0" and covering(model, None) is not None
+
+
+def compiles(model: SparseModel) -> bool:
+    """True when this model's streams compile their steps (on a GPU, the fast decoder on): the compiles a
+    preparation can do ahead of a visitor. On the CPU nothing compiles."""
+    return compile_by_default(model) and model.device.type in COMPILED_DEVICES
 
 
 def observable(observers) -> bool:
@@ -404,21 +448,26 @@ class Session:
         self.inputs = fast.step_inputs(spec, dense_route)
         self.prefill_inputs = self.inputs if sparse_prefill else fast.step_inputs(None, "linear")
         self._key = fast.shape_key(spec, max_positions, dense_route)
-        self.note = fast.why_eager(self._key, length) if compiled else None
+        self.note = fast.why_eager(self._key, length, self.inputs.variant) if compiled else None
         self.failure: str | None = None  # the compiled step's error, when it failed in this session
         self.compiled = compiled and self.note is None
         self._step = fast.step_function(self.inputs.variant) if self.compiled else fast.forward
         self.position = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """The prompt's logits (eager: its length varies). Compiles the step first where this process has not run
-        its shape yet, so the compile is paid here, before any decode step is timed."""
+    def prefill(self, ids: list[int], progress=None) -> torch.Tensor:
+        """The prompt's logits (eager: its length varies), prefill.PREFILL_CHUNK tokens a pass, `progress(done,
+        total)` after each. Compiles the step first where this process has not run its shape yet, so the compile is
+        paid here, before any decode step is timed."""
         if not self.ready:
             self.compile()
+        return chunked(ids, self._prefill_pass, progress)
+
+    def _prefill_pass(self, ids: list[int]) -> torch.Tensor:
         tokens = torch.tensor(ids, device=self.device)
         start = torch.tensor([self.position], device=tokens.device)
-        logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_inputs)
+        with bf16_math.float32_products(self.fast.model.dtype, self.device):
+            logits, _ = self.fast.forward(tokens, start, self.caches, self.prefill_inputs)
         self.position += len(ids)
         return logits
 
@@ -429,7 +478,7 @@ class Session:
         record; a failed one is kept on the decoder, so later sessions of this shape decode eagerly at once."""
         with self.fast.compiling(self._key):
             if self._key in self.fast.failed:  # another caller's compile of this shape failed meanwhile
-                self._go_eager(self.fast.why_eager(self._key, self.caches[0].shape[1]))
+                self._go_eager(self.fast.why_eager(self._key, self.caches[0].shape[1], self.inputs.variant))
             if self.ready:  # or compiled it meanwhile
                 return
             began = time.perf_counter()
@@ -515,5 +564,6 @@ def ready(model: SparseModel, spec: SparsitySpec | None, max_positions: int, den
     if fast is None:
         return True
     key = fast.shape_key(spec, max_positions, dense_route)
-    return (key in fast.shapes_run or fast.runs_native(fast.step_inputs(spec, dense_route).variant)
-            or fast.why_eager(key, cache_length(max_positions)) is not None)
+    variant = fast.variant(spec, dense_route)
+    return (key in fast.shapes_run or fast.runs_native(variant)
+            or fast.why_eager(key, cache_length(max_positions), variant) is not None)

@@ -1,6 +1,8 @@
-"""The fast decoder (own one-token step, static KV cache, compiled) against the patched model's HF forward, which
-test_families holds against the masked reference: the same logits within float rounding, the same greedy tokens
-and the same counts of skipped inputs, for every method and every family it covers; compiled against eager."""
+"""The fast decoder (own one-token step, static KV cache, native on the CPU, compiled on a GPU) against the patched
+model's HF forward, which test_families holds against the masked reference: the same logits within float rounding,
+the same greedy tokens and the same counts of skipped inputs, for every method and every family it covers; native
+and compiled against eager. The compile machinery runs on the CPU only where a test asks for it (compiling_on_cpu):
+on a GPU it is the fast decoder, on the CPU the native step is."""
 
 import pytest
 import torch
@@ -31,6 +33,13 @@ def _specs(model: models.SparseModel) -> dict:
     return {"dense": None, "teal": SparsitySpec.from_tables("teal", teal, model.fingerprint),
             "topk": model.topk_spec(0.5),
             "cats": SparsitySpec.from_tables("cats", [[0.0, 0.0, 0.0, 0.05]] * model.num_layers, model.fingerprint)}
+
+
+@pytest.fixture
+def compiling_on_cpu(monkeypatch):
+    """The step compiled on the CPU too, for a model the native step does not take (Qwen2's projection biases): the
+    compile machinery a GPU runs, exercised here."""
+    monkeypatch.setattr(fast_decode, "COMPILED_DEVICES", ("cuda", "cpu"))
 
 
 def _hf_logits(model, ids: list[int], spec, counter) -> torch.Tensor:
@@ -94,12 +103,28 @@ def test_what_it_does_not_cover_decodes_with_hf_and_says_why():
     assert fast_decode.observable([SparsityCounter()]) and not fast_decode.observable([AbsHistogram()])
 
 
+@pytest.mark.parametrize("method", ["dense", "topk", "cats"])
+def test_on_the_cpu_nothing_compiles(method, monkeypatch):
+    """Every method of a Llama-family model decodes natively on the CPU; one the native step does not take (Qwen2's
+    q|k|v biases) decodes through HF's forward, named as such: a stream never waits for a compile here."""
+    monkeypatch.setenv("SPARSE_LAB_COMPILE", "1")  # the app's default
+    llama, qwen2 = _tiny("llama"), _tiny("qwen2")
+    spec = _specs(llama)[method]
+    assert fast_decode.step_name(llama, spec) == "native step" and fast_decode.ready(llama, spec, 40)
+    assert fast_decode.compile_by_default(llama) and not fast_decode.compiles(llama)
+    assert fast_decode.covering(qwen2, _specs(qwen2)[method]) is None
+    assert fast_decode.step_name(qwen2, _specs(qwen2)[method]) == "HF forward"
+    assert not fast_decode.compile_by_default(qwen2)
+    session = fast_decode.Session(fast_decode.decoder(qwen2), _specs(qwen2)[method], 40, compiled=True)
+    assert not session.compiled and session.note.startswith("The step is compiled on cuda only")
+
+
 @pytest.mark.parametrize("method", ["topk", "cats"])
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method, int8):
+def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method, int8, compiling_on_cpu):
     """The compiled variants (top-k's ranking, CATS' gate mask), on 2 layers, with float and int8 weights (the int8
     op traced into the graph); SmolLM2's test below runs the native step."""
-    model = _tiny("llama", int8=int8)
+    model = _tiny("qwen2", int8=int8)
     spec = _specs(model)[method]
     ids = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(9)).tolist()
     runs = {}
@@ -119,12 +144,12 @@ def test_the_compiled_step_equals_the_eager_one_on_a_tiny_model(method, int8):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
-@pytest.mark.parametrize("method", ["dense", "teal"])
+@pytest.mark.parametrize("method", ["dense", "teal", "topk", "cats"])
 def test_the_native_step_is_the_eager_one(method, dtype, vector_path):
-    """Dense and TEAL on the CPU decode through sparse_lab::decode_token, one native call a token, nothing to
-    compile, on every vector path this CPU has: its logits are the eager step's (float32 and int8 weights within
-    1e-5; bfloat16, where both round each op to the dtype, within a few bfloat16 steps of the logits), and so are
-    its skip counts."""
+    """Every method on the CPU decodes through sparse_lab::decode_token, one native call a token, nothing to
+    compile (top-k ranks each group's inputs and CATS gates the neurons in C++), on every vector path this CPU has:
+    its logits are the eager step's (float32 and int8 weights within 1e-5; bfloat16, where both round each op to the
+    dtype, within a few bfloat16 steps of the logits), and so are its skip counts."""
     torch.manual_seed(3)
     config = T.LlamaConfig(**_LLAMA_LIKE)
     int8, dtype = dtype == "int8", torch.float32 if dtype == "int8" else dtype
@@ -144,7 +169,7 @@ def test_the_native_step_is_the_eager_one(method, dtype, vector_path):
     torch.testing.assert_close(runs[True][0], runs[False][0], **tolerance)
     if dtype == torch.float32:
         assert runs[True][1].per_pass == runs[False][1].per_pass
-    shares = [c.weighted(model.skippable_params("teal")) for _, c in runs.values()]
+    shares = [c.weighted(model.skippable_params(method)) for _, c in runs.values()]
     assert shares[0] == pytest.approx(shares[1], abs=0.01) and (method == "dense") == (shares[0] < 0.05)
 
 
@@ -191,7 +216,7 @@ def test_smollm2_decode_step_matches_hf_decoding(smollm2):
     assert fast_decode.ready(smollm2, teal, len(prompt.ids) + 24)  # no compile to wait for
 
 
-def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch):
+def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch, compiling_on_cpu):
     model = _tiny("qwen2")
     fast = fast_decode.decoder(model)
 
@@ -213,22 +238,21 @@ def test_a_failed_compile_decodes_eagerly_and_keeps_the_reason(monkeypatch):
     assert fast_decode.prepare(model, spec, 40) == again.note
 
 
-def test_more_shapes_and_methods_than_the_compile_limit_all_complete(monkeypatch):
-    """Four methods x four cache sizes: 16 generations, more than dynamo's recompile limit (8). Top-k and CATS compile
-    a shape per cache size (dense too where its measured route is F.linear), each variant its own code object, so
-    none reaches the limit (TEAL runs the native step on the CPU, nothing to compile); every generation runs compiled
-    or native, and its logits are the eager ones.
+def test_more_shapes_and_methods_than_the_compile_limit_all_complete(monkeypatch, compiling_on_cpu):
+    """Four methods x three cache sizes: 12 generations, more than dynamo's recompile limit (8). Dense (TEAL's too),
+    top-k and CATS compile a shape per cache size, each variant its own code object, so none reaches the limit;
+    every generation runs compiled, and its logits are the eager ones.
     A generation longer than the compiled step's largest cache decodes eagerly and says so in one sentence."""
     monkeypatch.setattr(fast_decode, "CACHE_BUCKET", 16)
     monkeypatch.setattr(fast_decode, "MAX_COMPILED_POSITIONS", 128)
     import torch._dynamo
     assert torch._dynamo.config.recompile_limit == 8
-    model = _tiny("llama")
+    model = _tiny("qwen2")
     fast = fast_decode.decoder(model)
     specs = _specs(model)
     ids = torch.randint(0, VOCAB, (140,), generator=torch.Generator().manual_seed(1)).tolist()
     shapes = 0
-    for positions in (12, 30, 60, 120):  # caches of 16, 32, 64, 128 positions
+    for positions in (12, 30, 120):  # caches of 16, 32, 128 positions
         for method, spec in specs.items():
             prompt = ids[:positions - 4]  # a different prompt length every time
             runs = {}
@@ -239,19 +263,19 @@ def test_more_shapes_and_methods_than_the_compile_limit_all_complete(monkeypatch
             shapes += 1
             for eager, compiled in zip(runs[False], runs[True]):
                 torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    assert shapes == 16 > torch._dynamo.config.recompile_limit
+    assert shapes == 12 > torch._dynamo.config.recompile_limit
     long = fast_decode.Session(fast, specs["teal"], 130, compiled=True)
     assert not long.compiled and long.note == ("This generation needs a 256-position cache, more than the 128 the "
                                                "compiled step is built for, so it decodes uncompiled.")
     assert long.prefill(ids[:126]).shape == (VOCAB,)
 
 
-def test_a_compile_limit_hit_falls_back_for_that_generation_only(monkeypatch):
+def test_a_compile_limit_hit_falls_back_for_that_generation_only(monkeypatch, compiling_on_cpu):
     """Should a compile limit be reached anyway (here set to one shape per step), the generation that hits it
     continues eagerly with its reason, and a later generation of a shape already compiled still runs compiled."""
     import torch._dynamo
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    model = _tiny("mistral")
+    model = _tiny("qwen2")
     fast = fast_decode.decoder(model)
     spec = _specs(model)["topk"]
     first = fast_decode.Session(fast, spec, 40)

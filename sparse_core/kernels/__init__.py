@@ -20,13 +20,15 @@ LIBRARY.define("sparse_linear_int8(Tensor x, Tensor q, Tensor scales, Tensor? bi
 LIBRARY.define("rows_linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor")
 LIBRARY.define("dot_linear(Tensor x, Tensor weight) -> Tensor")  # dense F.linear(x, weight) on (out, in) rows
 LIBRARY.define("stream_read(Tensor data, bool prefetch=True) -> Tensor")  # the sum of float32 data: the bandwidth probe
-# One token through every decoder layer and the head (CPU, dense or TEAL): the logits (the dtype's values, held in
-# float32) and the skipped inputs per (layer, group); with `phases`, thread 0's seconds per phase of the token are
-# added to it (csrc/vector_kernels.h's Phase, bench profile). `scales` is empty for float weights; int8 weights
-# (quantize.py) pass each layer's four projections' scales, then the head's, whose rows are then (hidden, vocab).
+# One token through every decoder layer and the head (CPU): the logits (the dtype's values, held in float32) and the
+# skipped inputs per (layer, group). Dense or TEAL by `thresholds` [layers, 4]; top-k by `keep` [layers, 4] (the
+# inputs each group keeps a token); CATS by `gate` [layers] (the threshold on |act(gate)|). With `phases`, thread 0's
+# seconds per phase of the token are added to it (csrc/vector_kernels.h's Phase, bench profile). `scales` is empty
+# for float weights; int8 weights (quantize.py) pass each layer's four projections' scales, then the head's, whose
+# rows are then (hidden, vocab).
 LIBRARY.define("decode_token(Tensor x, Tensor cos, Tensor sin, int position, Tensor[] qkv_t, Tensor[] o_t, "
                "Tensor[] gate_up_t, Tensor[] down_t, Tensor[] norms, Tensor(a!)[] caches, Tensor thresholds, "
-               "Tensor final_norm, Tensor head, int heads, int kv_heads, float eps, Tensor[] scales, "
+               "Tensor? keep, Tensor? gate, Tensor final_norm, Tensor head, int heads, int kv_heads, float eps, Tensor[] scales, "
                "Tensor(b!)? phases=None) -> (Tensor, Tensor)")
 
 

@@ -1,13 +1,13 @@
-// decode_token: one token of a Llama-family model in one native call, every decoder layer dense or with TEAL
-// thresholds, then the final norm and the lm_head, on the CPU. What it replaces: the compiled step's per-token Python wrapper, dynamo's guards and
+// decode_token: one token of a Llama-family model in one native call, every decoder layer dense, with TEAL
+// thresholds, top-k's keep counts or CATS' gate thresholds, then the final norm and the lm_head, on the CPU. What it replaces: the compiled step's per-token Python wrapper, dynamo's guards and
 // inductor's dozens of small parallel kernels a layer, and then one thread fork, a few tensors and a dispatch per
 // projection (docs/PERFORMANCE.md).
 //
 // This launcher checks the call and hands raw pointers to the decode engine of the active vector path
 // (decode_engine.inc, compiled per instruction set): one OpenMP team for the whole token, no allocation, tensor or
 // dispatch inside it. Returns the logits (rounded to the model's dtype as HF's lm_head rounds them, held in float32
-// so a sampler reads them without a conversion) and, per (layer, group), the inputs at or below the group's
-// threshold: what a SparsityCounter counts.
+// so a sampler reads them without a conversion) and, per (layer, group), the inputs it skipped: what a
+// SparsityCounter counts.
 #include "vector_kernels.h"
 
 #include <ATen/ATen.h>
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                                                 int64_t position, at::TensorList qkv_t, at::TensorList o_t,
                                                 at::TensorList gate_up_t, at::TensorList down_t, at::TensorList norms,
                                                 at::TensorList caches, const at::Tensor& thresholds,
-                                                const at::Tensor& final_norm, const at::Tensor& head, int64_t heads,
+                                                const std::optional<at::Tensor>& keep,
+                                                const std::optional<at::Tensor>& gate, const at::Tensor& final_norm, const at::Tensor& head, int64_t heads,
                                                 int64_t kv_heads, double eps, at::TensorList scales,
                                                 const std::optional<at::Tensor>& phases) {
   const int64_t layers = static_cast<int64_t>(qkv_t.size());
@@ -64,6 +65,11 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                     "decode_token needs four projections, two norms and two caches per layer.");
   TORCH_CHECK_VALUE(thresholds.dim() == 2 && thresholds.size(0) == layers && thresholds.size(1) == 4,
                     "decode_token needs thresholds as [layers, 4] (attn_in, attn_out, mlp_in, mlp_mid).");
+  TORCH_CHECK_VALUE(!keep || (keep->scalar_type() == at::kLong && keep->is_contiguous() &&
+                              keep->sizes() == thresholds.sizes()),
+                    "decode_token needs top-k's keep counts as contiguous int64 [layers, 4].");
+  TORCH_CHECK_VALUE(!gate || (gate->numel() == layers && !keep),
+                    "decode_token needs CATS' gate thresholds as [layers], and not beside top-k's keep counts.");
   const bool int8 = !scales.empty();
   TORCH_CHECK_VALUE(!int8 || static_cast<int64_t>(scales.size()) == 4 * layers + 1,
                     "decode_token's int8 scales are the four projections' of each layer, then the head's.");
@@ -119,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                                  phases->numel() == sparse_lab::kPhases),
                     "decode_token's phases are ", static_cast<int>(sparse_lab::kPhases), " contiguous float64 seconds.");
   const std::vector<float> limits = as_floats(thresholds), cosv = as_floats(cos), sinv = as_floats(sin);
+  const std::vector<float> gate_limits = gate ? as_floats(*gate) : std::vector<float>();
   std::vector<float> state = as_floats(x);
   const std::vector<const void*> qkv = pointers(qkv_t), o = pointers(o_t), gate_up = pointers(gate_up_t),
                                  down = pointers(down_t), norm = pointers(norms);
@@ -137,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> decode_token(const at::Tensor& x, const at::T
                                     vocab, static_cast<float>(eps), qkv.data(), o.data(), gate_up.data(),
                                     down.data(), norm.data(), cache.data(), final_norm.data_ptr(), head.data_ptr(),
                                     group(0), group(1), group(2), group(3), int8 ? scale_rows.back() : nullptr,
-                                    limits.data(), cosv.data(), sinv.data(), at::get_num_threads(), state.data(),
+                                    limits.data(), keep ? keep->const_data_ptr<int64_t>() : nullptr,
+                                    gate ? gate_limits.data() : nullptr, cosv.data(), sinv.data(), at::get_num_threads(), state.data(),
                                     logits.data_ptr<float>(), skipped.data_ptr<int64_t>(),
                                     phases ? phases->data_ptr<double>() : nullptr};
   const sparse_lab::VectorKernels& kernels = sparse_lab::active_kernels();

@@ -13,7 +13,9 @@ using bf16_bits = uint16_t;  // bfloat16 as its raw bits
 // One token of a Llama-family model (decode_engine.inc; decode_step.cpp fills it in): every decoder layer, the
 // final norm and the lm_head. Per layer l the four projections are (in, out) row-major weights in the model's
 // dtype, the norms that dtype's vectors, the caches [kv_heads, cache_rows, head_dim]; thresholds[4 l + g] is group
-// g's (attn_in, attn_out, mlp_in, mlp_mid) in float32, already rounded to the dtype. The head is HF's (vocab,
+// g's (attn_in, attn_out, mlp_in, mlp_mid) in float32, already rounded to the dtype. Top-k passes keep[4 l + g]
+// instead, the inputs each group keeps (its largest |x|); CATS passes gate[l], the threshold on |act(gate)| at or
+// below which a neuron's up and down rows are skipped. The head is HF's (vocab,
 // hidden) rows, the embedding's when tied. int8 weights (quantize.py): the projections are int8 (in, out) rows with
 // their scales (*_s, one float32 row per kScaleBlock inputs), the head int8 (hidden, vocab) rows with head_s, and
 // everything else float32; the float models' *_s are null.
@@ -34,12 +36,14 @@ struct DecodeStep {
   const float* const* down_s;
   const float* head_s;
   const float* thresholds;
+  const int64_t* keep;  // null unless top-k
+  const float* gate;    // null unless CATS
   const float* cos;  // head_dim values at this position
   const float* sin;
   int threads;
   float* state;      // in: the token's embedding row (float32 values of the dtype)
   float* logits;     // out: vocab values, rounded to the model's dtype as HF's lm_head rounds them
-  int64_t* skipped;  // out: [layers, 4] inputs at or below their group's threshold
+  int64_t* skipped;  // out: [layers, 4] inputs skipped (at or below their group's threshold)
   double* phases;    // null, or out: thread 0's seconds in each Phase added to it (bench profile)
 };
 
