@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import quantize
+from . import bf16_math, quantize
 from .machine import available_memory, back_with_huge_pages, machine, synchronize
-from .patch import DENSE_ROUTES, ModelLoadError, SparseLinear, check_layout, patch_model, sparsity
+from .patch import DENSE_ROUTES, ModelLoadError, SparseLinear, check_layout, decoder_layers, patch_model, sparsity
 from .spec import GROUPS, SparsitySpec, SpecError
 from .store import DiskStore, cache_dir, digest
 
@@ -127,6 +127,9 @@ def wrap(model: nn.Module, tokenizer: object, name: str, layout: str = "inputs",
         quantize.quantize_model(model)
     patched = SparseModel(model, tokenizer, name, dtype, fingerprint, num_layers, gated, params, widths, layout,
                           int8=int8)
+    if dtype == torch.bfloat16:  # its multi-token products in float32 where this CPU's bfloat16 GEMM is slow
+        for module in (model, *decoder_layers(model)):
+            bf16_math.wrap_forward(module, dtype, patched.device)
     patched.dense_route = choose_dense_route(patched)
     for linear in model.modules():
         if isinstance(linear, SparseLinear):
