@@ -6,7 +6,6 @@ reaches the target. Each block is replayed alone on its recorded dense input, so
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -19,8 +18,8 @@ import torch
 from . import calibrate as calibration
 from .metrics import DEFAULT_PROTOCOL, measured
 from .models import SparseModel
-from .patch import decoder_layers
-from .patch import sparsity
+from .patch import decoder_layers, sparsity
+from .scheduler import JOB, SCHEDULER
 from .spec import GROUPS, SparsitySpec
 from .store import BoundedCache
 from .trace import AbsHistogram
@@ -179,10 +178,11 @@ _SWEEPS = BoundedCache(MAX_CACHED_SWEEPS)
 def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
                  allocations: Sequence[str] = ("uniform",), text: str | None = None, max_tokens: int | None = None,
                  progress: Progress | None = None, cancel: threading.Event | None = None,
-                 protocol: str = DEFAULT_PROTOCOL) -> Iterator[SweepPoint]:
+                 protocol: str = DEFAULT_PROTOCOL, turn: Callable[[], None] = lambda: None) -> Iterator[SweepPoint]:
     """The sweep's points, one (method, allocation, target) at a time, as each is measured. Progress counts one
     done/total over the whole sweep, greedy allocation's steps first (greedy_steps per method) and then one step per
-    point, so it moves from the start; `cancel` stops it with Cancelled between steps."""
+    point, so it moves from the start; `cancel` stops it with Cancelled between steps, and `turn()`, called between
+    chunks, may hold it there while other work goes first."""
     text = calibration.default_text("evaluation") if text is None else text
     plan = [(m, a, t) for m in methods for a in allocations for t in targets]
     greedy_methods = [m for m in methods if "greedy" in allocations]
@@ -193,11 +193,11 @@ def sweep_points(model: SparseModel, methods: Sequence[str], targets: Sequence[f
     greedy, offset = {}, 0
     for method, method_steps in zip(greedy_methods, steps):
         greedy[method] = greedy_specs(model, method, targets, cancel=cancel,
-                                      progress=lambda done, _, offset=offset: report(offset + done, total))
+                                      progress=lambda done, _, offset=offset: turn() or report(offset + done, total))
         offset += method_steps
     for done, (method, allocation, target) in enumerate(plan, 1):
         _check(cancel)
-        between_chunks = lambda done, total: _check(cancel)  # a Stop takes effect within a chunk, not a point
+        between_chunks = lambda done, total: _check(cancel) or turn()  # a Stop or a visitor: within a chunk
         spec = greedy[method][float(target)] if allocation == "greedy" else calibration.calibrate(
             model, method, target, progress=between_chunks)
         result = measured(model, spec, text=text, max_tokens=max_tokens, progress=between_chunks, protocol=protocol)
@@ -218,7 +218,7 @@ def points_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
 def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], allocations: Sequence[str] = ("uniform",),
           text: str | None = None, max_tokens: int | None = None, progress: Progress | None = None,
           cancel: threading.Event | None = None, on_point: Callable[[SweepPoint], None] | None = None,
-          protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
+          protocol: str = DEFAULT_PROTOCOL, turn: Callable[[], None] = lambda: None) -> pd.DataFrame:
     """Quality against sparsity: one row per (method, allocation, target) on held-out text, each point the
     setting's own stored measurement (metrics.measured); the table is cached per inputs. `on_point` receives each
     point as it is finished, so a caller that cancels (Cancelled is raised) keeps the points done so far; only a
@@ -229,7 +229,7 @@ def sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float], 
     if cached is not None:
         return cached
     points = []
-    for point in sweep_points(model, methods, targets, allocations, text, max_tokens, progress, cancel, protocol):
+    for point in sweep_points(model, methods, targets, allocations, text, max_tokens, progress, cancel, protocol, turn):
         points.append(point)
         if on_point:
             on_point(point)
@@ -251,6 +251,7 @@ class SweepJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     points: list[SweepPoint] = dataclasses.field(default_factory=list)
     state: str = "running"
+    waiting: str | None = None  # what it waits behind now (scheduler), while another's work goes first
     error: str | None = None
     frame: pd.DataFrame | None = None
     thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
@@ -277,21 +278,28 @@ class SweepJob:
 
 def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[float],
                 allocations: Sequence[str] = ("uniform",), text: str | None = None,
-                max_tokens: int | None = None, hold: contextlib.AbstractContextManager | None = None,
-                protocol: str = DEFAULT_PROTOCOL, measured_on: str = "") -> SweepJob:
-    """Run sweep(...) in a daemon thread and return its job at once (see SweepJob); the thread runs inside `hold`
-    (the app passes its background preparation's pause, so the two do not share the cores)."""
+                max_tokens: int | None = None, protocol: str = DEFAULT_PROTOCOL, measured_on: str = "") -> SweepJob:
+    """Run sweep(...) in a daemon thread and return its job at once (see SweepJob). It is a job in the scheduler's
+    queue: background preparation holds still while it runs, and it holds still between chunks while a visitor's
+    own request runs (a generation starts within one chunk), saying so in `waiting`."""
     methods, targets, allocations = list(methods), list(targets), list(allocations)
     job = SweepJob(planned=len(methods) * len(allocations) * len(targets), model=model, measured_on=measured_on)
 
     def progress(done: int, total: int) -> None:
         job.total, job.done = total, done
 
+    def waiting(said: str | None) -> None:
+        job.waiting = said
+
+    def turn() -> None:
+        SCHEDULER.wait_turn(JOB, waiting, give_up=job.cancel.is_set)
+
     def work() -> None:
         try:
-            with hold or contextlib.nullcontext():
+            with SCHEDULER.running("a quality sweep", JOB, left=job.seconds_left):
                 frame = sweep(model, methods, targets, allocations, text=text, max_tokens=max_tokens,
-                              progress=progress, cancel=job.cancel, on_point=job.points.append, protocol=protocol)
+                              progress=progress, cancel=job.cancel, on_point=job.points.append, protocol=protocol,
+                              turn=turn)
             job.total = job.total or job.planned  # a cached sweep reports no progress
             job.done, job.frame = job.total, frame
             job.state = "finished"

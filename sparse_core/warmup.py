@@ -1,64 +1,34 @@
 """Settings prepared before the visitor asks: every slider step's calibration and quality measurement, computed in
 one background thread per model and kept on disk, so moving the slider shows a setting in seconds instead of
 recalibrating; a setting the visitor is looking at right now (`request`) goes first, then the default setting, then
-the compiled decode steps (where the compiled step is on: dense and TEAL share one, CATS and top-k have their own),
-so a first Generate does not wait for a compile.
+the compiled decode steps where steps compile (a GPU: dense and TEAL share one, CATS and top-k have their own), so a
+first Generate does not wait for a compile. On the CPU nothing compiles: the native step decodes every method.
 
 It yields by design. It works only while some visitor holds a lease on its model (`lease`, released when the visitor
 moves to another model or leaves), stops for good when its model is evicted (`stop`), and holds still between steps
-while any foreground work runs, on any model (`paused`): a visitor's own calibration runs at full speed, and nothing
-runs beside a timed measurement (a busy core would skew it). A compile cannot be interrupted once begun, so
+while any other heavy work runs, on any model (scheduler.SCHEDULER, where it is the lowest rank): a visitor's own
+calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew it). A compile cannot be interrupted once begun, so
 foreground work waits for one in flight (`compile_in_flight` says which, since when and for about how long).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import queue
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 from . import calibrate, fast_decode, metrics
+from .scheduler import BACKGROUND, SCHEDULER, describe
 from .models import SparseModel
 from .spec import SparsitySpec
 
 GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slider's steps above 0
 _NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the compile and the grid
 COMPILE = "compile"  # queue items (COMPILE, method): compile that method's decode step for prompts of the usual length
+SPEED = "speed"  # queue items (SPEED, spec, compiled): the setting's decode speed, timed while nothing else runs
 _POLL_S = 0.25  # how often a waiting thread looks again whether it was stopped or left without visitors
-
-
-class _Foreground:
-    """Foreground work in flight on any model (nested and concurrent holders allowed): every preparation waits."""
-
-    def __init__(self):
-        self.idle = threading.Event()
-        self.idle.set()
-        self._holders = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._lock:
-            self._holders += 1
-            self.idle.clear()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holders -= 1
-                if self._holders == 0:
-                    self.idle.set()
-
-
-_FOREGROUND = _Foreground()
-
-
-def paused() -> contextlib.AbstractContextManager:
-    """Hold every background preparation at its next step while this block runs."""
-    return _FOREGROUND.held()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +74,12 @@ class Warmup:
     """Calibrates and measures `methods` x `grid`, nearest to `first` first, while leased and not paused."""
 
     def __init__(self, model: SparseModel, methods: Sequence[str] = ("teal", "cats"), grid: Sequence[float] = GRID,
-                 first: float = 0.25):
+                 first: float = 0.25, measure_speed: Callable[..., dict] | None = None):
+        """`measure_speed(spec, compiled, progress=...)` times and stores a setting's decode (Lab.measure_decode):
+        what `request_speed` asks for."""
         self.model = model
+        self._measure_speed = measure_speed
+        self._speeds_asked: set = set()
         methods = [m for m in methods if m != "cats" or model.gated]
         self.plan = [(method, target) for target in sorted(grid, key=lambda t: (abs(t - first), t)) for method in methods]
         self.done = 0  # of the plan
@@ -117,7 +91,7 @@ class Warmup:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         compiles = [(COMPILE, method) for method in dict.fromkeys(("teal", *methods, "topk"))
-                    if fast_decode.compile_by_default(model)]
+                    if fast_decode.compiles(model)]
         for item in self.plan[:1] + compiles + self.plan[1:]:  # the default setting is the first a visitor sees
             self._queue.put((_LATER, next(self._order), item))
         self._lock = threading.Lock()
@@ -168,6 +142,19 @@ class Warmup:
         self._queue.put((_NOW, next(self._order), spec))
         self.start()
 
+    def request_speed(self, spec: SparsitySpec, compiled: bool) -> None:
+        """Time this setting's decode next (after a quality asked for before it), once, in a quiet moment: it runs
+        only while no other heavy work does, and a visitor who starts something meanwhile discards the attempt,
+        which starts again when the machine is quiet again."""
+        if self._measure_speed is None or (spec, compiled) in self._speeds_asked:
+            return
+        self._speeds_asked.add((spec, compiled))
+        self._queue.put((_NOW, next(self._order), (SPEED, spec, compiled)))
+        self.start()
+
+    def speed_asked(self, spec: SparsitySpec, compiled: bool) -> bool:
+        return (spec, compiled) in self._speeds_asked
+
     def wait(self, timeout: float | None = None) -> bool:
         """Until the thread ends (then True when the whole plan is prepared) or `timeout` passes."""
         thread = self._thread
@@ -180,8 +167,9 @@ class Warmup:
         compiling = _IN_FLIGHT.get(id(self))
         if compiling is not None:
             return f"busy with {compiling.describe()}"
-        if not _FOREGROUND.idle.is_set():
-            return "paused while a visitor generates or measures"
+        ahead = SCHEDULER.ahead_of(BACKGROUND)
+        if ahead:
+            return f"paused behind {describe(ahead)}"
         return self.doing or "starting"
 
     def _any_spec(self, method: str) -> SparsitySpec | None:
@@ -194,14 +182,17 @@ class Warmup:
         return SparsitySpec.from_tables(method, self.model.dense_spec().values, self.model.fingerprint)
 
     def _may_run(self) -> bool:
-        """Wait while foreground work runs; False when the thread should end instead (stopped, or no visitor)."""
-        while not _FOREGROUND.idle.wait(_POLL_S):
-            if self.stopped or not self.leased:
-                return False
-        return not self.stopped and self.leased
+        """Wait while other heavy work runs; False when the thread should end instead (stopped, or no visitor)."""
+        gone = lambda: self.stopped or not self.leased
+        return SCHEDULER.wait_turn(BACKGROUND, give_up=gone) and not gone()
 
     def _step(self, done: int, total: int) -> None:
         if not self._may_run():  # the engine reports progress between chunks: a pause or a stop takes effect there
+            raise _Leave
+
+    def _quiet(self, done: int, total: int) -> None:
+        """Between a timing's runs: anything else that started meanwhile skews it, so the attempt is dropped."""
+        if SCHEDULER.ahead_of(BACKGROUND) or self.stopped or not self.leased:
             raise _Leave
 
     def _compile(self, method: str) -> None:
@@ -213,7 +204,7 @@ class Warmup:
         try:
             # Announced first, checked second: foreground work that began meanwhile either saw the announcement (and
             # waits for this compile) or is seen here (and this compile waits for it).
-            if not _FOREGROUND.idle.is_set():
+            if SCHEDULER.ahead_of(BACKGROUND):
                 raise _Leave
             fast_decode.prepare(self.model, spec, fast_decode.CACHE_BUCKET)
         finally:
@@ -221,7 +212,7 @@ class Warmup:
 
     def _run(self) -> None:
         while True:
-            self._may_run()  # waits out foreground work
+            self._may_run()  # waits out other heavy work
             with self._lock:  # deciding to end and `start` deciding to start never interleave
                 if self.stopped or not self.leased or self._queue.empty():
                     self._thread = self.doing = None
@@ -232,6 +223,11 @@ class Warmup:
             try:
                 if isinstance(item, tuple) and item[0] == COMPILE:
                     self._compile(item[1])
+                    continue
+                if isinstance(item, tuple) and item[0] == SPEED:
+                    self.doing = f"timing {item[1].label}'s decode while the machine is quiet"
+                    self._quiet(0, 1)
+                    self._measure_speed(item[1], item[2], progress=self._quiet)
                     continue
                 if isinstance(item, SparsitySpec):
                     self.doing = f"measuring {item.label}'s quality"

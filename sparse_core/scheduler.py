@@ -1,0 +1,92 @@
+"""One queue for the heavy work on the machine's cores, across every visitor and model: a visitor's own request (a
+generation, the calibration or quality measurement a page waits for) goes first, then the long jobs a visitor
+starts (sweeps, benchmarks, layer timing), then the background preparation. Work of a lower rank yields between
+its chunks while work of a higher rank runs, and whoever waits can say behind what, and for about how long.
+
+Nothing here interrupts a chunk in progress (a forward pass, a compile): a higher rank waits at most one chunk.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Iterator
+
+VISITOR, JOB, BACKGROUND = 0, 1, 2  # ranks: a visitor's request, a job a visitor started, background preparation
+_POLL_S = 0.25  # how often a waiting thread looks again
+
+
+@dataclasses.dataclass(eq=False)
+class Work:
+    """Heavy work in flight: what it is (a noun phrase), its rank, since when, and how long it has left if known."""
+    what: str
+    rank: int
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    left: Callable[[], float | None] = lambda: None
+
+    def describe(self) -> str:
+        left = self.left()
+        return f"{self.what} (running for {time.monotonic() - self.since:.0f} s" + (
+            f", about {left:.0f} s left)" if left is not None else ")")
+
+
+class Scheduler:
+    def __init__(self):
+        self._work: dict[int, Work] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    @contextlib.contextmanager
+    def running(self, what: str, rank: int, left: Callable[[], float | None] = lambda: None) -> Iterator[Work]:
+        """Register this block as heavy work of `rank` while it runs (nested and concurrent holders allowed)."""
+        work = Work(what, rank, left=left)
+        with self._lock:
+            key = next(self._ids)
+            self._work[key] = work
+        try:
+            yield work
+        finally:
+            with self._changed:
+                del self._work[key]
+                self._changed.notify_all()
+
+    def ahead_of(self, rank: int) -> list[Work]:
+        """Work of a higher rank running now, the oldest first."""
+        with self._lock:
+            return sorted((w for w in self._work.values() if w.rank < rank), key=lambda w: w.since)
+
+    def busy(self, rank: int) -> bool:
+        """True while work of `rank` or higher runs."""
+        with self._lock:
+            return any(w.rank <= rank for w in self._work.values())
+
+    def wait_turn(self, rank: int, waiting: Callable[[str], None] | None = None,
+                  give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Until no work of a higher rank runs (True), or `give_up()` says to stop waiting (False). While it waits,
+        `waiting(sentence)` hears every poll what it waits behind; `waiting(None)` when its turn has come."""
+        waited = False
+        while True:
+            ahead = self.ahead_of(rank)
+            if not ahead:
+                if waited and waiting:
+                    waiting(None)
+                return True
+            if give_up():
+                return False
+            if waiting:
+                waiting(f"waiting behind {describe(ahead)}")
+            waited = True
+            with self._changed:
+                self._changed.wait(_POLL_S)
+
+
+def describe(works: list[Work]) -> str:
+    """What runs, in one clause: the first, and how many more."""
+    more = len(works) - 1
+    return works[0].describe() + (f" and {more} more" if more > 0 else "")
+
+
+SCHEDULER = Scheduler()
