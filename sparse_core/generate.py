@@ -10,6 +10,7 @@ import torch
 from . import fast_decode
 from .models import SparseModel
 from .patch import Observer, sparsity
+from .prefill import Progress, chunked
 from .spec import SparsitySpec
 
 MAX_NEW_TOKENS = 4096
@@ -57,7 +58,7 @@ def greedy(logits: torch.Tensor) -> int:
 def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None, max_new_tokens: int = 64,
            temperature: float = 0.0, seed: int = 0, observers: tuple[Observer, ...] = (),
            stop_at_eos: bool = True, dense_route: str | None = None, compiled: bool = False,
-           sparse_prefill: bool = False) -> Iterator[Token]:
+           sparse_prefill: bool = False, on_prefill: Progress | None = None) -> Iterator[Token]:
     """Yield generated tokens. The spec applies to the decode steps; the prompt's prefill runs dense (it is
     compute-bound, so skipping buys nothing there, and a thresholded prompt's KV cache costs every later token
     quality) unless `sparse_prefill`. Observers see the decode steps only, in both cases: what they count is what a
@@ -65,7 +66,8 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     overrides how dense products are computed (benchmarks time both routes; see patch.DENSE_ROUTES). `compiled`
     decodes with the compiled step of fast_decode where the model supports it (the prompt's prefill runs there
     eagerly); observers that need every score keep HF's forward (fast_decode.observable says which do not). Each
-    token says whether its pass ran compiled, and the one where the stream fell back to eager decoding says why."""
+    token says whether its pass ran compiled, and the one where the stream fell back to eager decoding says why.
+    `on_prefill(done, total)` hears the prompt's tokens read so far after each pass (prefill.PREFILL_CHUNK)."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
     if temperature < 0 or temperature != temperature:
@@ -73,14 +75,14 @@ def stream(model: SparseModel, prompt: Prompt, spec: SparsitySpec | None = None,
     model.check(spec)
     generator = torch.Generator().manual_seed(seed)
     eos = eos_ids(model)
-    fast = fast_decode.decoder(model) if compiled and fast_decode.observable(observers) else None
+    fast = fast_decode.covering(model, spec, dense_route) if compiled and fast_decode.observable(observers) else None
     session = (fast_decode.Session(fast, spec, len(prompt.ids) + max_new_tokens, True, dense_route, observers,
                                    sparse_prefill) if fast else HFSession(model, spec, observers, dense_route, sparse_prefill))
     produced, text_so_far, noted = [], "", None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids))).float()
+            logits = (session.step(produced[-1]) if produced else session.prefill(list(prompt.ids), on_prefill)).float()
             note, noted = (session.note if session.note != noted else None), session.note
             if temperature > 0:
                 probs = (logits / temperature).softmax(-1).cpu()
@@ -109,9 +111,9 @@ class HFSession:
         self.sparse_prefill = sparse_prefill
         self.cache = None  # HF's cache of every position so far
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """The last prompt position's logits."""
-        return self._forward(ids, self.spec if self.sparse_prefill else None, ())
+    def prefill(self, ids: list[int], progress: Progress | None = None) -> torch.Tensor:
+        """The last prompt position's logits, prefill.PREFILL_CHUNK tokens a pass."""
+        return chunked(ids, lambda chunk: self._forward(chunk, self.spec if self.sparse_prefill else None, ()), progress)
 
     def step(self, token: int) -> torch.Tensor:
         """The next token's logits."""
