@@ -42,12 +42,12 @@ LOGO = Path(__file__).resolve().parent.parent / "assets" / "logo.svg"
 TARGET_LABELS = {"teal": "Inputs skipped (target)", "topk": "Inputs skipped (target)", "cats": "MLP neurons skipped (target)"}
 TARGET_HELP = {
     "teal": "The share of every projection's inputs to skip, turned into one |x| threshold per layer and projection "
-            "group on the calibration text. What it saves is measured: see “Weight reads skipped (measured)”.",
+            "group on the calibration text. What it saves is measured: see “Reads skipped (measured)”.",
     "topk": "The share of every projection's inputs each token drops (its smallest |x|). What it saves is measured: "
-            "see “Weight reads skipped (measured)”.",
+            "see “Reads skipped (measured)”.",
     "cats": "CATS thresholds |act(gate(x))|, the gated MLP's intermediate activation: this share of each layer's MLP "
             "neurons is skipped (their rows of down, and of up in the cats layout); attention and the MLP input stay "
-            "dense, so far fewer weight reads are skipped: see “Weight reads skipped (measured)”.",
+            "dense, so far fewer weight reads are skipped: see “Reads skipped (measured)”.",
 }
 
 
@@ -135,31 +135,35 @@ def prepare_ahead(held: lab.Lab):
 
 
 @contextlib.contextmanager
-def foreground(notice=None, timed: bool = True) -> Iterator[None]:
-    """Work a visitor waits for, or that is timed (lab.foreground): background preparation holds still, and timed
-    work first waits for a compile in flight with a spinner that says what it is (in `notice`, a placeholder beside
-    the button that asked, when given)."""
+def foreground(what: str, notice=None, timed: bool = True, rank: int = lab.VISITOR) -> Iterator[None]:
+    """Heavy work in the lab's one queue (lab.foreground): `what` at `rank`, background preparation holding still;
+    whatever it waits for first (a visitor's request ahead of a job, a compile in flight before timed work) shows
+    as a spinner that says what and for how long (in `notice`, a placeholder beside the button that asked, when
+    given)."""
     @contextlib.contextmanager
-    def waiting(what: str) -> Iterator[None]:
-        with (notice.container() if notice else contextlib.nullcontext()), st.spinner(
-                f"Waiting for {what} to finish first: a compile cannot be interrupted, and nothing is timed beside "
-                "one…", show_time=True):
+    def waiting(why: str) -> Iterator[None]:
+        with (notice.container() if notice else contextlib.nullcontext()), st.spinner(f"Waiting for {why}…",
+                                                                                        show_time=True):
             yield
-    with lab.foreground(timed, waiting):
+    with lab.foreground(what, rank, timed, waiting):
         yield
 
 
 def quality(held: lab.Lab, spec: SparsitySpec):
     """The setting's one quality measurement (Lab.quality): from disk when known, else measured once here."""
-    with foreground(), progress(f"Measuring the quality cost on {lab.QUALITY_TOKENS:,} held-out tokens, dense "
+    with foreground("a visitor's quality measurement"), progress(f"Measuring the quality cost on {lab.QUALITY_TOKENS:,} held-out tokens, dense "
                                 "prefill and sparse decode (once per setting)…") as update:
         return held.quality(spec, progress=update)
 
 
 def measure_decode(current: Selection, progress=None) -> dict:
     """The setting's decode measurement (Lab.measure_decode, stored): against the fastest dense, plain HF included."""
-    with foreground():
-        return current.lab.measure_decode(current.spec, current.compiled, progress=progress)
+    def between_runs(done: int, total: int) -> None:  # a visitor's request that came meanwhile goes first
+        if progress:
+            progress(done, total)
+        lab.wait_turn(lab.JOB)
+    with foreground("timing the decode of a setting", rank=lab.JOB):
+        return current.lab.measure_decode(current.spec, current.compiled, progress=between_runs)
 
 
 def spec_for(held: lab.Lab, method: str, target: float) -> SparsitySpec:
@@ -168,7 +172,7 @@ def spec_for(held: lab.Lab, method: str, target: float) -> SparsitySpec:
     if known is not None:
         return known
     label = f"Calibrating {method.upper()} thresholds for {target:.0%} sparsity on the calibration text (first use only)…"
-    with foreground(), progress(label) as update:
+    with foreground("a visitor's calibration"), progress(label) as update:
         return held.spec_for(method, target, progress=update)
 
 
@@ -216,10 +220,9 @@ def _compiled_toggle(held: lab.Lab) -> bool:
     on = st.toggle("Compiled decode step", key="compiled", disabled=why_not is not None,
                    help=why_not and f"Unavailable: {why_not}." or
                    "Decode with the lab's own one-token step (static KV cache, q|k|v and gate|up as one sparse call "
-                   "each) instead of HF's forward: same tokens, less time per token. On the CPU, dense and TEAL run "
-                   "it as one native call per token; top-k and CATS (and every method on a GPU) under torch.compile, "
-                   "whose first compile of a setting on this machine takes a minute or two; later ones load from the "
-                   "cache.")
+                   "each) instead of HF's forward: same tokens, less time per token. On the CPU every method runs it "
+                   "as one native call per token, nothing to compile; on a GPU it runs under torch.compile, whose "
+                   "first compile of a setting on that machine takes a minute or two; later ones load from the cache.")
     return on and why_not is None
 
 
@@ -369,6 +372,18 @@ def _await_quality(held: lab.Lab, spec: SparsitySpec, prepared) -> None:
             f"in line ({takes}). Now: {prepared.status()}. Generate works meanwhile.")
 
 
+@st.fragment(run_every=2.0)
+def _await_speed(held: lab.Lab, spec: SparsitySpec, compiled: bool, prepared) -> None:
+    """The headline's decode speedup while it is timed in the background; reruns the page once it is stored (or
+    flagged, or the preparation cannot time it)."""
+    if (held.decode_speed(spec, compiled) is not None or held.flagged_decode(spec, compiled) is not None
+            or not prepared.working):
+        st.rerun()
+    st.metric("Decode speedup", "…", help="Timed in the background, in a quiet moment: dense and sparse decoding of "
+                                         "this setting, interleaved, once; stored for every page.")
+    st.caption(f"Timed while nothing else runs (now: {prepared.status()}).")
+
+
 def headline(current: Selection) -> None:
     """The Playground's first card: what the current setting skips, gains and costs, each measured once for it.
     With the background preparation on, a setting not measured yet is measured there, first in line, while the
@@ -387,10 +402,15 @@ def headline(current: Selection) -> None:
     with st.container(border=True, key="headline"):
         st.markdown(f"**{current.label}**")
         cols = st.columns(5)
-        cols[0].metric("Weight reads skipped (measured)", f"{quality_now.weight_reads_skipped:.1%}",
+        cols[0].metric("Reads skipped (measured)", f"{quality_now.weight_reads_skipped:.1%}",
                        help=f"Share of all weight bytes read per token that this setting skips, measured on "
                             f"{quality_now.held_out_tokens:,} held-out tokens (embeddings, norms and the output head are read in full).")
-        if speed is not None:
+        timing = speed is None and flagged is None and prepared is not None and prepared.working
+        if timing:
+            prepared.request_speed(current.spec, current.compiled)
+            with cols[1]:
+                _await_speed(current.lab, current.spec, current.compiled, prepared)
+        elif speed is not None:
             cols[1].metric("Decode speedup", f"×{speed['speedup']:.2f}",
                            f"IQR ×{speed['speedup_iqr'][0]:.2f}–×{speed['speedup_iqr'][1]:.2f}", delta_color="off", delta_arrow="off",
                            help=f"Greedy decode with the {speed['decoder']}, {speed['sparse_tok_s']:.1f} sparse vs "
@@ -411,12 +431,13 @@ def headline(current: Selection) -> None:
                        help="How often the sparse model's most likely next token is the dense model's, on the same text.")
         st.markdown(views.headline_sentence(quality_now, speed))
         st.caption(f"Quality measured with {quality_now.protocol_label}."
+                   + (f" {views.speed_provenance(speed)}" if speed else "")
                    + (" This generation's “Sparse prefill” thresholds the prompt too, which costs more: the Quality "
                       "page's all-sparse protocol measures that." if current.sparse_prefill else ""))
         if flagged is not None:
             st.warning(f"The last decode measurement of this setting is not shown as a result: {flagged['flag']}."
                        + (" The speedup above is the last valid one." if speed else ""))
-        if speed is None and st.button("Measure decode speed", key="measure_headline",
+        if speed is None and not timing and st.button("Measure decode speed", key="measure_headline",
                                        help="Times dense and sparse decoding of this setting, interleaved; the "
                                             "progress bar estimates the time left."):
             with progress("Timing dense and sparse decoding…") as update:

@@ -30,7 +30,7 @@ def _generate(current: common.Selection, prompt_text: str, panes: dict, view: li
         st.error(str(err))
         return None
     st.session_state.generation = result
-    with common.foreground(notice):
+    with common.foreground("a visitor's generation", notice):
         estimate = result.compile_wait()
         if estimate is not None:  # why a run then decodes uncompiled, if one does, comes with its first token
             with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once "
@@ -38,7 +38,12 @@ def _generate(current: common.Selection, prompt_text: str, panes: dict, view: li
                 result.compile()
         def show(run: str) -> None:
             panes[run]["text"].markdown(common.text_block(result.text(run)), unsafe_allow_html=True)
-        result.run(on_token=show, on_round=(lambda: view.update(result)) if view is not None else lambda: None)
+
+        def reading(run: str, done: int, total: int) -> None:
+            if total > lab.PREFILL_CHUNK:  # a long prompt: its prefill takes a while, said as it goes
+                panes[run]["text"].progress(done / total, text=f"Reading the prompt: {done:,} of {total:,} tokens…")
+        result.run(on_token=show, on_round=(lambda: view.update(result)) if view is not None else lambda: None,
+                   on_prefill=reading)
     return result
 
 
@@ -64,9 +69,12 @@ def _fill_panes(result, panes: dict) -> None:
     if result.partial:
         st.warning(f"Partial result: the run was stopped after {len(result.tokens['sparse'])} sparse and "
                    f"{len(result.tokens['dense'])} dense tokens.")
-    if divergence is None:
-        made = len(result.tokens["sparse"])
-        st.success(f"The sparse run produced the same {made} token{'s' if made != 1 else ''} as dense.")
+    made = min(len(result.tokens[run]) for run in RUNS)
+    if divergence is None and made == 0:
+        st.info("The sparse run was stopped before its first token: nothing to compare.")
+    elif divergence is None:
+        st.success(f"The sparse run produced the same {made} token{'s' if made != 1 else ''} as dense"
+                   + (" (as far as both got)." if result.partial else "."))
     else:
         dense_token, sparse_token = (result.wrote(run, divergence) for run in RUNS)
         st.warning(f"The outputs diverge at generated token {divergence + 1}: dense wrote {dense_token}, sparse wrote "
@@ -138,7 +146,8 @@ if current.spec is None:
 common.headline(current)
 
 st.selectbox("Preset", list(common.PRESETS), index=None, key="preset", on_change=_use_preset, placeholder="Pick a preset prompt…")
-prompt_text = st.text_area("Prompt", common.PRESETS["Chat question"], key="prompt", height=100)
+st.session_state.setdefault("prompt", common.PRESETS["Chat question"])  # a preset writes it: no second default
+prompt_text = st.text_area("Prompt", key="prompt", height=100)
 buttons = st.columns([1, 1, 3])
 clicked = buttons[0].button("Generate", type="primary")
 buttons[1].button("Stop", key="stop", help="Stops a running generation; what it made so far is kept, marked partial.")
@@ -152,7 +161,8 @@ panes = {}
 for run, column in columns.items():
     with column:
         shown = current.name if clicked or result is None else result.name
-        st.markdown(f"**{run.capitalize()}**" + ("" if run == "dense" else f" · {shown}"))
+        stale = "" if shown == current.name else f" (stale: the sidebar now says {current.name})"
+        st.markdown(f"**{run.capitalize()}**" + ("" if run == "dense" else f" · {shown}{stale}"))
         panes[run] = {"rate": st.empty(), "text": st.empty()}
         panes[run]["text"].caption("Press Generate to compare.")
 st.subheader("Live: where the sparse run skips, token by token")
@@ -169,12 +179,17 @@ elif not result.tokens["sparse"] and not result.tokens["dense"]:
                "running finished and is kept, so the next Generate starts sooner." if result.stage == "compiling" else
                "Stopped before the first token.")
 else:
-    view.update(result, final=True)
+    if result.decoded_texts():
+        view.update(result, final=True)
+    else:
+        view.strip(result)
+        view.chart.caption("The sparse run made no decode step (its one token comes from the prompt's prefill, "
+                           "which is not counted): no column to draw.")
     common.stale_note(result.label, current, result.produced_by)
     for note in result.notes:
         st.warning(note)
     if result.report is None:  # built once, in the page run: a file built on click could be lost (CI lost some)
-        with common.foreground(timed=False), st.spinner("Building the report…"):
+        with common.foreground("building a report", timed=False), st.spinner("Building the report…"):
             result.report = _report(result)
     st.download_button("Download report", result.report or "", file_name="sparsity-lab-report.html", mime="text/html",
                        key="download_report", on_click="ignore", disabled=not result.report,

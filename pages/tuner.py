@@ -65,7 +65,9 @@ edited = st.data_editor(frame, hide_index=True, disabled=["layer"], key=f"editor
                         column_config={g: st.column_config.NumberColumn(g, min_value=0.0, max_value=1.0, step=0.05, format="%.2f") for g in GROUPS})
 chart = edited.melt(id_vars="layer", var_name="group", value_name="target")
 st.plotly_chart(px.line(chart, x="layer", y="target", color="group", markers=True, height=320)
-                .update_layout(margin=dict(t=10, b=10), yaxis_tickformat=".0%", yaxis_range=[0, 1]), width="stretch")
+                .update_layout(margin=dict(t=10, b=70), yaxis_tickformat=".0%", yaxis_range=[0, 1],
+                               legend=dict(orientation="h", yanchor="top", y=-0.2, x=0)),  # clear of the toolbar
+                width="stretch")
 
 cols = st.columns(3)
 if cols[0].button("Calibrate the edited table", width="stretch"):

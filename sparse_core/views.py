@@ -147,6 +147,13 @@ def headline_sentence(quality, speed: dict | None) -> str:
     return f"{skips}: ×{speed['speedup']:.2f} {pace} (bound ×{quality.bound:.2f}), {cost}."
 
 
+def speed_provenance(speed: dict) -> str:
+    """How a setting's decode speedup was measured, in one sentence beside it."""
+    return (f"Decode speedup timed once on this machine with the {speed['decoder']}: {speed['sparse_tok_s']:.1f} "
+            f"sparse against {speed['dense_tok_s']:.1f} tok/s on the fastest dense path ({speed['dense_path']}), "
+            f"{speed['repeats']} interleaved runs of {speed['new_tokens']} greedy steps each.")
+
+
 # ---- time per layer of a decode step ------------------------------------------------------------------
 REST_DRIFT = 0.10  # the never-sparsified rest may differ this much between the runs before the timing is noisy
 

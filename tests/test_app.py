@@ -75,7 +75,7 @@ def test_playground_opens_with_the_headline_card_of_the_setting():
     from pages.common import load_lab
     smollm2 = load_lab(models.DEFAULT_MODEL, "float32", "inputs").model
     measured = metrics.measured(smollm2, calibrate.calibrate(smollm2, "teal", 0.25))
-    assert _metric(at, "Weight reads skipped (measured)") == f"{measured.weight_reads_skipped:.1%}"
+    assert _metric(at, "Reads skipped (measured)") == f"{measured.weight_reads_skipped:.1%}"
     assert _metric(at, "Speedup bound") == f"×{measured.bound:.2f}"
     assert _metric(at, "Perplexity change") == f"{measured.ppl_increase:+.1%}"
     assert _metric(at, "Top-1 agreement") == f"{measured.top1_agreement:.0%}"
@@ -94,14 +94,14 @@ def test_slider_and_method_change_what_is_computed():
     assert topk_25 != teal
     at.slider(key="target").set_value(0.5)
     _ok(at.run())
-    reads = float(_metric(at, "Weight reads skipped (measured)").rstrip("%")) / 100
+    reads = float(_metric(at, "Reads skipped (measured)").rstrip("%")) / 100
     assert 0.35 < reads < 0.45  # half of the sparsifiable reads: the tied head and embedding are read in full
     assert float(_metric(at, "Perplexity change").rstrip("%")) > float(topk_25[1].rstrip("%"))
     at.radio(key="method_label").set_value("CATS gate")
     _ok(at.run())
     assert at.slider(key="target").label == "MLP neurons skipped (target)"  # CATS thresholds MLP neurons
     assert _setting(at).startswith("**CATS gate at 50% ·")
-    assert float(_metric(at, "Weight reads skipped (measured)").rstrip("%")) < 20  # down's rows only, not 50 %
+    assert float(_metric(at, "Reads skipped (measured)").rstrip("%")) < 20  # down's rows only, not 50 %
 
 
 def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting_moves():
@@ -353,7 +353,7 @@ def test_speedup_page_runs_the_benchmarks_on_the_selected_method(monkeypatch):
     assert any(i.value.startswith("Not measured for this setting yet") for i in at.info)
     next(b for b in at.button if b.label == "Measure tokens/s").click()
     _ok(at.run())
-    assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Model bound").startswith("×")
+    assert float(_metric(at, "Dense tokens/s")) > 0 and _metric(at, "Speedup bound").startswith("×")
     decode = at.dataframe[2].value.iloc[0]
     assert (decode["method"], decode["spec"]) == ("topk", "TOPK 30%")  # the sidebar's method, not TEAL
     limits = [c.value for c in at.caption if c.value.startswith("The dotted lines are the memory-bandwidth limits")]
@@ -599,7 +599,7 @@ def test_tuner_calibrates_edits_compares_and_applies_to_the_playground():
     assert _setting(at).startswith("**Tuner spec “teal uniform 40% (edited)” ·")  # the header names it
     at.slider(key="target").set_value(0.25)
     _ok(at.run())
-    skipped = lambda: float(_metric(at, "Weight reads skipped (measured)").rstrip("%"))
+    skipped = lambda: float(_metric(at, "Reads skipped (measured)").rstrip("%"))
     assert at.sidebar.toggle(key="use_applied").value and 28 <= skipped() <= 33  # the applied spec wins
     at.sidebar.toggle(key="use_applied").set_value(False)
     _ok(at.run())
