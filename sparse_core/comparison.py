@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import bench, cost, fast_decode, generate, views
 from .models import SparseModel
+from .scheduler import SCHEDULER
 from .spec import GROUPS, SparsitySpec
 from .trace import SparsityCounter
 
@@ -90,7 +91,7 @@ class Comparison:
                                         sparse_prefill=self.sparse_prefill, on_prefill=functools.partial(on_prefill, run))
                    for run, spec in zip(RUNS, (None, self.spec))}
         for round_ in itertools.count():
-            if not streams:
+            if not streams or SCHEDULER.closing:  # done, or the server shuts down: kept as a partial result
                 break
             for run in sorted(streams, key=RUNS.index, reverse=bool(round_ % 2)):
                 token = next(streams[run], None)
@@ -103,7 +104,7 @@ class Comparison:
                 on_token(run)
             if streams:
                 on_round()
-        self.partial, self.stage = False, "done"
+        self.partial, self.stage = bool(streams), "done"
 
     # ---- what it shows -------------------------------------------------------------------------------------
     def text(self, run: str) -> str:

@@ -9,6 +9,7 @@ they need of the vocabulary below (defaults, choices, errors) is named here.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -38,6 +39,11 @@ kernel_benchmark = bench.kernel_benchmark
 points_frame = tuning.points_frame
 VISITOR, JOB = scheduler.VISITOR, scheduler.JOB  # the ranks of heavy work (foreground)
 describe_backends = ops.describe_backends
+
+# At exit (a SIGTERM to the server included) the heavy work in flight ends at its next chunk and is waited for: a
+# thread still inside torch when the interpreter ends aborts the process, and a measurement cut off mid-way is
+# never stored.
+atexit.register(SCHEDULER.close, 60.0)
 
 MAX_SPECS = 256  # calibrated specs kept in memory (each is a few KB; on disk they come back in milliseconds)
 _LOAD_SECONDS = DiskStore("load_seconds", 1)

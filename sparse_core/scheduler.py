@@ -3,7 +3,9 @@ generation, the calibration or quality measurement a page waits for) goes first,
 starts (sweeps, benchmarks, layer timing), then the background preparation. Work of a lower rank yields between
 its chunks while work of a higher rank runs, and whoever waits can say behind what, and for about how long.
 
-Nothing here interrupts a chunk in progress (a forward pass, a compile): a higher rank waits at most one chunk.
+Nothing here interrupts a chunk in progress (a forward pass, a compile): a higher rank waits at most one chunk. At
+shutdown (`close`) every waiter gives up and the work in flight is waited for, so no thread is inside torch's C++
+when the interpreter ends (a daemon thread unwound there aborts the process) and nothing is left half-written.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Work:
 
 class Scheduler:
     def __init__(self):
+        self.closing = False  # shutting down: work in flight ends at its next chunk
         self._work: dict[int, Work] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -69,6 +72,8 @@ class Scheduler:
         `waiting(sentence)` hears every poll what it waits behind; `waiting(None)` when its turn has come."""
         waited = False
         while True:
+            if self.closing:
+                return False
             ahead = self.ahead_of(rank)
             if not ahead:
                 if waited and waiting:
@@ -81,6 +86,17 @@ class Scheduler:
             waited = True
             with self._changed:
                 self._changed.wait(_POLL_S)
+
+
+    def close(self, timeout: float) -> bool:
+        """Shut down: from now on every wait_turn gives up and `closing` tells work in flight to end at its next
+        chunk; wait up to `timeout` seconds for it to end (True when it has)."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._work and time.monotonic() < deadline:
+                self._changed.wait(_POLL_S)
+            return not self._work
 
 
 def describe(works: list[Work]) -> str:

@@ -43,7 +43,7 @@ def profile(model, spec, new_tokens: int = bench.DECODE_TOKENS, repeats: int = b
     from . import fast_decode, generate
     fast = fast_decode.decoder(model)
     if fast is None or not fast.runs_native(fast.step_inputs(spec).variant):
-        raise ValueError("bench profile times the native decode step, which runs dense and TEAL on the CPU for "
+        raise ValueError("bench profile times the native decode step, which runs on the CPU for Llama-family "
                          "models without projection biases.")
     prompt = generate.encode_prompt(model, bench.PROMPT)
     bench.decode_steps(model, prompt, spec, 4, compiled=True)  # warm-up

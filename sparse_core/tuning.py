@@ -1,11 +1,18 @@
-"""Finding the best trade-off: greedy per-layer allocation of sparsity, and sweeps of quality against sparsity.
+"""Finding the best trade-off: greedy allocation of sparsity over layers and projection groups, and sweeps of quality
+against sparsity.
 
-Greedy allocation (training-free, as published for TEAL): inside each block, start dense and repeatedly raise by
-`step` the sparsity of the group whose block output error grows least per weight element it saves, until the block
-reaches the target. Each block is replayed alone on its recorded dense input, so a step costs a few block forwards.
+Greedy allocation (training-free): first each unit's cost, the KL divergence of the model's next-token distributions
+on calibration tokens when that one (layer, group) alone is sparse, at a few sparsities (unit_costs); then, starting
+dense, the unit whose cost grows least per weight element it saves is raised step by step until the share of weight
+reads skipped reaches the target (allocate). The cost is measured at the model's output, where the quality
+measurement looks: TEAL's block-output error, tried first, left each block's error low and the model's perplexity
+higher than uniform sparsity's (docs/PERFORMANCE.md), since it cannot see how much each block's error grows on its
+way to the output. A unit is measured from its own block on, the blocks before it answering with their recorded
+dense outputs, so its cost is a partial forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -26,6 +33,8 @@ from .trace import AbsHistogram
 
 Progress = Callable[[int, int], None]
 MAX_GROUP_SPARSITY = 0.95
+LEVELS = (0.2, 0.4, 0.6, 0.8, MAX_GROUP_SPARSITY)  # sparsities at which each unit's cost is measured
+STEP = 0.05  # the allocation's step in one unit's sparsity
 
 
 class Cancelled(RuntimeError):
@@ -37,13 +46,14 @@ def _check(cancel: threading.Event | None) -> None:
         raise Cancelled("Cancelled.")
 
 
-def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, dict, torch.Tensor]]:
-    """(args, kwargs, dense output) of every decoder block for one dense pass over `ids`."""
+def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list:
+    """What every decoder block returned in one dense pass over `ids` (kept whole: a block replaced by its record
+    hands the next one exactly what it would have)."""
     records, handles = [], []
     for block in decoder_layers(model.model):
-        def keep(module, args, kwargs, output):
-            records.append((args, kwargs, (output[0] if isinstance(output, tuple) else output).clone()))
-        handles.append(block.register_forward_hook(keep, with_kwargs=True))
+        def keep(module, args, output):
+            records.append(output)
+        handles.append(block.register_forward_hook(keep))
     try:
         with torch.inference_mode(), sparsity(None):
             model.model(ids, use_cache=False)
@@ -53,75 +63,116 @@ def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, d
     return records
 
 
-def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], ids: torch.Tensor,
-                   histogram: AbsHistogram | None, step: float = 0.1, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> dict[float, list[list[float]]]:
-    """For each target, the [layer][group] sparsity table greedy allocation reaches.
+@contextlib.contextmanager
+def _dense_until(model: SparseModel, records: list, first: int) -> Iterator[None]:
+    """The blocks before `first` answer with their recorded dense outputs instead of computing them: a pass that is
+    sparse only from block `first` on costs only the blocks from there."""
+    layers = decoder_layers(model.model)
+    own = [layers[layer].__dict__.get("forward") for layer in range(first)]  # a wrapper of its own (bf16_math)
+    for layer in range(first):
+        layers[layer].forward = lambda *args, record=records[layer], **kwargs: record
+    try:
+        yield
+    finally:
+        for layer, forward in enumerate(own):
+            if forward is None:
+                del layers[layer].forward
+            else:
+                layers[layer].forward = forward
 
-    Every block reaches the target itself (weighted by the weight elements each group's sparsity skips), so the
-    model-wide sparsity of those elements is the target too; inside a block the group whose next `step` raises the block's output
-    error least per element saved goes first. One greedy walk serves all targets: at each target the walk is
-    snapshotted, the last step shortened to land on it exactly. `histogram` maps a group's sparsity to its
-    threshold (dense quantiles); None for top-k, whose spec values are sparsities.
-    """
-    groups = [g for g in (("mlp_mid",) if method == "cats" else GROUPS)]
-    weights = model.skippable_params(method)
-    blocks, layers = _record_blocks(model, ids), decoder_layers(model.model)
-    goals = sorted(set(float(t) for t in targets))
-    tables = {t: [[0.0] * len(GROUPS) for _ in range(model.num_layers)] for t in goals}
 
-    def block_error(layer: int, row: list[float]) -> float:
-        values = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
-        values[layer] = [t if histogram is None else histogram.quantile(layer, g, t) for g, t in zip(GROUPS, row)]
-        spec = SparsitySpec.from_tables(method, values, model.fingerprint)
-        args, kwargs, dense = blocks[layer]
-        with torch.inference_mode(), sparsity(spec):
-            out = layers[layer](*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        return float((out - dense).double().pow(2).sum())
+def _log_probs(model: SparseModel, ids: torch.Tensor, spec: SparsitySpec | None) -> torch.Tensor:
+    with torch.inference_mode(), sparsity(spec):
+        logits = model.model(ids, use_cache=False).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
 
+
+def unit_costs(model: SparseModel, method: str, ids: torch.Tensor, histogram: AbsHistogram | None,
+               progress: Progress | None = None, cancel: threading.Event | None = None) -> dict[tuple[int, str], list[float]]:
+    """For each unit (layer, group) the method thresholds: KL(dense ‖ sparse) of the model's next-token
+    distributions over `ids`, in nats per token, with that unit alone at each of LEVELS (every other unit dense).
+    `histogram` maps a sparsity to its threshold (dense quantiles); None for top-k, whose spec values are sparsities."""
+    groups = ("mlp_mid",) if method == "cats" else GROUPS
+    records = _record_blocks(model, ids)
+    dense = _log_probs(model, ids, None)
+    costs = {}
     for layer in range(model.num_layers):
-        total = sum(weights[layer][g] for g in groups)
-        row, reached, base, pending = [0.0] * len(GROUPS), 0.0, 0.0, list(goals)
-
-        def raise_cost(i: int) -> tuple[float, float]:
-            raised = list(row)
-            raised[i] += step
-            error = block_error(layer, raised)
-            return (error - base) / (step * weights[layer][GROUPS[i]]), error
-
-        # Lazy greedy: costs measured at an earlier row are re-measured only when they come out on top.
-        costs = {GROUPS.index(g): raise_cost(GROUPS.index(g))[0] for g in groups}
-        while pending and costs:
-            _check(cancel)
-            i = min(costs, key=costs.get)
-            cost, error = raise_cost(i)
-            if any(cost > other for k, other in costs.items() if k != i):
-                costs[i] = cost  # stale estimate was too optimistic: re-rank
-                continue
-            gain = step * weights[layer][GROUPS[i]] / total
-            while pending and reached + gain >= pending[0] - 1e-12:  # snapshot, landing on the target exactly
-                partial = list(row)
-                partial[i] += (pending[0] - reached) * total / weights[layer][GROUPS[i]]
-                tables[pending.pop(0)][layer] = [round(v, 6) for v in partial]
-            row[i] += step
-            reached, base = reached + gain, error
-            costs[i] = cost
-            if row[i] + step > MAX_GROUP_SPARSITY + 1e-9:
-                del costs[i]
-        for t in pending:  # unreachable within MAX_GROUP_SPARSITY: the most this block allows
-            tables[t][layer] = [round(v, 6) for v in row]
+        with _dense_until(model, records, layer):
+            for group in groups:
+                costs[layer, group] = []
+                for level in LEVELS:
+                    _check(cancel)
+                    values = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
+                    values[layer][GROUPS.index(group)] = level if histogram is None else histogram.quantile(layer, group, level)
+                    sparse = _log_probs(model, ids, SparsitySpec.from_tables(method, values, model.fingerprint))
+                    costs[layer, group].append(float((dense.exp() * (dense - sparse)).sum(-1).mean()))
         if progress:
             progress(layer + 1, model.num_layers)
+    return costs
+
+
+def _cost(curve: list[float], sparsity: float) -> float:
+    """A unit's cost at `sparsity`, linear between its measured LEVELS (0 at 0)."""
+    points = [(0.0, 0.0), *zip(LEVELS, curve)]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if sparsity <= x1 + 1e-12:
+            return y0 + (y1 - y0) * (sparsity - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def allocate(model: SparseModel, method: str, costs: dict[tuple[int, str], list[float]], targets: Sequence[float],
+             step: float = STEP) -> dict[float, list[list[float]]]:
+    """For each target, the [layer][group] sparsities that skip that share of the method's weight reads at the
+    least summed cost: start dense and repeatedly raise by `step` the unit whose cost grows least per weight element
+    it saves; at each target the walk is snapshotted, its last step shortened to land on it exactly (a target beyond
+    MAX_GROUP_SPARSITY everywhere gets the most the walk reaches)."""
+    weights = model.skippable_params(method)
+    total = sum(weights[layer][group] for layer, group in costs)
+    row = {unit: 0.0 for unit in costs}
+    goals = sorted(set(float(t) for t in targets))
+    tables, reached = {}, 0.0
+
+    def snapshot(sparsities: dict) -> list[list[float]]:
+        table = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
+        for (layer, group), value in sparsities.items():
+            table[layer][GROUPS.index(group)] = round(value, 6)
+        return table
+
+    def marginal(unit) -> float:
+        now = row[unit]
+        return (_cost(costs[unit], now + step) - _cost(costs[unit], now)) / (step * weights[unit[0]][unit[1]])
+
+    open_units = [unit for unit in costs if weights[unit[0]][unit[1]] > 0]
+    while goals and open_units:
+        unit = min(open_units, key=marginal)
+        gain = step * weights[unit[0]][unit[1]] / total
+        while goals and reached + gain >= goals[0] - 1e-12:
+            landed = dict(row)
+            landed[unit] += (goals[0] - reached) * total / weights[unit[0]][unit[1]]
+            tables[goals.pop(0)] = snapshot(landed)
+        row[unit] += step
+        reached += gain
+        if row[unit] + step > MAX_GROUP_SPARSITY + 1e-9:
+            open_units.remove(unit)
+    for goal in goals:  # beyond what every unit at MAX_GROUP_SPARSITY skips
+        tables[goal] = snapshot(row)
     return tables
 
 
+def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], ids: torch.Tensor,
+                   histogram: AbsHistogram | None, step: float = STEP, progress: Progress | None = None,
+                   cancel: threading.Event | None = None) -> dict[float, list[list[float]]]:
+    """For each target, the [layer][group] sparsity table greedy allocation reaches (unit_costs, then allocate)."""
+    return allocate(model, method, unit_costs(model, method, ids, histogram, progress, cancel), targets, step)
+
+
 HISTOGRAM_CHUNK_TOKENS = 512  # score_histograms' default chunk: one progress step each
+_COSTS = BoundedCache(8)  # greedy_specs' unit costs, per model, method and text
 
 
 def greedy_steps(model: SparseModel, method: str, targets: Sequence[float], text: str | None = None) -> int:
     """How many progress steps greedy_specs reports: each chunk of the histogram pass (none for top-k), each
-    block's walk, each target's thresholds."""
+    layer's unit costs, each target's thresholds."""
     text = calibration.default_text("calibration") if text is None else text
     chunks = 0 if method == "topk" else len(calibration.token_chunks(model, text, HISTOGRAM_CHUNK_TOKENS,
                                                                       calibration.CALIBRATION_TOKENS))
@@ -129,10 +180,12 @@ def greedy_steps(model: SparseModel, method: str, targets: Sequence[float], text
 
 
 def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text: str | None = None,
-                 tokens: int = 128, step: float = 0.1, progress: Progress | None = None,
+                 tokens: int = 128, step: float = STEP, progress: Progress | None = None,
                  cancel: threading.Event | None = None) -> dict[float, SparsitySpec]:
     """Greedy allocation on the calibration text, then thresholds for each table (with calibration's refinement).
-    Progress counts greedy_steps(...) steps: the histogram pass's chunks, each block, each target's calibration."""
+    Progress counts greedy_steps(...) steps: the histogram pass's chunks, each layer's unit costs, each target's
+    calibration. The unit costs are kept per model, method and text, so every target of every caller (the Tuner,
+    the CLI, a sweep) is allocated from the same ones: one spec per target, whoever asks."""
     text = calibration.default_text("calibration") if text is None else text
     total = greedy_steps(model, method, targets, text)
     chunks = total - model.num_layers - len(set(float(t) for t in targets))
@@ -142,8 +195,12 @@ def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text
     histogram = None if method == "topk" else calibration.score_histograms(
         model, method, text, chunk_tokens=HISTOGRAM_CHUNK_TOKENS, progress=lambda done, _: _check(cancel) or report(done, total))
     report(chunks, total)  # also when the histogram was cached
-    tables = greedy_targets(model, method, targets, ids, histogram, step,
-                            lambda done, _: report(chunks + done, total), cancel)
+    key = (model.fingerprint, model.layout, method, calibration.text_hash(text), tokens)
+    costs = _COSTS.get(key)
+    if costs is None:
+        costs = _COSTS.put(key, unit_costs(model, method, ids, histogram, lambda done, _: report(chunks + done, total),
+                                           cancel))
+    tables = allocate(model, method, costs, targets, step)
     specs = {}
     for done, (t, table) in enumerate(tables.items(), chunks + model.num_layers + 1):
         _check(cancel)
@@ -292,7 +349,9 @@ def start_sweep(model: SparseModel, methods: Sequence[str], targets: Sequence[fl
         job.waiting = said
 
     def turn() -> None:
-        SCHEDULER.wait_turn(JOB, waiting, give_up=job.cancel.is_set)
+        if not SCHEDULER.wait_turn(JOB, waiting, give_up=job.cancel.is_set):  # stopped, or the server shuts down
+            job.cancel.set()
+            _check(job.cancel)
 
     def work() -> None:
         try:

@@ -192,7 +192,7 @@ class Warmup:
 
     def _quiet(self, done: int, total: int) -> None:
         """Between a timing's runs: anything else that started meanwhile skews it, so the attempt is dropped."""
-        if SCHEDULER.ahead_of(BACKGROUND) or self.stopped or not self.leased:
+        if SCHEDULER.ahead_of(BACKGROUND) or self.stopped or not self.leased or SCHEDULER.closing:
             raise _Leave
 
     def _compile(self, method: str) -> None:
@@ -214,39 +214,45 @@ class Warmup:
         while True:
             self._may_run()  # waits out other heavy work
             with self._lock:  # deciding to end and `start` deciding to start never interleave
-                if self.stopped or not self.leased or self._queue.empty():
+                if self.stopped or not self.leased or self._queue.empty() or SCHEDULER.closing:
                     self._thread = self.doing = None
                     if self.stopped:
                         self.model = None  # evicted: nothing here keeps it in memory
                     return
                 priority, order, item = self._queue.get_nowait()
             try:
-                if isinstance(item, tuple) and item[0] == COMPILE:
-                    self._compile(item[1])
-                    continue
-                if isinstance(item, tuple) and item[0] == SPEED:
-                    self.doing = f"timing {item[1].label}'s decode while the machine is quiet"
-                    self._quiet(0, 1)
-                    self._measure_speed(item[1], item[2], progress=self._quiet)
-                    continue
-                if isinstance(item, SparsitySpec):
-                    self.doing = f"measuring {item.label}'s quality"
-                    spec = item
-                else:
-                    self.doing = f"calibrating and measuring {item[0].upper()} {item[1]:.0%}"
-                    spec = calibrate.calibrate(self.model, *item, progress=self._step)
-                began = time.monotonic()
-                if metrics.stored(self.model, spec) is None:
-                    metrics.measured(self.model, spec, progress=self._step)
-                    self.measure_seconds = time.monotonic() - began
-                if priority == _LATER:
-                    self.done += 1
+                with SCHEDULER.running("background preparation", BACKGROUND):
+                    self._work(priority, item)
             except _Leave:  # stopped, left or paused mid-step: the item goes back, to be done later
                 self._queue.put((priority, order, item))  # in its old place
             except Exception as err:  # noqa: BLE001 - a failed warm-up only means slower slider steps; say why
                 with self._lock:
                     self.error, self._thread, self.doing = f"{type(err).__name__}: {err}", None, None
                 return
+
+    def _work(self, priority: int, item) -> None:
+        """One queue item: a compile, a timing, a requested spec's quality, or a planned step's calibration and
+        quality."""
+        if isinstance(item, tuple) and item[0] == COMPILE:
+            self._compile(item[1])
+            return
+        if isinstance(item, tuple) and item[0] == SPEED:
+            self.doing = f"timing {item[1].label}'s decode while the machine is quiet"
+            self._quiet(0, 1)
+            self._measure_speed(item[1], item[2], progress=self._quiet)
+            return
+        if isinstance(item, SparsitySpec):
+            self.doing = f"measuring {item.label}'s quality"
+            spec = item
+        else:
+            self.doing = f"calibrating and measuring {item[0].upper()} {item[1]:.0%}"
+            spec = calibrate.calibrate(self.model, *item, progress=self._step)
+        began = time.monotonic()
+        if metrics.stored(self.model, spec) is None:
+            metrics.measured(self.model, spec, progress=self._step)
+            self.measure_seconds = time.monotonic() - began
+        if priority == _LATER:
+            self.done += 1
 
 
 class _Leave(Exception):

@@ -137,7 +137,8 @@ def test_generation_compares_equal_steps_and_marks_itself_stale_when_the_setting
     at.slider(key="target").set_value(0.4)  # the old result is marked stale, never relabelled
     _ok(at.run())
     assert any(w.value.startswith("Stale: produced by TEAL thresholds at 25% · float32") for w in at.warning)
-    assert any(m.value == "**Sparse** · TEAL thresholds at 25%" for m in at.markdown)
+    assert any(m.value == "**Sparse** · TEAL thresholds at 25% (stale: the sidebar now says TEAL thresholds at 40%)"
+               for m in at.markdown)
 
 
 def test_the_compiled_step_toggle_generates_the_same_text_and_says_so():
@@ -491,7 +492,8 @@ def test_a_sweep_runs_beside_clicks_and_stops_with_its_finished_points(monkeypat
         bar = at.get("progress")[0].proto
         assert bar.text.startswith("Sweeping… 1/6") and "s left" in bar.text
         assert any(c.value.startswith("1 of 6 points finished") for c in at.caption)
-        assert not at.get("plotly_chart")  # no charts of an earlier sweep while this one runs
+        # This sweep's finished point is drawn while it runs (and no chart of an earlier sweep)
+        assert [chart.key for chart in at.get("plotly_chart")] == ["running_quality", "running_pareto"]
 
         next(b for b in at.button if b.label == "Stop sweep").click()
         _ok(at.run())

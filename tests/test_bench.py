@@ -163,7 +163,11 @@ def test_token_profile_accounts_for_every_weight_byte_of_the_native_step(smollm2
                 assert r["gbs"] == pytest.approx(r["bytes"] / r["ms"] / 1e6, rel=1e-2)
 
 
-def test_token_profile_says_in_one_sentence_what_it_cannot_time(smollm2):
-    from sparse_core import token_profile
+def test_token_profile_says_in_one_sentence_what_it_cannot_time():
+    import transformers as T
+    from sparse_core import models, token_profile
+    config = T.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=96)  # q|k|v biases: not the native step's
+    qwen2 = models.wrap(T.AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, name="tiny-qwen2")
     with pytest.raises(ValueError, match=r"^bench profile times the native decode step[^.]*\.$"):
-        token_profile.profile(smollm2, smollm2.topk_spec(0.5), new_tokens=1, repeats=1)
+        token_profile.profile(qwen2, qwen2.topk_spec(0.5), new_tokens=1, repeats=1)
