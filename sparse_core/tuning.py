@@ -4,11 +4,11 @@ against sparsity.
 Greedy allocation (training-free): first each unit's cost, the KL divergence of the model's next-token distributions
 on calibration tokens when that one (layer, group) alone is sparse, at a few sparsities (unit_costs); then, starting
 dense, the unit whose cost grows least per weight element it saves is raised step by step until the share of weight
-reads skipped reaches the target (allocate). The cost is measured at the model's output, where the quality
-measurement looks: TEAL's block-output error, tried first, left each block's error low and the model's perplexity
-higher than uniform sparsity's (docs/PERFORMANCE.md), since it cannot see how much each block's error grows on its
-way to the output. A unit is measured from its own block on, the blocks before it answering with their recorded
-dense outputs, so its cost is a partial forward pass.
+reads skipped reaches the target (allocate). The cost is taken at the model's output, where the quality measurement
+looks: TEAL's block-output error alone, tried first, left each block's error low and the model's perplexity higher
+than uniform sparsity's (docs/PERFORMANCE.md), since it cannot see how much each block's error grows on its way to
+the output. So each unit's block error (its block replayed alone, cheap) is scaled by its block's sensitivity, the
+output KL per unit of block error, measured once per block by a forward pass from that block on.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from .trace import AbsHistogram
 Progress = Callable[[int, int], None]
 MAX_GROUP_SPARSITY = 0.95
 LEVELS = (0.2, 0.4, 0.6, 0.8, MAX_GROUP_SPARSITY)  # sparsities at which each unit's cost is measured
+REFERENCE = 0.5  # every unit of a block at this sparsity: how its block's error reaches the model's output
 STEP = 0.05  # the allocation's step in one unit's sparsity
 
 
@@ -46,14 +47,14 @@ def _check(cancel: threading.Event | None) -> None:
         raise Cancelled("Cancelled.")
 
 
-def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list:
-    """What every decoder block returned in one dense pass over `ids` (kept whole: a block replaced by its record
-    hands the next one exactly what it would have)."""
+def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, dict, object]]:
+    """(args, kwargs, output) of every decoder block in one dense pass over `ids`: a block can be replayed alone on
+    its recorded input, or replaced by its record (which hands the next block exactly what it would have)."""
     records, handles = [], []
     for block in decoder_layers(model.model):
-        def keep(module, args, output):
-            records.append(output)
-        handles.append(block.register_forward_hook(keep))
+        def keep(module, args, kwargs, output):
+            records.append((args, kwargs, output))
+        handles.append(block.register_forward_hook(keep, with_kwargs=True))
     try:
         with torch.inference_mode(), sparsity(None):
             model.model(ids, use_cache=False)
@@ -63,6 +64,10 @@ def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list:
     return records
 
 
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextlib.contextmanager
 def _dense_until(model: SparseModel, records: list, first: int) -> Iterator[None]:
     """The blocks before `first` answer with their recorded dense outputs instead of computing them: a pass that is
@@ -70,7 +75,7 @@ def _dense_until(model: SparseModel, records: list, first: int) -> Iterator[None
     layers = decoder_layers(model.model)
     own = [layers[layer].__dict__.get("forward") for layer in range(first)]  # a wrapper of its own (bf16_math)
     for layer in range(first):
-        layers[layer].forward = lambda *args, record=records[layer], **kwargs: record
+        layers[layer].forward = lambda *args, record=records[layer][2], **kwargs: record
     try:
         yield
     finally:
@@ -89,23 +94,39 @@ def _log_probs(model: SparseModel, ids: torch.Tensor, spec: SparsitySpec | None)
 
 def unit_costs(model: SparseModel, method: str, ids: torch.Tensor, histogram: AbsHistogram | None,
                progress: Progress | None = None, cancel: threading.Event | None = None) -> dict[tuple[int, str], list[float]]:
-    """For each unit (layer, group) the method thresholds: KL(dense ‖ sparse) of the model's next-token
-    distributions over `ids`, in nats per token, with that unit alone at each of LEVELS (every other unit dense).
-    `histogram` maps a sparsity to its threshold (dense quantiles); None for top-k, whose spec values are sparsities."""
+    """For each unit (layer, group) the method thresholds, its cost at each of LEVELS: KL(dense ‖ sparse) of the
+    model's next-token distributions over `ids` (nats per token) with that unit alone sparse, estimated as the
+    unit's block output error (the block replayed alone on its recorded input) times its block's sensitivity. The
+    sensitivity, KL per unit of block error, is measured once per block, with all its units at REFERENCE: a partial
+    forward pass from that block on. `histogram` maps a sparsity to its threshold (dense quantiles); None for top-k,
+    whose spec values are sparsities."""
     groups = ("mlp_mid",) if method == "cats" else GROUPS
     records = _record_blocks(model, ids)
     dense = _log_probs(model, ids, None)
+    layers = decoder_layers(model.model)
+
+    def spec(sparse: dict) -> SparsitySpec:
+        values = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
+        for (layer, group), level in sparse.items():
+            values[layer][GROUPS.index(group)] = level if histogram is None else histogram.quantile(layer, group, level)
+        return SparsitySpec.from_tables(method, values, model.fingerprint)
+
+    def block_error(layer: int, sparse: dict) -> float:
+        _check(cancel)
+        args, kwargs, output = records[layer]
+        with torch.inference_mode(), sparsity(spec(sparse)):
+            replayed = _hidden(layers[layer](*args, **kwargs))
+        return float((replayed.double() - _hidden(output).double()).pow(2).sum())
+
     costs = {}
     for layer in range(model.num_layers):
+        whole = {(layer, group): REFERENCE for group in groups}
         with _dense_until(model, records, layer):
-            for group in groups:
-                costs[layer, group] = []
-                for level in LEVELS:
-                    _check(cancel)
-                    values = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
-                    values[layer][GROUPS.index(group)] = level if histogram is None else histogram.quantile(layer, group, level)
-                    sparse = _log_probs(model, ids, SparsitySpec.from_tables(method, values, model.fingerprint))
-                    costs[layer, group].append(float((dense.exp() * (dense - sparse)).sum(-1).mean()))
+            kl = float((dense.exp() * (dense - _log_probs(model, ids, spec(whole)))).sum(-1).mean())
+        error = block_error(layer, whole)
+        scale = kl / error if error > 0 else 0.0
+        for group in groups:
+            costs[layer, group] = [scale * block_error(layer, {(layer, group): level}) for level in LEVELS]
         if progress:
             progress(layer + 1, model.num_layers)
     return costs

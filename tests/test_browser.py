@@ -110,11 +110,13 @@ def _slider(page, label: str):
     return page.locator("[data-testid=stSlider]", has_text=label).locator("input[type=range]")
 
 
-# The columns of the live heatmap the current script run drew. A chart left from the previous run stays on the page,
-# greyed (its element container marked data-stale), until this run replaces it: it is never read.
+# The columns of the live heatmap the current script run drew. A chart left from an earlier run stays on the page
+# until this run replaces it, current until this run starts and greyed (its container marked data-stale) after:
+# charts drawn before a Generate are marked (MARK_CHARTS) and never read, nor is a stale one.
+MARK_CHARTS = "() => document.querySelectorAll('.js-plotly-plot').forEach(e => e.dataset.before = '1')"
 LIVE_COLUMNS = """() => {
     const chart = [...document.querySelectorAll('.js-plotly-plot')]
-        .filter(e => !e.closest('[data-stale="true"]'))
+        .filter(e => !e.dataset.before && !e.closest('[data-stale="true"]'))
         .find(e => e.layout && e.layout.title && String(e.layout.title.text).includes('Skipped in each decode step'));
     const z = chart && chart.data.length ? chart.data[0].z : null;  // plotly may keep it as {bdata, shape}
     if (!z) return 0;
@@ -209,6 +211,8 @@ def test_every_page_in_a_real_browser(server, browser, page):
     opened.close()
 
     assert _slide(page, "Max new tokens", ["End"], lambda v: v == "256") == "256"  # a long run, then Stop
+    _settle(page)
+    page.evaluate(MARK_CHARTS)
     _generate(page)
     # Stop once this run has drawn two decode steps: both runs then hold two tokens or more, so the partial result has
     # rates, and its report the speed chart (the previous run's text, still on the page, says nothing of this one).

@@ -1,7 +1,7 @@
-"""Greedy allocation on a tiny random Llama: each unit's cost is the model's output KL with that unit alone sparse
-(checked against a full forward pass), the allocation lands on every target over the whole model, one target's
-table is the same alone or among others, and at the same share of weight reads skipped the model's KL is lower
-than uniform sparsity's (the quality it optimises)."""
+"""Greedy allocation on a tiny random Llama: each unit's cost estimates the model's output KL with that unit alone
+sparse (checked against whole forward passes), the allocation lands on every target over the whole model, one
+target's table is the same alone or among others, and at the same share of weight reads skipped the model's KL is
+lower than uniform sparsity's (the quality it optimises)."""
 import threading
 
 import pytest
@@ -44,15 +44,20 @@ def _kl(model, ids, spec) -> float:
     return float((dense.exp() * (dense - sparse)).sum(-1).mean())
 
 
-def test_a_units_cost_is_the_models_kl_with_that_unit_alone_sparse(tiny):
+def test_a_units_cost_estimates_the_models_kl_with_that_unit_alone_sparse(tiny):
+    """Its block's error scaled by the block's sensitivity: ranked as the model's own KL with each unit alone sparse
+    ranks them (from whole forward passes), and more sparsity costs more."""
     model, ids, histogram, costs = tiny
     assert set(costs) == {(layer, group) for layer in range(model.num_layers) for group in GROUPS}
-    for layer, group in [(0, "attn_in"), (2, "mlp_mid")]:
+    units, truth = sorted(costs), []
+    for layer, group in units:
         values = [[0.0] * 4 for _ in range(model.num_layers)]
         values[layer][GROUPS.index(group)] = histogram.quantile(layer, group, tuning.LEVELS[1])
-        alone = _kl(model, ids, SparsitySpec.from_tables("teal", values, model.fingerprint))
-        assert costs[layer, group][1] == pytest.approx(alone, rel=1e-6, abs=1e-12)
-    assert all(curve[-1] > curve[0] >= 0 for curve in costs.values())  # more sparsity costs more
+        truth.append(_kl(model, ids, SparsitySpec.from_tables("teal", values, model.fingerprint)))
+    ranks = lambda values: torch.tensor(values).argsort().argsort().double()
+    estimated = ranks([costs[unit][1] for unit in units])
+    assert torch.corrcoef(torch.stack([estimated, ranks(truth)]))[0, 1] > 0.8  # Spearman's rank correlation
+    assert all(curve[-1] > curve[0] >= 0 for curve in costs.values())
     assert all(layer.__dict__.get("forward") is None for layer in model.model.model.layers)  # records put away
 
 
