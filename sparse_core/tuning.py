@@ -7,13 +7,15 @@ dense, the unit whose cost grows least per weight element it saves is raised ste
 reads skipped reaches the target (allocate). The cost is taken at the model's output, where the quality measurement
 looks: TEAL's block-output error alone, tried first, left each block's error low and the model's perplexity higher
 than uniform sparsity's (docs/PERFORMANCE.md), since it cannot see how much each block's error grows on its way to
-the output. So each unit's block error (its block replayed alone, cheap) is scaled by its block's sensitivity, the
-output KL per unit of block error, measured once per block by a forward pass from that block on.
+the output; scaling each unit's block error by its block's measured sensitivity (output KL per unit of block error)
+was fast and no better. So a unit's cost is the output KL itself: one batched forward pass a unit, all its
+sparsities side by side, from its own block on, scoring the last half of the calibration tokens.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -28,13 +30,12 @@ from .models import SparseModel
 from .patch import decoder_layers, sparsity
 from .scheduler import JOB, SCHEDULER
 from .spec import GROUPS, SparsitySpec
-from .store import BoundedCache
+from .store import BoundedCache, DiskStore, digest
 from .trace import AbsHistogram
 
 Progress = Callable[[int, int], None]
 MAX_GROUP_SPARSITY = 0.95
 LEVELS = (0.2, 0.4, 0.6, 0.8, MAX_GROUP_SPARSITY)  # sparsities at which each unit's cost is measured
-REFERENCE = 0.5  # every unit of a block at this sparsity: how its block's error reaches the model's output
 STEP = 0.05  # the allocation's step in one unit's sparsity
 
 
@@ -47,14 +48,14 @@ def _check(cancel: threading.Event | None) -> None:
         raise Cancelled("Cancelled.")
 
 
-def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, dict, object]]:
-    """(args, kwargs, output) of every decoder block in one dense pass over `ids`: a block can be replayed alone on
-    its recorded input, or replaced by its record (which hands the next block exactly what it would have)."""
+def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list:
+    """What every decoder block returned in one dense pass over `ids` (kept whole: a block replaced by its record
+    hands the next one exactly what it would have)."""
     records, handles = [], []
     for block in decoder_layers(model.model):
-        def keep(module, args, kwargs, output):
-            records.append((args, kwargs, output))
-        handles.append(block.register_forward_hook(keep, with_kwargs=True))
+        def keep(module, args, output):
+            records.append(output)
+        handles.append(block.register_forward_hook(keep))
     try:
         with torch.inference_mode(), sparsity(None):
             model.model(ids, use_cache=False)
@@ -64,18 +65,21 @@ def _record_blocks(model: SparseModel, ids: torch.Tensor) -> list[tuple[tuple, d
     return records
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+def _rows(record, rows: int):
+    """A batch-1 record as `rows` identical rows (views, no copies)."""
+    if isinstance(record, torch.Tensor):
+        return record.expand(rows, *record.shape[1:])
+    return tuple(_rows(part, rows) for part in record) if isinstance(record, tuple) else record
 
 
 @contextlib.contextmanager
-def _dense_until(model: SparseModel, records: list, first: int) -> Iterator[None]:
-    """The blocks before `first` answer with their recorded dense outputs instead of computing them: a pass that is
-    sparse only from block `first` on costs only the blocks from there."""
+def _dense_until(model: SparseModel, records: list, first: int, rows: int) -> Iterator[None]:
+    """The blocks before `first` answer with their recorded dense outputs (as `rows` rows) instead of computing
+    them: a pass that is sparse only from block `first` on costs only the blocks from there."""
     layers = decoder_layers(model.model)
     own = [layers[layer].__dict__.get("forward") for layer in range(first)]  # a wrapper of its own (bf16_math)
     for layer in range(first):
-        layers[layer].forward = lambda *args, record=records[layer][2], **kwargs: record
+        layers[layer].forward = lambda *args, record=_rows(records[layer], rows), **kwargs: record
     try:
         yield
     finally:
@@ -86,47 +90,51 @@ def _dense_until(model: SparseModel, records: list, first: int) -> Iterator[None
                 layers[layer].forward = forward
 
 
-def _log_probs(model: SparseModel, ids: torch.Tensor, spec: SparsitySpec | None) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """A spec for a batch of identical rows in which one unit takes a different value in each row and every other
+    unit is dense: all of a unit's LEVELS in one forward pass (the ops take a threshold per token)."""
+    method: str
+    unit: tuple[int, str]
+    rows: torch.Tensor  # [batch, tokens, 1]: the unit's value in each row, as every token of that row sees it
+
+    def value(self, layer: int, group: str):
+        return self.rows if (layer, group) == self.unit else 0.0
+
+
+def _log_probs(model: SparseModel, ids: torch.Tensor, spec, scored: int) -> torch.Tensor:
+    """Log-probabilities of the next token at the last `scored` positions of each row, in float64."""
     with torch.inference_mode(), sparsity(spec):
-        logits = model.model(ids, use_cache=False).logits[0]
+        logits = model.model(ids, use_cache=False, **_last(model, scored)).logits[:, -scored:]
     return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _last(model: SparseModel, scored: int) -> dict:
+    """Ask for the last `scored` positions' logits only where the model takes the argument (the head is costly)."""
+    return {"logits_to_keep": scored} if "logits_to_keep" in inspect.signature(model.model.forward).parameters else {}
 
 
 def unit_costs(model: SparseModel, method: str, ids: torch.Tensor, histogram: AbsHistogram | None,
                progress: Progress | None = None, cancel: threading.Event | None = None) -> dict[tuple[int, str], list[float]]:
-    """For each unit (layer, group) the method thresholds, its cost at each of LEVELS: KL(dense ‖ sparse) of the
-    model's next-token distributions over `ids` (nats per token) with that unit alone sparse, estimated as the
-    unit's block output error (the block replayed alone on its recorded input) times its block's sensitivity. The
-    sensitivity, KL per unit of block error, is measured once per block, with all its units at REFERENCE: a partial
-    forward pass from that block on. `histogram` maps a sparsity to its threshold (dense quantiles); None for top-k,
+    """For each unit (layer, group) the method thresholds: KL(dense ‖ sparse) of the model's next-token
+    distributions at the last half of `ids`' positions (nats per token), with that unit alone at each of LEVELS
+    (every other unit dense). One forward pass a unit, a row per level, from the unit's block on (the blocks before
+    it answer from their records). `histogram` maps a sparsity to its threshold (dense quantiles); None for top-k,
     whose spec values are sparsities."""
     groups = ("mlp_mid",) if method == "cats" else GROUPS
     records = _record_blocks(model, ids)
-    dense = _log_probs(model, ids, None)
-    layers = decoder_layers(model.model)
-
-    def spec(sparse: dict) -> SparsitySpec:
-        values = [[0.0] * len(GROUPS) for _ in range(model.num_layers)]
-        for (layer, group), level in sparse.items():
-            values[layer][GROUPS.index(group)] = level if histogram is None else histogram.quantile(layer, group, level)
-        return SparsitySpec.from_tables(method, values, model.fingerprint)
-
-    def block_error(layer: int, sparse: dict) -> float:
-        _check(cancel)
-        args, kwargs, output = records[layer]
-        with torch.inference_mode(), sparsity(spec(sparse)):
-            replayed = _hidden(layers[layer](*args, **kwargs))
-        return float((replayed.double() - _hidden(output).double()).pow(2).sum())
-
+    scored = max(1, ids.shape[-1] // 2)
+    dense = _log_probs(model, ids, None, scored)
+    batch = ids.expand(len(LEVELS), -1)
     costs = {}
     for layer in range(model.num_layers):
-        whole = {(layer, group): REFERENCE for group in groups}
-        with _dense_until(model, records, layer):
-            kl = float((dense.exp() * (dense - _log_probs(model, ids, spec(whole)))).sum(-1).mean())
-        error = block_error(layer, whole)
-        scale = kl / error if error > 0 else 0.0
-        for group in groups:
-            costs[layer, group] = [scale * block_error(layer, {(layer, group): level}) for level in LEVELS]
+        with _dense_until(model, records, layer, len(LEVELS)):
+            for group in groups:
+                _check(cancel)
+                values = [level if histogram is None else histogram.quantile(layer, group, level) for level in LEVELS]
+                rows = torch.tensor(values, device=ids.device).view(-1, 1, 1).expand(-1, ids.shape[-1], 1)
+                sparse = _log_probs(model, batch, _Probe(method, (layer, group), rows), scored)
+                costs[layer, group] = (dense.exp() * (dense - sparse)).sum(-1).mean(-1).tolist()
         if progress:
             progress(layer + 1, model.num_layers)
     return costs
@@ -188,7 +196,7 @@ def greedy_targets(model: SparseModel, method: str, targets: Sequence[float], id
 
 
 HISTOGRAM_CHUNK_TOKENS = 512  # score_histograms' default chunk: one progress step each
-_COSTS = BoundedCache(8)  # greedy_specs' unit costs, per model, method and text
+_COSTS = DiskStore("greedy_costs", 1)  # greedy_specs' unit costs, per model, weights, method and text
 
 
 def greedy_steps(model: SparseModel, method: str, targets: Sequence[float], text: str | None = None) -> int:
@@ -205,7 +213,7 @@ def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text
                  cancel: threading.Event | None = None) -> dict[float, SparsitySpec]:
     """Greedy allocation on the calibration text, then thresholds for each table (with calibration's refinement).
     Progress counts greedy_steps(...) steps: the histogram pass's chunks, each layer's unit costs, each target's
-    calibration. The unit costs are kept per model, method and text, so every target of every caller (the Tuner,
+    calibration. The unit costs are kept on disk per model, weights, method and text, so every target of every caller (the Tuner,
     the CLI, a sweep) is allocated from the same ones: one spec per target, whoever asks."""
     text = calibration.default_text("calibration") if text is None else text
     total = greedy_steps(model, method, targets, text)
@@ -216,11 +224,12 @@ def greedy_specs(model: SparseModel, method: str, targets: Sequence[float], text
     histogram = None if method == "topk" else calibration.score_histograms(
         model, method, text, chunk_tokens=HISTOGRAM_CHUNK_TOKENS, progress=lambda done, _: _check(cancel) or report(done, total))
     report(chunks, total)  # also when the histogram was cached
-    key = (model.fingerprint, model.layout, method, calibration.text_hash(text), tokens)
-    costs = _COSTS.get(key)
-    if costs is None:
-        costs = _COSTS.put(key, unit_costs(model, method, ids, histogram, lambda done, _: report(chunks + done, total),
-                                           cancel))
+    key = digest(model.fingerprint, model.weight_key, model.layout, method, calibration.text_hash(text), tokens, LEVELS)
+    known = _COSTS.load(key)
+    if known is None:
+        measured = unit_costs(model, method, ids, histogram, lambda done, _: report(chunks + done, total), cancel)
+        known = _COSTS.save(key, {"costs": [[layer, group, curve] for (layer, group), curve in measured.items()]})
+    costs = {(layer, group): curve for layer, group, curve in known["costs"]}
     tables = allocate(model, method, costs, targets, step)
     specs = {}
     for done, (t, table) in enumerate(tables.items(), chunks + model.num_layers + 1):

@@ -1,6 +1,6 @@
 """The stores the app and the engine share: the in-memory cache (bounded, least recently used out first) and the
 disk stores (one versioning rule: a bumped version never reads an older version's files)."""
-from sparse_core import bench, calibrate, fast_decode, metrics, models, peer
+from sparse_core import bench, calibrate, fast_decode, metrics, models, peer, tuning
 from sparse_core.store import BoundedCache, DiskStore
 
 
@@ -35,7 +35,7 @@ def test_a_disk_store_reads_back_only_its_own_version(monkeypatch, tmp_path):
 
 def test_every_disk_store_follows_the_one_rule():
     stores = [metrics._MEASURED, fast_decode._COMPILE_SECONDS, bench._DECODES, peer._RESULTS,
-              models._ROUTES, calibrate._CALIBRATIONS]
+              models._ROUTES, calibrate._CALIBRATIONS, tuning._COSTS]
     for store in stores:
         assert store.folder.name == f"{store.kind}-v{store.version}" and "-v" not in store.kind
     assert len({store.folder for store in stores}) == len(stores)
