@@ -476,7 +476,7 @@ def traced(held: lab.Lab, spec: SparsitySpec | None, ids: tuple[int, ...], layer
     key = (*held.key, spec, ids, layer, dense_prefix)
     kept = st.session_state.get("trace")
     if kept is None or kept[0] != key:
-        with st.spinner("Tracing the tokens…"):
+        with foreground("tracing tokens for a heatmap", timed=False), st.spinner("Tracing the tokens…"):
             kept = (key, held.trace(spec, ids, layer, dense_prefix=dense_prefix))
         st.session_state.trace = kept
     return kept[1]

@@ -7,8 +7,9 @@ first Generate does not wait for a compile. On the CPU nothing compiles: the nat
 It yields by design. It works only while some visitor holds a lease on its model (`lease`, released when the visitor
 moves to another model or leaves), stops for good when its model is evicted (`stop`), and holds still between steps
 while any other heavy work runs, on any model (scheduler.SCHEDULER, where it is the lowest rank): a visitor's own
-calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew it). A compile cannot be interrupted once begun, so
-foreground work waits for one in flight (`compile_in_flight` says which, since when and for about how long).
+calibration runs at full speed, and nothing runs beside a timed measurement (a busy core would skew it). A compile
+cannot be interrupted once begun, so foreground work waits for one in flight (`compile_in_flight` says which, since
+when and for about how long).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import time
 from typing import Callable, Sequence
 
 from . import calibrate, fast_decode, metrics
-from .scheduler import BACKGROUND, SCHEDULER, describe
 from .models import SparseModel
+from .scheduler import BACKGROUND, SCHEDULER, describe
 from .spec import SparsitySpec
 
 GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slider's steps above 0
@@ -151,9 +152,6 @@ class Warmup:
         self._speeds_asked.add((spec, compiled))
         self._queue.put((_NOW, next(self._order), (SPEED, spec, compiled)))
         self.start()
-
-    def speed_asked(self, spec: SparsitySpec, compiled: bool) -> bool:
-        return (spec, compiled) in self._speeds_asked
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the thread ends (then True when the whole plan is prepared) or `timeout` passes."""
