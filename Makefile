@@ -53,7 +53,9 @@ peer: setup $(PEER_BENCH)
 	$(PY) -m pip install --quiet sentencepiece
 	$(PY) -m sparse_core.peer convert
 
+# The app's default settings calibrated and measured before the server answers (once per machine; seconds after).
 run: setup
+	$(PY) -m sparse_core prepare
 	$(VENV)/bin/streamlit run app.py --server.address=127.0.0.1 --server.port=$(PORT) --server.headless=true --browser.gatherUsageStats=false
 
 test: setup

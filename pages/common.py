@@ -135,7 +135,8 @@ def prepare_ahead(held: lab.Lab):
 
 
 @contextlib.contextmanager
-def foreground(what: str, notice=None, timed: bool = True, rank: int = lab.VISITOR) -> Iterator[None]:
+def foreground(what: str, notice=None, timed: bool = True, rank: int = lab.VISITOR,
+               left: Callable[[], float | None] = lambda: None) -> Iterator[None]:
     """Heavy work in the lab's one queue (lab.foreground): `what` at `rank`, background preparation holding still;
     whatever it waits for first (a visitor's request ahead of a job, a compile in flight before timed work) shows
     as a spinner that says what and for how long (in `notice`, a placeholder beside the button that asked, when
@@ -145,7 +146,7 @@ def foreground(what: str, notice=None, timed: bool = True, rank: int = lab.VISIT
         with (notice.container() if notice else contextlib.nullcontext()), st.spinner(f"Waiting for {why}…",
                                                                                         show_time=True):
             yield
-    with lab.foreground(what, rank, timed, waiting):
+    with lab.foreground(what, rank, timed, waiting, left):
         yield
 
 

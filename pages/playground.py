@@ -30,7 +30,7 @@ def _generate(current: common.Selection, prompt_text: str, panes: dict, view: li
         st.error(str(err))
         return None
     st.session_state.generation = result
-    with common.foreground("a visitor's generation", notice):
+    with common.foreground("a visitor's generation", notice, left=result.seconds_left):
         estimate = result.compile_wait()
         if estimate is not None:  # why a run then decodes uncompiled, if one does, comes with its first token
             with notice.container(), st.spinner(f"Compiling the decode steps ({estimate}). Stop takes effect once "

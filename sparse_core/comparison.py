@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import statistics
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -105,6 +106,14 @@ class Comparison:
             if streams:
                 on_round()
         self.partial, self.stage = bool(streams), "done"
+
+    def seconds_left(self) -> float | None:
+        """How long the runs' remaining tokens take at the pace of their decode steps so far (None before one)."""
+        steps = [t.seconds for run in RUNS for t in self.tokens[run][1:]]
+        if not steps or self.stage == "done":
+            return None
+        remaining = sum(self.max_new_tokens - len(self.tokens[run]) for run in RUNS)
+        return remaining * statistics.median(steps)
 
     # ---- what it shows -------------------------------------------------------------------------------------
     def text(self, run: str) -> str:

@@ -67,16 +67,18 @@ def describe_protocol(name: str, held_out_tokens: int) -> str:
 
 @contextlib.contextmanager
 def foreground(what: str, rank: int = VISITOR, timed: bool = True,
-               waiting: Callable[[str], ContextManager] | None = None) -> Iterator[None]:
+               waiting: Callable[[str], ContextManager] | None = None,
+               left: Callable[[], float | None] = lambda: None) -> Iterator[None]:
     """Heavy work in the scheduler's queue: `what` (a noun phrase, as whoever waits behind it reads it) at `rank`,
     VISITOR for what a visitor's page waits for, JOB for a long job a visitor started (a benchmark), which first lets
     visitors' requests in flight finish. Lower ranks (background preparation, of any model) hold still meanwhile.
     Before timed work a background compile in flight, which cannot be interrupted, is waited for; each wait inside
-    `waiting(why)` when given (a caller's notice of what it waits for)."""
+    `waiting(why)` when given (a caller's notice of what it waits for). `left()` says how long it has left, if known,
+    to whoever waits behind it."""
     if rank > VISITOR and SCHEDULER.ahead_of(rank):
         with waiting(f"{describe(SCHEDULER.ahead_of(rank))} to finish first") if waiting else contextlib.nullcontext():
             SCHEDULER.wait_turn(rank)
-    with SCHEDULER.running(what, rank):
+    with SCHEDULER.running(what, rank, left):
         compiling = warmup.compile_in_flight() if timed else None
         if compiling is not None:
             with (waiting(f"{compiling.describe()} to finish first: a compile cannot be interrupted, and nothing "

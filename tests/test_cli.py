@@ -96,3 +96,12 @@ def test_selfcheck_kernel_part_passes_in_the_interpreter_and_can_fail(capsys, mo
     assert main(["selfcheck", "--json", "--parts", "kernels", "--device", "cpu"]) == 1
     broken = json.loads(capsys.readouterr().out)
     assert not broken["ok"] and broken["kernels"]["triton-interpret"]["failed"] == 144
+
+
+def test_prepare_leaves_the_first_pages_settings_calibrated_and_measured(smollm2, capsys):
+    """`make run` prepares before the server answers: each method at the sidebar's default, its quality stored, so
+    the first visitor's page reads them from disk; a second run finds them all."""
+    assert main(["prepare"]) == 0
+    assert "TEAL, CATS and top-k at 25%" in capsys.readouterr().err
+    for method in ("teal", "cats", "topk"):
+        assert metrics.stored(smollm2, calibrate.calibrate(smollm2, method, 0.25)) is not None
