@@ -69,8 +69,16 @@ def sparse_rate(page) -> float:
     return float(value.inner_text())
 
 
+class Figures(dict):
+    """The figures so far, each printed as it is measured (a step that hangs shows where)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key}: {value}", file=sys.stderr, flush=True)
+
+
 def main(url: str) -> None:
-    figures = {"server_answers_s": round(health(url), 1)}
+    figures = Figures(server_answers_s=round(health(url), 1))
     answered = time.monotonic()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
@@ -86,7 +94,7 @@ def main(url: str) -> None:
         sidebar = page.locator("[data-testid=stSidebar]")
         for label in ("top-k", "CATS gate", "TEAL thresholds"):
             figures[f"switch_to_{label}_s"] = round(switched(page, lambda: sidebar.locator("label", has_text=label).click()), 1)
-        target = page.locator("[data-testid=stSlider]", has_text="Inputs skipped").locator("[role=slider]")
+        target = page.locator("[data-testid=stSlider]", has_text="Inputs skipped").locator("input[type=range]")
         figures["switch_target_s"] = round(switched(page, lambda: (target.focus(), target.press("ArrowRight"))), 1)
         for dtype in ("bfloat16", "int8", "float32"):
             def choose(dtype=dtype):
