@@ -47,18 +47,22 @@ def generate(page) -> float:
 
 
 def first_token(page) -> float:
-    """Press Generate; seconds until the dense pane shows text of this run."""
+    """Press Generate; seconds until a pane shows text of this run (the texts on the page before it are marked: one
+    stays current until the new run starts, so only a new one counts)."""
+    page.evaluate("() => document.querySelectorAll('.generated').forEach(e => e.dataset.before = '1')")
     started = time.monotonic()
     page.get_by_role("button", name="Generate").first.click()
     page.wait_for_function("""() => [...document.querySelectorAll('.generated')]
-        .some(e => !e.closest('[data-stale="true"]') && e.innerText.trim().length > 0)""", timeout=LONG)
+        .some(e => !e.dataset.before && e.innerText.trim().length > 0)""", timeout=LONG)
     return time.monotonic() - started
 
 
-def switched(page, action) -> float:
-    """Seconds from a sidebar switch until the page is idle again, with Generate there to press."""
+def switched(page, action, shows: str) -> float:
+    """Seconds from a sidebar switch until the headline names the new setting (`shows`) and the page is idle, with
+    Generate there to press."""
     started = time.monotonic()
     action()
+    page.locator(".st-key-headline", has_text=shows).wait_for(timeout=LONG)
     idle(page)
     page.get_by_role("button", name="Generate").first.wait_for(timeout=LONG)
     return time.monotonic() - started
@@ -93,14 +97,16 @@ def main(url: str) -> None:
         figures["first_generation_after_server_answers_s"] = round(time.monotonic() - answered, 1)
         sidebar = page.locator("[data-testid=stSidebar]")
         for label in ("top-k", "CATS gate", "TEAL thresholds"):
-            figures[f"switch_to_{label}_s"] = round(switched(page, lambda: sidebar.locator("label", has_text=label).click()), 1)
+            figures[f"switch_to_{label}_s"] = round(switched(
+                page, lambda: sidebar.locator("label", has_text=label).click(), f"{label} at 25%"), 1)
         target = page.locator("[data-testid=stSlider]", has_text="Inputs skipped").locator("input[type=range]")
-        figures["switch_target_s"] = round(switched(page, lambda: (target.focus(), target.press("ArrowRight"))), 1)
-        for dtype in ("bfloat16", "int8", "float32"):
+        figures["switch_target_s"] = round(switched(page, lambda: (target.focus(), target.press("ArrowRight")),
+                                                    "TEAL thresholds at 30%"), 1)
+        for dtype, shows in (("bfloat16", "bfloat16"), ("int8", "int8 weights"), ("float32", "float32")):
             def choose(dtype=dtype):
                 sidebar.locator("[data-testid=stSelectbox]", has_text="Weights").click()
                 page.get_by_role("option", name=dtype, exact=True).click()
-            figures[f"switch_to_{dtype}_s"] = round(switched(page, choose), 1)
+            figures[f"switch_to_{dtype}_s"] = round(switched(page, choose, f"TEAL thresholds at 30% · {shows}"), 1)
         page.get_by_label("Prompt").fill(("The history of the lighthouse keeper's island, told slowly. " * 400)[:20_000])
         page.get_by_label("Prompt").press("Tab")
         idle(page)

@@ -215,7 +215,9 @@ class Decoder:
         k_cache, v_cache = caches[2 * index], caches[2 * index + 1]
         k_cache.index_copy_(1, positions, k)
         v_cache.index_copy_(1, positions, v)
-        out = self._attend(q, k_cache, v_cache, mask).transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
+        filled = mask.shape[1]
+        out = self._attend(q, k_cache[:, :filled], v_cache[:, :filled], mask)
+        out = out.transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
         x = x + self._project(out, attn.o_proj, inputs, index, _ATTN_OUT, skipped)
 
         h = self._rms(x, block.post_attention_layernorm.weight)
@@ -246,6 +248,8 @@ class Decoder:
         start..start+T-1, filling the caches. `start` is a one-element tensor, so the compiled step's graph does not
         change with the position."""
         tokens, length = ids.shape[0], caches[0].shape[1]
+        if not torch.compiler.is_compiling():  # eager (a prefill pass): attend over the filled positions only, not
+            length = int(start) + tokens       # the whole cache (a long prompt's passes would cost 3-4x in attention)
         positions = start + torch.arange(tokens, device=ids.device)
         cos, sin = self._rotary(positions, self.model.dtype)
         mask = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]
