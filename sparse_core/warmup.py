@@ -29,6 +29,7 @@ GRID = tuple(round(0.05 * step, 2) for step in range(1, 19))  # the sidebar slid
 _NOW, _LATER = 0, 1  # queue priorities: a requested setting, then the compile and the grid
 COMPILE = "compile"  # queue items (COMPILE, method): compile that method's decode step for prompts of the usual length
 SPEED = "speed"  # queue items (SPEED, spec, compiled): the setting's decode speed, timed while nothing else runs
+CALIBRATE = "calibrate"  # queue items (CALIBRATE, method, target): a step's thresholds, ahead of its quality
 _POLL_S = 0.25  # how often a waiting thread looks again whether it was stopped or left without visitors
 
 
@@ -93,7 +94,11 @@ class Warmup:
         self._order = itertools.count()
         compiles = [(COMPILE, method) for method in dict.fromkeys(("teal", *methods, "topk"))
                     if fast_decode.compiles(model)]
-        for item in self.plan[:1] + compiles + self.plan[1:]:  # the default setting is the first a visitor sees
+        # The default setting is the first a visitor sees; then every step's calibration, nearest first, since a
+        # slider step waits for its thresholds before Generate answers (its quality fills the headline later); then
+        # every step's quality.
+        calibrations = [(CALIBRATE, *item) for item in self.plan[1:]]
+        for item in self.plan[:1] + compiles + calibrations + self.plan[1:]:
             self._queue.put((_LATER, next(self._order), item))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None  # alive while there is work queued, a lease and no stop
@@ -229,8 +234,8 @@ class Warmup:
                 return
 
     def _work(self, priority: int, item) -> None:
-        """One queue item: a compile, a timing, a requested spec's quality, or a planned step's calibration and
-        quality."""
+        """One queue item: a compile, a timing, a step's calibration, a requested spec's quality, or a planned step's
+        calibration and quality."""
         if isinstance(item, tuple) and item[0] == COMPILE:
             self._compile(item[1])
             return
@@ -238,6 +243,10 @@ class Warmup:
             self.doing = f"timing {item[1].label}'s decode while the machine is quiet"
             self._quiet(0, 1)
             self._measure_speed(item[1], item[2], progress=self._quiet)
+            return
+        if isinstance(item, tuple) and item[0] == CALIBRATE:
+            self.doing = f"calibrating {item[1].upper()} {item[2]:.0%}"
+            calibrate.calibrate(self.model, *item[1:], progress=self._step)
             return
         if isinstance(item, SparsitySpec):
             self.doing = f"measuring {item.label}'s quality"
