@@ -75,8 +75,9 @@ def foreground(what: str, rank: int = VISITOR, timed: bool = True,
     Before timed work a background compile in flight, which cannot be interrupted, is waited for; each wait inside
     `waiting(why)` when given (a caller's notice of what it waits for). `left()` says how long it has left, if known,
     to whoever waits behind it."""
-    if rank > VISITOR and SCHEDULER.ahead_of(rank):
-        with waiting(f"{describe(SCHEDULER.ahead_of(rank))} to finish first") if waiting else contextlib.nullcontext():
+    ahead = SCHEDULER.ahead_of(rank) if rank > VISITOR else []
+    if ahead:
+        with waiting(f"{describe(ahead)} to finish first") if waiting else contextlib.nullcontext():
             SCHEDULER.wait_turn(rank)
     with SCHEDULER.running(what, rank, left):
         compiling = warmup.compile_in_flight() if timed else None

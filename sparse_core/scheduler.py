@@ -61,11 +61,6 @@ class Scheduler:
         with self._lock:
             return sorted((w for w in self._work.values() if w.rank < rank), key=lambda w: w.since)
 
-    def busy(self, rank: int) -> bool:
-        """True while work of `rank` or higher runs."""
-        with self._lock:
-            return any(w.rank <= rank for w in self._work.values())
-
     def wait_turn(self, rank: int, waiting: Callable[[str], None] | None = None,
                   give_up: Callable[[], bool] = lambda: False) -> bool:
         """Until no work of a higher rank runs (True), or `give_up()` says to stop waiting (False). While it waits,
